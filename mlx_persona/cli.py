@@ -18,3 +18,148 @@ def main():
 
 
 # Commands are added below, one block per concern (data, models, train, generate, chat, eval, export).
+
+
+def _fail(message: str, code: int = 1):
+    """User mistakes end with a clear message and a non-zero exit, never a traceback."""
+    click.echo(f"error: {message}", err=True)
+    raise SystemExit(code)
+
+
+def _user_errors():
+    """Exception types that are the user's to fix (bad data, config, model spec)."""
+    from mlx_persona.config import ConfigError
+    from mlx_persona.data import DataError
+    from mlx_persona.models import ModelError
+
+    return (ConfigError, DataError, ModelError, FileNotFoundError)
+
+
+# ---------------------------------------------------------------------------------------------- doctor
+@main.command()
+@click.option("--size", default=2048, show_default=True, help="Matrix size of the matmul benchmark.")
+def doctor(size):
+    """Show the backend, device and dtype in use, and measure fp32 matmul GFLOP/s."""
+    import mlx.core as mx
+
+    from mlx_persona import platform as plat
+
+    info = plat.describe()
+    for key in ("platform", "python", "mlx", "mlx_lm", "device", "metal", "dtype", "blas", "blas_note", "cpu_count"):
+        click.echo(f"{key:>10}: {info.get(key)}")
+    gflops = plat.matmul_gflops(size, mx.float32)
+    click.echo(f"{'matmul':>10}: {gflops:.1f} GFLOP/s (float32, {size}x{size}, median of 5)")
+    if info["platform"].startswith("Linux") and plat.blas_status()[0] is None:
+        click.echo("   warning: MLX is using its bundled reference BLAS, which is slow. "
+                   "Install OpenBLAS: sudo apt-get install libopenblas0-pthread", err=True)
+
+
+# ---------------------------------------------------------------------------------------------- models
+@main.command("init-model")
+@click.argument("out", type=click.Path())
+@click.option("--preset", type=click.Choice(["tiny", "gemma-3-270m", "gemma-3-1b"]), default="tiny", show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+def init_model_cmd(out, preset, seed, overwrite):
+    """Write a random-weight Gemma 3 model (tokenizer trained on the shipped data) as a HF folder."""
+    from mlx_persona.models import init_model
+
+    try:
+        path = init_model(out, preset, seed=seed, overwrite=overwrite)
+    except _user_errors() as e:
+        _fail(str(e))
+    click.echo(f"wrote {path}")
+
+
+# ---------------------------------------------------------------------------------------------- data
+@main.group()
+def data():
+    """Validate training data and show its length statistics."""
+
+
+@data.command("validate")
+@click.argument("paths", nargs=-1, required=True, type=click.Path())
+@click.option("--no-system", is_flag=True, help="Reject system turns (for templates without a system role).")
+def data_validate(paths, no_system):
+    """Check JSONL files line by line; print every problem as file:line: reason."""
+    from mlx_persona.data import DataError, load_jsonl
+
+    bad = False
+    for path in paths:
+        try:
+            examples = load_jsonl(path, system_ok=not no_system)
+            click.echo(f"{path}: ok, {len(examples)} examples")
+        except DataError as e:
+            bad = True
+            click.echo(str(e), err=True)
+    if bad:
+        raise SystemExit(1)
+
+
+@data.command("stats")
+@click.argument("path", type=click.Path())
+@click.option("--model", default=None, help="Also count tokens with this model's tokenizer.")
+@click.option("--json", "as_json", is_flag=True, help="Print the statistics as JSON.")
+def data_stats(path, model, as_json):
+    """Examples, turns, and the length distribution of assistant replies."""
+    import json as _json
+    from pathlib import Path
+
+    from mlx_persona.data import compute_stats, format_stats, load_jsonl, load_splits
+
+    try:
+        if Path(path).is_dir():
+            train, valid = load_splits(path)
+            examples = train + valid
+        else:
+            examples = load_jsonl(path)
+        tokenizer = None
+        if model:
+            from mlx_persona.models import load_model
+
+            _, tokenizer = load_model(model)
+        stats = compute_stats(examples, tokenizer)
+    except _user_errors() as e:
+        _fail(str(e))
+    click.echo(_json.dumps(stats, indent=2) if as_json else format_stats(stats))
+
+
+# ---------------------------------------------------------------------------------------------- train
+@main.command()
+@click.option("--config", "config_path", type=click.Path(), help="YAML config (see configs/).")
+@click.option("--model", help="Local folder, hub id, or builtin:tiny | builtin:gemma-3-270m | builtin:gemma-3-1b.")
+@click.option("--data", help="Folder with train.jsonl [+ valid.jsonl], or a .jsonl file.")
+@click.option("--output", "-o", help="Output folder.")
+@click.option("--method", type=click.Choice(["lora", "dora", "full"]))
+@click.option("--steps", type=int, help="Optimizer steps (overrides epochs).")
+@click.option("--epochs", type=int)
+@click.option("--batch-size", type=int)
+@click.option("--learning-rate", type=float)
+@click.option("--rank", type=int, help="LoRA rank.")
+@click.option("--seed", type=int)
+@click.option("--max-seq-len", type=int)
+@click.option("--grad-checkpoint/--no-grad-checkpoint", default=None)
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Any config key, e.g. --set lora.alpha=32.")
+@click.option("--overwrite", is_flag=True, default=None, help="Replace an existing output folder.")
+@click.option("--resume", is_flag=True, help="Continue from the newest intact checkpoint in the output folder.")
+@click.option("--force", is_flag=True, help="With --resume: continue even if the config changed.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def train(config_path, model, data, output, method, steps, epochs, batch_size, learning_rate, rank, seed,
+          max_seq_len, grad_checkpoint, sets, overwrite, resume, force, no_progress):
+    """Fine-tune a model on chat data (LoRA, DoRA or full)."""
+    from mlx_persona.config import load_config
+    from mlx_persona.train import TrainingError
+    from mlx_persona.train import train as run
+
+    overrides = {"model": model, "data": data, "output": output, "method": method, "steps": steps,
+                 "epochs": epochs, "batch_size": batch_size, "optim.learning_rate": learning_rate,
+                 "lora.rank": rank, "seed": seed, "max_seq_len": max_seq_len,
+                 "grad_checkpoint": grad_checkpoint, "overwrite": overwrite,
+                 "progress": False if no_progress else None}
+    try:
+        cfg = load_config(config_path, overrides, sets)
+        run(cfg, resume=resume, force=force, log=lambda m: click.echo(m, err=True))
+    except TrainingError as e:
+        _fail(str(e), e.exit_code)
+    except _user_errors() as e:
+        _fail(str(e))

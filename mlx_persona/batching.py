@@ -1,0 +1,77 @@
+"""Length-grouped batches with loss positions, deterministic from (seed, epoch).
+
+Examples are sorted by length and cut into batches of similar length, so there is no padding to a
+fixed length; each epoch shuffles the *order of batches* with a generator seeded by (seed, epoch).
+The order is a pure function of those two numbers, which is what makes resuming exact: a checkpoint
+only needs the epoch and the index of the next batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+PAD_LEN_TO = 16  # pad sequence length up to a multiple of this (bounds recompilation of the step)
+PAD_LOSS_TO = 64  # pad the number of loss positions likewise
+
+
+@dataclass
+class Batch:
+    inputs: np.ndarray  # [B, L] int32
+    targets: np.ndarray  # [B, L] int32
+    positions: np.ndarray  # [N] int32 flat indices into B*L where the loss is on (padded)
+    weights: np.ndarray  # [N] float32: 1 real, 0 padding
+    n_tokens: int  # real (unpadded) input tokens
+    n_loss: int  # real loss tokens
+
+
+def _round_up(n: int, m: int) -> int:
+    return ((n + m - 1) // m) * m
+
+
+def batch_plan(lengths: list[int], batch_size: int, *, shard: tuple[int, int] = (0, 1)) -> list[list[int]]:
+    """Groups example indices into batches of similar length (sorted, then cut).
+
+    With `shard=(rank, size)`, each batch of `batch_size` is the global batch and this returns the
+    rank's slice of it (examples rank, rank+size, ...), so that `size` processes together see exactly
+    the batches a single process would.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    rank, size = shard
+    return [order[i:i + batch_size][rank::size] for i in range(0, len(order), batch_size)]
+
+
+def epoch_order(n_batches: int, seed: int, epoch: int) -> list[int]:
+    """The order in which batches are visited in `epoch`."""
+    rng = np.random.default_rng([seed, epoch])
+    return rng.permutation(n_batches).tolist()
+
+
+def collate(tokens: list[np.ndarray], masks: list[np.ndarray]) -> Batch:
+    """Pads a list of examples into one batch; loss positions come from the masks.
+
+    The mask marks tokens that are *predicted* with loss; target t is input t+1, so the loss at input
+    position t is on when mask[t + 1] is.
+    """
+    b = len(tokens)
+    max_len = max(len(t) for t in tokens) - 1
+    seq = _round_up(max(max_len, 1), PAD_LEN_TO)
+    inputs = np.zeros((b, seq), np.int32)
+    targets = np.zeros((b, seq), np.int32)
+    on = np.zeros((b, seq), bool)
+    n_tokens = 0
+    for i, (t, m) in enumerate(zip(tokens, masks)):
+        n = len(t) - 1
+        inputs[i, :n] = t[:-1]
+        targets[i, :n] = t[1:]
+        on[i, :n] = m[1:]
+        n_tokens += n
+    flat = np.flatnonzero(on.reshape(-1)).astype(np.int32)
+    n_loss = len(flat)
+    padded = _round_up(max(n_loss, 1), PAD_LOSS_TO)
+    positions = np.zeros(padded, np.int32)
+    positions[:n_loss] = flat
+    weights = np.zeros(padded, np.float32)
+    weights[:n_loss] = 1.0
+    return Batch(inputs, targets, positions, weights, n_tokens, n_loss)

@@ -1,0 +1,133 @@
+"""Platform set-up: a fast BLAS on Linux, and the dtype each backend is fast at.
+
+MLX's Linux CPU wheel bundles the reference netlib BLAS, which runs an fp32 2048² matmul at a few
+GFLOP/s. Loading OpenBLAS with ``RTLD_GLOBAL`` *before* ``mlx.core`` is imported puts its ``cblas_*``
+symbols first in the process's global lookup scope, so MLX's calls bind to OpenBLAS instead (the same
+effect as ``LD_PRELOAD``, without re-executing the process). ``mlx_persona/__init__.py`` calls
+:func:`setup` so that every entry point gets it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+import os
+import platform
+import sys
+import time
+
+_BLAS_CANDIDATES = (
+    "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0",
+    "/usr/lib/aarch64-linux-gnu/openblas-pthread/libopenblas.so.0",
+    "/usr/lib/x86_64-linux-gnu/libopenblas.so.0",
+    "/usr/lib/aarch64-linux-gnu/libopenblas.so.0",
+    "/usr/lib64/libopenblas.so.0",
+    "/usr/lib/libopenblas.so.0",
+)
+
+_state = {"blas": None, "reason": "not set up"}
+
+
+def _find_openblas() -> str | None:
+    override = os.environ.get("MLX_PERSONA_BLAS")
+    if override:
+        return override if override.lower() not in ("0", "none", "off") else None
+    for path in _BLAS_CANDIDATES:
+        if os.path.exists(path):
+            return path
+    found = sorted(glob.glob("/usr/lib*/**/libopenblas*.so*", recursive=True))
+    return found[0] if found else None
+
+
+def setup() -> None:
+    """Load OpenBLAS globally on Linux before MLX is imported. Safe to call more than once."""
+    if _state["blas"] is not None or _state["reason"] != "not set up":
+        return
+    if sys.platform != "linux":
+        _state["reason"] = "not Linux: MLX uses Accelerate/Metal"
+        return
+    if "mlx.core" in sys.modules and not os.environ.get("LD_PRELOAD"):
+        _state["reason"] = "mlx.core was imported before mlx_persona; import mlx_persona first"
+        return
+    path = _find_openblas()
+    if path is None:
+        _state["reason"] = (
+            "OpenBLAS not found: install it (Debian/Ubuntu: apt-get install libopenblas0-pthread) "
+            "or set MLX_PERSONA_BLAS=/path/to/libopenblas.so"
+        )
+        return
+    try:
+        ctypes.CDLL(path, mode=os.RTLD_GLOBAL)
+    except OSError as e:
+        _state["reason"] = f"could not load {path}: {e}"
+        return
+    _state["blas"] = path
+    _state["reason"] = "loaded"
+
+
+def blas_status() -> tuple[str | None, str]:
+    """Returns (path of the BLAS library loaded, or None; a sentence saying why)."""
+    return _state["blas"], _state["reason"]
+
+
+def default_dtype():
+    """fp32 on the CPU backend (only fp32 matmuls reach BLAS there), bf16 on a GPU."""
+    import mlx.core as mx
+
+    return mx.bfloat16 if mx.default_device() == mx.gpu else mx.float32
+
+
+def dtype_from_name(name: str):
+    """Maps 'auto' | 'float32' | 'bfloat16' | 'float16' to an MLX dtype."""
+    import mlx.core as mx
+
+    if name in (None, "auto"):
+        return default_dtype()
+    table = {"float32": mx.float32, "fp32": mx.float32, "bfloat16": mx.bfloat16,
+             "bf16": mx.bfloat16, "float16": mx.float16, "fp16": mx.float16}
+    if name not in table:
+        raise ValueError(f"unknown dtype {name!r}; use auto, float32, bfloat16 or float16")
+    return table[name]
+
+
+def matmul_gflops(n: int = 2048, dtype=None, trials: int = 5) -> float:
+    """Measures a square matmul's throughput (median of `trials`, after a warm-up) in GFLOP/s."""
+    import mlx.core as mx
+
+    dtype = dtype or default_dtype()
+    a = mx.random.normal((n, n)).astype(dtype)
+    b = mx.random.normal((n, n)).astype(dtype)
+    mx.eval(a, b)
+    mx.eval(a @ b)
+    times = []
+    for _ in range(trials):
+        t = time.perf_counter()
+        mx.eval(a @ b)
+        times.append(time.perf_counter() - t)
+    times.sort()
+    return 2 * n**3 / times[len(times) // 2] / 1e9
+
+
+def describe() -> dict:
+    """Backend facts for `mlx-persona doctor` and benchmark headers."""
+    import mlx.core as mx
+
+    blas, reason = blas_status()
+    info = {
+        "python": platform.python_version(),
+        "platform": f"{platform.system()} {platform.machine()}",
+        "mlx": mx.__version__,
+        "device": str(mx.default_device()),
+        "metal": bool(getattr(mx, "metal", None) and mx.metal.is_available()),
+        "dtype": str(default_dtype()).replace("mlx.core.", ""),
+        "blas": (blas or "bundled reference BLAS (slow)") if sys.platform == "linux" else "Accelerate",
+        "blas_note": reason,
+        "cpu_count": os.cpu_count(),
+    }
+    try:
+        import mlx_lm
+
+        info["mlx_lm"] = mlx_lm.__version__
+    except Exception:  # pragma: no cover - mlx-lm is a core dependency
+        pass
+    return info

@@ -1,0 +1,385 @@
+"""The training loop. ``python -m mlx_persona.train`` is ``mlx-persona train``.
+
+One function, :func:`train`, reads top to bottom: load the model and data, attach adapters, build
+the compiled step, then loop over length-grouped batches with evaluation, checkpoints and logging.
+Data-parallel runs (``mlx.launch -n N -- python -m mlx_persona.train ...``) split every global batch
+across ranks, sum gradients with ``mx.distributed.all_sum`` and let only rank 0 write.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import signal
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import mlx_persona  # noqa: F401  (loads the fast BLAS before mlx.core)
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+import yaml
+from mlx.utils import tree_flatten, tree_map
+
+from mlx_persona import checkpoint as ckpt
+from mlx_persona import data as data_mod
+from mlx_persona.batching import batch_plan, collate, epoch_order
+from mlx_persona.config import ConfigError, TrainConfig, config_diff, to_dict
+from mlx_persona.models import load_model, resolve_model
+from mlx_persona.progress import Progress
+from mlx_persona.tuning import attach_adapters, loss_fn, save_adapters, trainable_parameter_count
+
+
+class TrainingError(Exception):
+    """The run cannot go on (bad output folder, non-finite loss, interrupted); message says what to do."""
+
+    exit_code = 1
+
+
+class Interrupted(TrainingError):
+    exit_code = 130
+
+
+def build_schedule(cfg: TrainConfig, total_steps: int):
+    """Linear warm-up to the learning rate, then cosine decay to ``min_lr_ratio`` of it."""
+    o = cfg.optim
+    warmup = min(o.warmup_steps, max(total_steps - 1, 0))
+    decay = optim.cosine_decay(o.learning_rate, max(total_steps - warmup, 1), o.learning_rate * o.min_lr_ratio)
+    if warmup == 0:
+        return decay
+    ramp = optim.linear_schedule(o.learning_rate / warmup, o.learning_rate, warmup)
+    return optim.join_schedules([ramp, decay], [warmup])
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM ask the loop to save at the next step boundary; a second SIGINT exits at once."""
+
+    def __init__(self):
+        self.requested = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested is not None and signum == signal.SIGINT:
+            sys.stderr.write("\nsecond interrupt: exiting now without saving\n")
+            sys.stderr.flush()
+            import os
+
+            os._exit(130)
+        self.requested = signal.Signals(signum).name
+        sys.stderr.write(f"\n{self.requested}: saving a checkpoint at the end of this step "
+                         "(press Ctrl-C again to exit at once without saving)\n")
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _prepare_output(out: Path, cfg: TrainConfig, resume: bool, force: bool) -> None:
+    if resume:
+        saved = out / "config.yaml"
+        if not saved.exists():
+            raise TrainingError(f"{out}: nothing to resume (no config.yaml); run without --resume")
+        old = yaml.safe_load(saved.read_text())
+        ignore = {"output", "overwrite", "progress", "steps", "epochs", "eval_every", "save_every",
+                  "log_every", "keep_checkpoints", "early_stopping_patience"}
+        diff = [k for k in config_diff(old, to_dict(cfg)) if k not in ignore]
+        if diff and not force:
+            raise TrainingError(f"{out}: the config differs from the run being resumed in: {', '.join(diff)}. "
+                                "Use the same config, or pass --force to resume anyway.")
+        return
+    if out.exists() and any(out.iterdir()):
+        if not cfg.overwrite:
+            raise TrainingError(f"{out}: already exists and is not empty. Pass --overwrite to replace it, "
+                                "--resume to continue it, or choose another --output.")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _write_model_folder(model, base: Path, out: Path) -> None:
+    """A complete model folder (full fine-tuning): weights plus the base model's config and tokenizer."""
+    out.mkdir(parents=True, exist_ok=True)
+    weights = dict(tree_flatten(model.parameters()))
+    mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "pt"})
+    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                 "special_tokens_map.json", "tokenizer.model", "chat_template.jinja"):
+        if (base / name).exists():
+            shutil.copy2(base / name, out / name)
+
+
+def _save_result(model, cfg, adapter_config, base: Path, out: Path) -> None:
+    if cfg.method == "full":
+        _write_model_folder(model, base, out)
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        save_adapters(model, out, adapter_config)
+
+
+def evaluate_loss(model, ds, batch_size: int, chunk: int, max_batches: int = -1,
+                  shard: tuple[int, int] = (0, 1)) -> float:
+    """Token-weighted mean loss over a dataset (no gradients)."""
+    plan = batch_plan([len(t) for t in ds.tokens], batch_size, shard=shard)
+    if max_batches > 0:
+        plan = plan[:max_batches]
+    total = mx.array(0.0)
+    count = mx.array(0.0)
+    one = mx.array(1.0)
+    for idx in plan:
+        if not idx:
+            continue
+        b = collate([ds.tokens[i] for i in idx], [ds.masks[i] for i in idx])
+        loss, n = loss_fn(model, mx.array(b.inputs), mx.array(b.targets), mx.array(b.positions),
+                          mx.array(b.weights), one, chunk)
+        total, count = total + loss, count + n
+        mx.eval(total, count)
+    if shard[1] > 1:
+        total, count = mx.distributed.all_sum(total), mx.distributed.all_sum(count)
+    return (total / mx.maximum(count, 1)).item()
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False, log=print) -> dict:
+    """Fine-tunes a model as `cfg` says and writes the output folder.
+
+    Args:
+        cfg: a validated :class:`TrainConfig`.
+        resume: continue from the newest intact checkpoint in ``cfg.output``.
+        force: resume even if the config changed.
+        log: where progress lines go (rank 0 only).
+
+    Returns:
+        The summary dict also written to ``summary.json``.
+    """
+    world = mx.distributed.init()
+    rank, size = world.rank(), world.size()
+    if rank != 0:
+        log = lambda *a, **k: None  # noqa: E731
+    if cfg.batch_size % size:
+        raise ConfigError(f"batch_size: {cfg.batch_size} is not divisible by the {size} processes")
+    out = Path(cfg.output)
+    if rank == 0:
+        _prepare_output(out, cfg, resume, force)
+    mx.random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+
+    # --- model and data -----------------------------------------------------------------------------
+    base = resolve_model(cfg.model)
+    model, tokenizer = load_model(base, dtype=cfg.dtype)
+    data_path = Path(cfg.data)
+    train_ex, valid_ex = data_mod.load_splits(data_path, cfg.valid_data,
+                                              system_ok=data_mod.template_supports_system(tokenizer))
+    train_ds = data_mod.prepare_dataset(tokenizer, train_ex, cfg.max_seq_len, cfg.on_long)
+    valid_ds = data_mod.prepare_dataset(tokenizer, valid_ex, cfg.max_seq_len, cfg.on_long) if valid_ex else None
+    r = train_ds.report
+    log(f"data: {r['kept']} training examples ({r['truncated']} truncated, {r['dropped']} dropped), "
+        f"{r['loss_tokens']} loss tokens of {r['tokens']}; "
+        f"{len(valid_ds.tokens) if valid_ds else 0} validation examples")
+    if len(train_ds.tokens) < cfg.batch_size:
+        raise ConfigError(f"batch_size: {cfg.batch_size} is larger than the {len(train_ds.tokens)} training examples")
+
+    adapter_config = attach_adapters(model, cfg.method, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout,
+                                     cfg.lora.modules, cfg.lora.num_layers)
+    adapter_config.update({"model": str(base), "model_spec": cfg.model})
+    n_trainable = trainable_parameter_count(model)
+    log(f"model: {cfg.model} ({base}); method {cfg.method}; {n_trainable:,} trainable parameters")
+    if cfg.grad_checkpoint:
+        from mlx_lm.tuner.trainer import grad_checkpoint
+
+        grad_checkpoint(model.layers[0])
+
+    # Global batches (every rank computes the same plan and takes its slice of each batch).
+    lengths = [len(t) for t in train_ds.tokens]
+    global_plan = batch_plan(lengths, cfg.batch_size)
+    plan = batch_plan(lengths, cfg.batch_size, shard=(rank, size))
+    loss_tokens = [int(m[1:].sum()) for m in train_ds.masks]
+    global_loss = [sum(loss_tokens[i] for i in idx) for idx in global_plan]
+    accum = cfg.grad_accumulation
+    steps_per_epoch = max(len(plan) // accum, 1)
+    total_steps = cfg.steps or cfg.epochs * steps_per_epoch
+
+    optimizer = optim.AdamW(learning_rate=build_schedule(cfg, total_steps), betas=cfg.optim.betas,
+                            eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
+    optimizer.init(model.trainable_parameters())
+
+    loop = {"step": 0, "epoch": 0, "batch": 0, "best_val": None, "best_step": None, "bad_evals": 0,
+            "tokens": 0, "loss_tokens": 0, "train_time": 0.0}
+    if resume:
+        found = ckpt.load_latest(out / "checkpoints", log=log)
+        if found is None:
+            raise TrainingError(f"{out}: no checkpoint to resume from")
+        path, weights, opt_state, saved = found
+        model.load_weights(list(weights.items()), strict=False)
+        optimizer.state = opt_state
+        mx.random.state[0] = mx.array(np.array(saved["rng"], dtype=np.uint32))
+        loop = saved["loop"]
+        log(f"resumed from {path} (step {loop['step']}, epoch {loop['epoch']})")
+    if rank == 0:
+        (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+    # --- the compiled step --------------------------------------------------------------------------
+    state = [model.state, optimizer.state, mx.random.state]
+    value_and_grad = nn.value_and_grad(model, partial(loss_fn, chunk=cfg.loss_chunk))
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def grad_step(inputs, targets, positions, weights, denom):
+        (loss, ntok), grads = value_and_grad(model, inputs, targets, positions, weights, denom)
+        return loss, ntok, grads
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def apply_update(grads):
+        if size > 1:
+            grads = tree_map(lambda g: mx.distributed.all_sum(g), grads)
+        norm = mx.sqrt(sum((g.astype(mx.float32) ** 2).sum() for _, g in tree_flatten(grads)))
+        if cfg.optim.max_grad_norm > 0:
+            scale = mx.minimum(cfg.optim.max_grad_norm / (norm + 1e-6), 1.0)
+            grads = tree_map(lambda g: g * scale.astype(g.dtype), grads)
+        optimizer.update(model, grads)
+        return norm
+
+    def run_eval():
+        model.eval()
+        val = evaluate_loss(model, valid_ds, cfg.batch_size, cfg.loss_chunk, cfg.eval_batches, (rank, size))
+        model.train()
+        return val
+
+    def save_state():
+        if rank != 0:
+            return
+        weights = dict(tree_flatten(model.trainable_parameters()))
+        saved = {"loop": loop, "rng": np.array(mx.random.state[0]).tolist(), "config": to_dict(cfg)}
+        ckpt.save_checkpoint(out / "checkpoints", loop["step"], weights, optimizer.state, saved)
+        keep = {loop["best_step"]} if loop["best_step"] is not None else set()
+        ckpt.prune(out / "checkpoints", cfg.keep_checkpoints, keep)
+
+    metrics = open(out / "metrics.jsonl", "a") if rank == 0 else None
+
+    def record(row):
+        if metrics:
+            metrics.write(json.dumps(row) + "\n")
+            metrics.flush()
+
+    # --- the loop -----------------------------------------------------------------------------------
+    model.train()
+    progress = Progress(total_steps, enabled=cfg.progress and rank == 0)
+    progress.start(loop["step"])
+    mx.reset_peak_memory()
+    window = {"loss": 0.0, "n": 0, "tokens": 0, "loss_tokens": 0, "time": 0.0}
+    stop_reason = "completed"
+    with _StopFlag() as stop:
+        while loop["step"] < total_steps:
+            tic = time.perf_counter()
+            grads, loss_sum, ntok_sum, tok_sum = None, 0.0, 0, 0
+            # Gather the micro-batches of this step, then the exact denominator for all of them.
+            micro = []
+            for _ in range(accum):
+                order = epoch_order(len(plan), cfg.seed, loop["epoch"])
+                micro.append(order[loop["batch"]])
+                loop["batch"] += 1
+                if loop["batch"] >= len(order):
+                    loop["epoch"], loop["batch"] = loop["epoch"] + 1, 0
+            denom = mx.array(float(max(sum(global_loss[j] for j in micro), 1)))
+            for j in micro:
+                idx = plan[j]
+                b = collate([train_ds.tokens[i] for i in idx], [train_ds.masks[i] for i in idx])
+                loss, ntok, g = grad_step(mx.array(b.inputs), mx.array(b.targets), mx.array(b.positions),
+                                          mx.array(b.weights), denom)
+                grads = g if grads is None else tree_map(mx.add, grads, g)
+                mx.eval(loss, grads)
+                loss_sum += loss.item()
+                ntok_sum += b.n_loss
+                tok_sum += b.n_tokens
+            if size > 1:
+                loss_sum = mx.distributed.all_sum(mx.array(loss_sum)).item()
+            if not math.isfinite(loss_sum):
+                raise TrainingError(f"the loss became {loss_sum} at step {loop['step'] + 1}; stopping. "
+                                    f"The last good checkpoint in {out / 'checkpoints'} is untouched. "
+                                    "Try a lower optim.learning_rate or optim.max_grad_norm.")
+            norm = apply_update(grads)
+            mx.eval(state, norm)
+            if not math.isfinite(norm.item()):
+                raise TrainingError(f"the gradient norm became {norm.item()} at step {loop['step'] + 1}; "
+                                    f"stopping. The last good checkpoint in {out / 'checkpoints'} is untouched.")
+            dt = time.perf_counter() - tic
+            loop["step"] += 1
+            loop["tokens"] += tok_sum * size
+            loop["loss_tokens"] += ntok_sum * size
+            loop["train_time"] += dt
+            for k, v in (("loss", loss_sum), ("n", 1), ("tokens", tok_sum * size),
+                         ("loss_tokens", ntok_sum * size), ("time", dt)):
+                window[k] += v
+            progress.update(loop["step"], loss=loss_sum, tps=window["tokens"] / max(window["time"], 1e-9))
+
+            step = loop["step"]
+            if step % cfg.log_every == 0 or step == total_steps:
+                row = {"step": step, "epoch": loop["epoch"], "loss": window["loss"] / window["n"],
+                       "lr": float(optimizer.learning_rate.item()), "grad_norm": float(norm.item()),
+                       "tokens_per_sec": window["tokens"] / window["time"],
+                       "loss_tokens_per_sec": window["loss_tokens"] / window["time"],
+                       "sec_per_step": window["time"] / window["n"],
+                       "peak_memory_gb": mx.get_peak_memory() / 1e9}
+                record(row)
+                window = {"loss": 0.0, "n": 0, "tokens": 0, "loss_tokens": 0, "time": 0.0}
+            if valid_ds and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps):
+                val = run_eval()
+                record({"step": step, "val_loss": val, "val_ppl": math.exp(min(val, 50))})
+                progress.note(f"step {step}: val_loss {val:.4f}")
+                if loop["best_val"] is None or val < loop["best_val"]:
+                    loop["best_val"], loop["best_step"], loop["bad_evals"] = val, step, 0
+                    if rank == 0:
+                        _save_result(model, cfg, adapter_config, base, out / "best")
+                else:
+                    loop["bad_evals"] += 1
+                    if cfg.early_stopping_patience and loop["bad_evals"] >= cfg.early_stopping_patience:
+                        stop_reason = f"early stopping: no improvement in {loop['bad_evals']} evaluations"
+            if (cfg.save_every and step % cfg.save_every == 0) or step == total_steps or \
+                    stop.requested or stop_reason != "completed":
+                save_state()
+            if stop.requested:
+                progress.close()
+                raise Interrupted(f"{stop.requested} at step {step}: checkpoint saved. Resume with:\n"
+                                  f"  mlx-persona train --config {out / 'config.yaml'} --resume")
+            if stop_reason != "completed":
+                break
+    progress.close()
+    if metrics:
+        metrics.close()
+
+    # --- results ------------------------------------------------------------------------------------
+    summary = {
+        "model": cfg.model, "method": cfg.method, "steps": loop["step"], "epochs": loop["epoch"],
+        "stop_reason": stop_reason, "train_time_sec": round(loop["train_time"], 3),
+        "tokens": loop["tokens"], "loss_tokens": loop["loss_tokens"],
+        "tokens_per_sec": loop["tokens"] / max(loop["train_time"], 1e-9),
+        "peak_memory_gb": mx.get_peak_memory() / 1e9, "trainable_parameters": n_trainable,
+        "best_val_loss": loop["best_val"], "best_step": loop["best_step"], "data": train_ds.report,
+    }
+    if rank == 0:
+        _save_result(model, cfg, adapter_config, base, out)
+        ckpt.write_json_atomic(out / "summary.json", summary)
+        try:
+            from mlx_persona.plots import plot_loss
+
+            plot_loss(out / "metrics.jsonl", out / "loss.png")
+        except ImportError as e:  # matplotlib is a core dependency; keep training results regardless
+            log(f"warning: no loss plot ({e})")
+    log(f"done: {loop['step']} steps in {loop['train_time']:.1f}s, {summary['tokens_per_sec']:.0f} tokens/s, "
+        f"peak memory {summary['peak_memory_gb']:.2f} GB"
+        + (f", best val_loss {loop['best_val']:.4f} at step {loop['best_step']}" if loop["best_val"] is not None else "")
+        + f"; wrote {out}")
+    return summary
+
+
+if __name__ == "__main__":
+    from mlx_persona.cli import main
+
+    main(["train", *sys.argv[1:]], prog_name="python -m mlx_persona.train")

@@ -1,0 +1,221 @@
+"""What gets trained and how the loss is computed.
+
+- :func:`attach_adapters` freezes the model and swaps ``Linear`` layers for mlx-lm's ``LoRALinear`` /
+  ``DoRALinear`` (or unfreezes everything, embeddings included, for ``full``), and returns the
+  ``adapter_config.json`` that plain mlx-lm reads back.
+- :func:`lm_head_cross_entropy` is the loss over the tied 262,144-token LM head, fused and chunked:
+  logits exist only for positions where the loss is on, one vocabulary chunk at a time, and the
+  gradient with respect to the hidden states is accumulated in the same pass with an online softmax,
+  so no ``[tokens x vocab]`` tensor is ever kept for the backward pass.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+
+# --------------------------------------------------------------------------------------------------
+# Adapters
+
+
+def _module_keys(model, short_names: list[str]) -> set[str]:
+    """Paths (relative to a transformer block) of the Linear layers named in `short_names`."""
+    wanted = set(short_names)
+    keys = set()
+    for layer in model.layers:
+        for path, module in layer.named_modules():
+            if path.split(".")[-1] in wanted and isinstance(module, (nn.Linear, nn.QuantizedLinear)):
+                keys.add(path)
+    missing = wanted - {k.split(".")[-1] for k in keys}
+    if missing:
+        raise ValueError(f"lora.modules: no layer named {', '.join(sorted(missing))} in this model")
+    return keys
+
+
+def attach_adapters(model, method: str, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0,
+                    modules: list[str] | None = None, num_layers: int = -1) -> dict:
+    """Makes `model` trainable for `method` and returns its adapter config.
+
+    Args:
+        model: an mlx-lm model.
+        method: ``lora``, ``dora`` or ``full`` (every weight, embeddings included).
+        rank, alpha, dropout: LoRA settings; the scale is ``alpha / rank``.
+        modules: short names of the Linear layers to adapt (``q_proj``, ``down_proj`` ...).
+        num_layers: adapt the last N blocks; -1 = all.
+
+    Returns:
+        The dict written as ``adapter_config.json`` (mlx-lm's keys: ``fine_tune_type``, ``num_layers``,
+        ``lora_parameters``).
+    """
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    n_layers = len(model.layers)
+    num_layers = n_layers if num_layers in (-1, None) else min(num_layers, n_layers)
+    if method == "full":
+        model.unfreeze()
+        return {"fine_tune_type": "full", "num_layers": n_layers}
+    if method not in ("lora", "dora"):
+        raise ValueError(f"method must be lora, dora or full, not {method!r}")
+    model.freeze()
+    params = {"rank": rank, "scale": alpha / rank, "dropout": dropout,
+              "keys": sorted(_module_keys(model, modules or []))}
+    linear_to_lora_layers(model, num_layers, params, use_dora=(method == "dora"))
+    return {"fine_tune_type": method, "num_layers": num_layers, "lora_parameters": params,
+            "alpha": alpha}
+
+
+def trainable_parameter_count(model) -> int:
+    return sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+
+
+def save_adapters(model, out_dir: str | Path, adapter_config: dict) -> None:
+    """Writes ``adapters.safetensors`` + ``adapter_config.json`` (mlx-lm's adapter layout)."""
+    out_dir = Path(out_dir)
+    weights = dict(tree_flatten(model.trainable_parameters()))
+    mx.save_safetensors(str(out_dir / "adapters.safetensors"), weights)
+    (out_dir / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2) + "\n")
+
+
+def load_adapters(model, adapter_path: str | Path):
+    """Applies a saved adapter folder (LoRA/DoRA adapters, or full weights) to `model`."""
+    from mlx_lm.tuner.utils import load_adapters as _load
+
+    adapter_path = Path(adapter_path)
+    if not (adapter_path / "adapter_config.json").exists():
+        # A full fine-tune writes a whole model folder; loading it replaces the weights.
+        weights = adapter_path / "model.safetensors"
+        if weights.exists():
+            model.load_weights(str(weights), strict=False)
+            return model
+        raise FileNotFoundError(f"{adapter_path}: no adapter_config.json (not an adapter folder)")
+    return _load(model, str(adapter_path))
+
+
+# --------------------------------------------------------------------------------------------------
+# Loss
+
+
+def lm_head_weight(model):
+    """The [vocab, hidden] output projection (the tied embedding for Gemma), or None if quantized."""
+    head = getattr(model, "lm_head", None)
+    if getattr(model, "tie_word_embeddings", True) or head is None:
+        head = model.model.embed_tokens
+    if isinstance(head, (nn.QuantizedEmbedding, nn.QuantizedLinear)):
+        return None
+    if hasattr(head, "linear"):  # a LoRA-wrapped head
+        return None
+    return head.weight
+
+
+def _ce_forward(h, w, targets, chunk):
+    """One pass over the vocabulary: per-token loss, d(loss)/dh, and log-sum-exp.
+
+    Online softmax (as in flash attention): keep a running max `m`, running sum `s` and running
+    softmax-weighted sum of output rows `acc`; rescale when the max grows. Then
+    ``dloss/dh = sum_v softmax_v * w_v - w_target = acc / s - w[target]``.
+    """
+    n = h.shape[0]
+    vocab = w.shape[0]
+    m = mx.full((n,), -float("inf"), dtype=mx.float32)
+    s = mx.zeros((n,), dtype=mx.float32)
+    acc = mx.zeros((n, h.shape[1]), dtype=mx.float32)
+    target_logit = mx.zeros((n,), dtype=mx.float32)
+    for start in range(0, vocab, chunk):
+        wc = w[start:start + chunk]
+        logits = (h @ wc.T).astype(mx.float32)
+        m_new = mx.maximum(m, logits.max(axis=-1))
+        rescale = mx.exp(m - m_new)
+        p = mx.exp(logits - m_new[:, None])
+        s = s * rescale + p.sum(axis=-1)
+        acc = acc * rescale[:, None] + (p.astype(w.dtype) @ wc).astype(mx.float32)
+        m = m_new
+        local = targets - start
+        inside = (local >= 0) & (local < wc.shape[0])
+        picked = mx.take_along_axis(logits, mx.clip(local, 0, wc.shape[0] - 1)[:, None], axis=-1)[:, 0]
+        target_logit = target_logit + mx.where(inside, picked, 0.0)
+    lse = m + mx.log(s)
+    grad_h = acc / s[:, None] - w[targets].astype(mx.float32)
+    return lse - target_logit, grad_h.astype(h.dtype), lse
+
+
+def _make_ce(chunk: int):
+    @mx.custom_function
+    def ce(h, w, targets):
+        return _ce_forward(h, w, targets, chunk)
+
+    @ce.vjp
+    def ce_vjp(primals, cotangents, outputs):
+        h, w, targets = primals
+        g = cotangents[0].astype(mx.float32)
+        _, grad_h, lse = outputs
+        dh = (grad_h.astype(mx.float32) * g[:, None]).astype(h.dtype)
+        # d/dw is only needed when the output projection trains (full fine-tuning). It is built
+        # lazily: when nothing asks for it, MLX never evaluates this graph.
+        parts = []
+        hg = h.astype(mx.float32)
+        for start in range(0, w.shape[0], chunk):
+            wc = w[start:start + chunk]
+            p = mx.exp((h @ wc.T).astype(mx.float32) - lse[:, None])
+            local = targets - start
+            onehot = (mx.arange(wc.shape[0])[None, :] == local[:, None]).astype(mx.float32)
+            parts.append((((p - onehot) * g[:, None]).T @ hg).astype(w.dtype))
+        dw = mx.concatenate(parts, axis=0)
+        return dh, dw, mx.zeros_like(targets)
+
+    return ce
+
+
+_CE_CACHE: dict[int, object] = {}
+
+
+def lm_head_cross_entropy(h, w, targets, chunk: int = 32768):
+    """Per-token cross-entropy of ``h @ w.T`` against `targets`, fused and vocabulary-chunked.
+
+    Args:
+        h: [N, D] hidden states at the positions where the loss is on.
+        w: [V, D] output projection.
+        targets: [N] int token ids.
+        chunk: vocabulary rows per chunk (memory is O(N * chunk)).
+
+    Returns:
+        [N] float32 losses.
+    """
+    if chunk not in _CE_CACHE:
+        _CE_CACHE[chunk] = _make_ce(chunk)
+    return _CE_CACHE[chunk](h, w, targets)[0]
+
+
+def loss_fn(model, inputs, targets, positions, weights, denom, chunk: int = 32768):
+    """Cross-entropy summed over the loss positions of a batch, divided by `denom`.
+
+    Args:
+        model: an mlx-lm Gemma 3 text model (``model.model`` gives the final normed hidden states).
+        inputs, targets: [B, L] int32.
+        positions: [N] flat indices into B*L where the loss is on (padded; see `weights`).
+        weights: [N] float32, 1 for real loss positions, 0 for padding.
+        denom: scalar, the number of loss tokens of the *global* batch (across data-parallel ranks and
+            accumulation steps), so that summed gradients equal those of one big batch.
+        chunk: vocabulary chunk for the fused LM-head loss.
+
+    Returns:
+        (loss, number of loss tokens in this batch).
+    """
+    h = model.model(inputs)
+    b, l, d = h.shape
+    h = h.reshape(b * l, d)[positions]
+    tgt = targets.reshape(-1)[positions]
+    w = lm_head_weight(model)
+    if w is None:
+        # Quantized or adapted head: compute the head directly (still only at loss positions).
+        head = model.lm_head if not getattr(model, "tie_word_embeddings", True) and hasattr(model, "lm_head") \
+            else model.model.embed_tokens
+        logits = head(h) if not hasattr(head, "as_linear") else head.as_linear(h)
+        ce = nn.losses.cross_entropy(logits.astype(mx.float32), tgt)
+    else:
+        ce = lm_head_cross_entropy(h, w, tgt, chunk)
+    return (ce * weights).sum() / denom, weights.sum()
