@@ -23,8 +23,6 @@ from pathlib import Path
 
 import numpy as np
 
-from mlx_persona.tokenizer import unwrap_tokenizer
-
 __all__ = [
     "DataError",
     "Example",
@@ -296,18 +294,20 @@ def _json_type(value) -> str:
     return "object"
 
 
-def _text_field(obj: dict, key: str, label: str | None = None, optional: bool = False) -> tuple[str | None, str | None]:
-    """Fetch a string field. Returns ``(value, problem)``; optional fields may be absent, null or ''."""
-    label = label or f"'{key}'"
+def _text_field(obj: dict, key: str, where: str = "", optional: bool = False) -> tuple[str | None, str | None]:
+    """Fetch a string field. Returns ``(value, problem)``; optional fields may be absent, null or ''.
+
+    `where` prefixes the problem (e.g. ``"messages[2] (user): "``).
+    """
     value = obj.get(key)
     if optional and (value is None or value == ""):
         return None, None
     if key not in obj:
-        return None, f"missing {label}"
+        return None, f"{where}missing '{key}'"
     if not isinstance(value, str):
-        return None, f"{label} must be a string, got {_json_type(value)}"
+        return None, f"{where}'{key}' must be a string, got {_json_type(value)}"
     if not value.strip():
-        return None, f"{label} is empty"
+        return None, f"{where}'{key}' is empty"
     return value, None
 
 
@@ -344,7 +344,7 @@ def _parse_message(msg, i: int) -> tuple[dict | None, str | None]:
         return None, f"{where}: 'role' must be a string, got {_json_type(role)}"
     if role not in ROLES:
         return None, f"{where}: unknown role {role!r} (expected one of: {', '.join(ROLES)})"
-    content, problem = _text_field(msg, "content", f"{where} ({role}): 'content'")
+    content, problem = _text_field(msg, "content", f"{where} ({role}): ")
     if problem:
         return None, problem
     return {"role": role, "content": content}, None
@@ -370,7 +370,8 @@ def _order_problem(roles: list[str], system_ok: bool) -> str | None:
                 "(roles must alternate user/assistant, starting with user after an optional system message)"
             )
     if roles[-1] != "assistant":
-        return f"messages[{len(roles) - 1}]: the conversation ends with a user message; it must end with an assistant reply"
+        last = len(roles) - 1
+        return f"messages[{last}]: the conversation ends with a user message; it must end with an assistant reply"
     return None
 
 
@@ -436,6 +437,9 @@ def _example_key(example: Example) -> tuple:
 
 def _hf(tokenizer):
     """The transformers tokenizer behind an mlx-lm `TokenizerWrapper` (or the tokenizer itself)."""
+    # Imported here so that validating data (`mlx-persona data validate`) never imports transformers.
+    from mlx_persona.tokenizer import unwrap_tokenizer
+
     return unwrap_tokenizer(tokenizer)
 
 
@@ -523,7 +527,8 @@ def _loss_spans(tokenizer, example: Example) -> tuple[str, list[tuple[int, int]]
         if message["role"] != "assistant":
             continue
         before = _render_messages(tokenizer, example.messages[:i], example.source, True)
-        through = _render_messages(tokenizer, example.messages[: i + 1], example.source, False)
+        last = i == len(example.messages) - 1
+        through = full if last else _render_messages(tokenizer, example.messages[: i + 1], example.source, False)
         _check_prefix(before, through, full, i, example.source)
         start = len(before)
         spans.append((start, start + len(through[start:].rstrip())))
@@ -580,7 +585,9 @@ def _starts_inside(start: int, spans: list[tuple[int, int]]) -> bool:
     return any(lo <= start < hi for lo, hi in spans)
 
 
-def prepare_dataset(tokenizer, examples: Sequence[Example], max_seq_len: int, on_long: str = "truncate") -> EncodedDataset:
+def prepare_dataset(
+    tokenizer, examples: Sequence[Example], max_seq_len: int, on_long: str = "truncate"
+) -> EncodedDataset:
     """Encode examples and apply the length policy.
 
     Args:

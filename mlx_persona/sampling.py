@@ -233,7 +233,7 @@ def preset(name: str) -> GenerationConfig:
 
 
 # --------------------------------------------------------------------------------------------
-# Building blocks (vectorised, no host syncs)
+# Building blocks (vectorised MLX ops on [batch, vocab] float32 logits; no host syncs)
 # --------------------------------------------------------------------------------------------
 
 
@@ -251,54 +251,131 @@ def _eos_ids(eos_token_ids: int | Iterable[int] | None) -> list[int]:
     return sorted({int(i) for i in eos_token_ids})
 
 
-def _token_mask(ids: mx.array, vocab_size: int) -> mx.array:
-    """Boolean [vocab] mask, True at every id in ``ids`` (duplicates fine).
+def _ids_in_vocab(ids: Iterable[int], vocab_size: int) -> mx.array:
+    """Distinct ids in [0, vocab) as int32 (host-side; for prompt and end ids, known up front).
 
-    Ids >= vocab go to a spare column that is dropped, like transformers' clamp to ``vocab_size``
-    in the repetition-penalty and n-gram processors (the model cannot emit them anyway).
+    Ids >= vocab are dropped, as transformers does (it clamps them to a spare column in the
+    repetition-penalty and n-gram processors, and `torch.isin` over the vocab ignores them for
+    min_new_tokens); the model cannot emit them anyway.
     """
-    ids = mx.minimum(ids.astype(mx.int32), vocab_size)
-    mask = mx.zeros((vocab_size + 1,), dtype=mx.bool_)
-    return mask.at[ids].maximum(mx.array(True))
+    arr = np.unique(np.asarray(list(ids), dtype=np.int64))
+    arr = arr[(arr >= 0) & (arr < vocab_size)]
+    return mx.array(arr.astype(np.int32))
 
 
-def _apply_repetition_penalty(x: mx.array, seen: mx.array, penalty: float) -> mx.array:
-    # RepetitionPenaltyLogitsProcessor: once per distinct token of prompt + generated,
-    # score < 0 -> score * penalty, else score / penalty.
-    penalized = mx.where(x < 0, x * penalty, x / penalty)
-    return mx.where(seen, penalized, x)
+def _apply_repetition_penalty(x: mx.array, ids: mx.array, penalty: float) -> mx.array:
+    """RepetitionPenaltyLogitsProcessor on the tokens ``ids`` (1-D, duplicates allowed).
+
+    Gather, penalise (score < 0 -> score * penalty, else score / penalty), scatter back. A token
+    listed twice gets the same value written twice, so each distinct token is penalised exactly
+    once, as in transformers' gather/scatter. Cost O(len(ids)) plus one copy of the row.
+    """
+    if ids.size == 0:
+        return x
+    idx = mx.broadcast_to(ids, (*x.shape[:-1], ids.size))
+    vals = mx.take_along_axis(x, idx, axis=-1)
+    vals = mx.where(vals < 0, vals * penalty, vals / penalty)
+    return mx.put_along_axis(x, idx, vals, axis=-1)
 
 
-def _no_repeat_ngram_mask(history: mx.array, ngram_size: int, vocab_size: int) -> mx.array | None:
-    """Tokens that would complete an n-gram already present in ``history`` (None: nothing banned).
+def _ban(x: mx.array, ids: mx.array, add: mx.array | float) -> mx.array:
+    # Scatter-add -inf (x + -inf = -inf; x + 0 = x exactly), so duplicate ids and "no-op" slots
+    # are harmless, and no full-vocabulary mask or `where` pass is needed.
+    return x.at[:, ids].add(add)
 
-    Mirrors transformers 5.x ``NoRepeatNGramLogitsProcessor``: the last ``n-1`` tokens are matched
-    against every window of the history; each matching window bans its last token. Cost is
-    O(len(history) * n), independent of the vocabulary.
+
+def _apply_no_repeat_ngram(x: mx.array, history: mx.array, ngram_size: int) -> mx.array:
+    """NoRepeatNGramLogitsProcessor: ban tokens that would repeat an n-gram of ``history``.
+
+    Mirrors transformers 5.x: the last ``n-1`` tokens are matched against every window of the
+    history; each matching window bans its last token. O(len(history) * n), vocabulary-free.
     """
     length = history.shape[0]
-    if length < ngram_size:
-        return None
+    if length < ngram_size:  # no complete n-gram yet
+        return x
+    vocab_size = x.shape[-1]
     n_windows = length - ngram_size + 1
     matches = mx.ones((n_windows,), dtype=mx.bool_)
     for i in range(ngram_size - 1):
-        # Window column i must equal the i-th token of the current (n-1)-token suffix.
+        # Column i of every window must equal the i-th token of the current (n-1)-token suffix.
         matches = matches & (history[i : i + n_windows] == history[n_windows + i])
     last = history[ngram_size - 1 :]
-    # Non-matching windows scatter into the spare column, where they cannot un-ban anything.
-    banned = mx.where(matches, mx.minimum(last.astype(mx.int32), vocab_size), vocab_size)
-    return _token_mask(banned, vocab_size)[:vocab_size]
+    valid = matches & (last < vocab_size)
+    ids = mx.where(valid, last, 0)
+    return _ban(x, ids, mx.where(valid, _NEG_INF, 0.0))
 
 
-def _warp(
-    x: mx.array, *, temperature: float, top_k: int, top_p: float, min_p: float
+def _process(
+    x: mx.array,
+    *,
+    config: GenerationConfig,
+    penalty_ids: Callable[[], mx.array],
+    history: Callable[[], mx.array],
+    n_new: int,
+    eos: mx.array,
 ) -> mx.array:
-    """Temperature -> top-k -> top-p -> min-p, as transformers' warpers; -inf where excluded.
+    """Steps 1-3 (transformers' processors), in `_get_logits_processor`'s order.
+
+    ``penalty_ids`` and ``history`` are thunks so that nothing is built for disabled steps.
+    """
+    if config.repetition_penalty != 1.0:
+        x = _apply_repetition_penalty(x, penalty_ids(), float(config.repetition_penalty))
+    if config.no_repeat_ngram_size > 0:
+        x = _apply_no_repeat_ngram(x, history(), int(config.no_repeat_ngram_size))
+    if n_new < config.min_new_tokens and eos.size > 0:
+        # MinNewTokensLengthLogitsProcessor: new = len(input_ids) - prompt length; every end id
+        # gets -inf while new < min_new_tokens. `n_new` is a host int (a shape), no sync.
+        x = _ban(x, eos, _NEG_INF)
+    return x
+
+
+def _top_k_candidates(x: mx.array, k: int) -> tuple[mx.array, mx.array, mx.array]:
+    """Indices and values of the k largest entries (unordered) and the k-th largest value.
+
+    argpartition is O(vocab), unlike the full sort a naive top-k/top-p needs.
+    """
+    idx = mx.argpartition(-x, kth=k - 1, axis=-1)[..., :k]
+    cand = mx.take_along_axis(x, idx, axis=-1)
+    return idx, cand, mx.min(cand, axis=-1, keepdims=True)
+
+
+def _top_p_threshold(
+    s: mx.array,
+    top_p: float,
+    extra_count: mx.array | None = None,
+    extra_value: mx.array | None = None,
+) -> mx.array:
+    """Smallest value TopPLogitsWarper keeps, given the surviving values ``s`` sorted ascending.
+
+    TopPLogitsWarper: sort ascending, softmax, cumsum, remove positions whose cumulative
+    probability is <= 1 - top_p, never the last min_tokens_to_keep (= 1) position. Tokens that
+    are already -inf carry no mass, so when top-k ran first only its survivors need sorting:
+    the k candidates plus ``extra_count`` tokens tied with the k-th value ``extra_value`` that
+    argpartition left out (they sort first among the survivors). Removal is a prefix of the
+    ascending order, hence a threshold on the value. (Only a tie group straddling the cut can
+    differ: transformers keeps an arbitrary part of it, by torch.sort's order; we keep all.)
+    """
+    top = s[..., -1:]
+    e = mx.exp(s - top)
+    if extra_count is None:
+        z = e.sum(axis=-1, keepdims=True)
+        cum = mx.cumsum(e / z, axis=-1)
+    else:
+        extra = extra_count.astype(mx.float32) * mx.exp(extra_value - top)
+        z = e.sum(axis=-1, keepdims=True) + extra
+        cum = extra / z + mx.cumsum(e / z, axis=-1)
+    n_removed = (cum <= (1.0 - top_p)).sum(axis=-1, keepdims=True)
+    n_removed = mx.minimum(n_removed, s.shape[-1] - 1).astype(mx.int32)
+    return mx.take_along_axis(s, n_removed, axis=-1)
+
+
+def _warp(x: mx.array, *, temperature: float, top_k: int, top_p: float, min_p: float) -> mx.array:
+    """Temperature -> top-k -> top-p -> min-p over the whole vocabulary; -inf where excluded.
 
     Args:
-        x: float32 [..., vocab] processed logits (or log-probabilities: every step is invariant
-            to a per-row constant shift, so mlx-lm's normalised logprobs give the same result).
-        temperature: > 0.
+        x: float32 [batch, vocab] processed logits, or log-probabilities: every step is
+            invariant to a per-row constant shift, so mlx-lm's normalised logprobs work too.
+        temperature: > 0 (1 = off).
         top_k: 0 or >= vocab = off.
         top_p: 1 = off.
         min_p: 0 = off.
@@ -308,49 +385,78 @@ def _warp(
     """
     vocab_size = x.shape[-1]
     if temperature != 1.0:
-        # TemperatureLogitsWarper (only added by transformers when temperature != 1.0).
+        # TemperatureLogitsWarper (generate adds it only for temperature != 1.0).
         x = x / temperature
-    use_top_k = 0 < top_k < vocab_size  # TopKLogitsWarper clamps k to vocab: k >= vocab is a no-op
-    use_top_p = top_p < 1.0  # generate only adds TopPLogitsWarper for top_p < 1.0
-    if use_top_k or use_top_p:
-        if use_top_k:
-            # TopKLogitsWarper removes `scores < kth_largest`, so ties with the k-th value survive.
-            # argpartition finds the k candidates in O(vocab) instead of a full-vocab sort.
-            idx = mx.argpartition(-x, kth=top_k - 1, axis=-1)[..., :top_k]
-            cand = mx.take_along_axis(x, idx, axis=-1)
-            kth = mx.min(cand, axis=-1, keepdims=True)
-            threshold = kth
-        if use_top_p:
-            # TopPLogitsWarper: sort ascending, softmax, cumsum; remove positions whose cumulative
-            # probability is <= 1 - top_p, but never the last min_tokens_to_keep (=1) position.
-            # After top-k only the survivors carry probability, so sorting the k candidates is
-            # enough; survivors outside `cand` are ties with the k-th value (they sort first).
-            s = mx.sort(cand if use_top_k else x, axis=-1)
-            top = s[..., -1:]
-            e = mx.exp(s - top)
-            if use_top_k:
-                n_extra = (x == kth).sum(axis=-1, keepdims=True) - (cand == kth).sum(
-                    axis=-1, keepdims=True
-                )
-                extra = n_extra.astype(mx.float32) * mx.exp(kth - top)
-                z = e.sum(axis=-1, keepdims=True) + extra
-                cum = extra / z + mx.cumsum(e / z, axis=-1)
-            else:
-                z = e.sum(axis=-1, keepdims=True)
-                cum = mx.cumsum(e / z, axis=-1)
-            n_removed = (cum <= (1.0 - top_p)).sum(axis=-1, keepdims=True)
-            n_removed = mx.minimum(n_removed, s.shape[-1] - 1)
-            # Removal is a prefix of the ascending order, so it is a threshold on the value.
-            # (Only a tie group straddling the cut differs: transformers keeps an arbitrary part
-            # of it, per torch.sort's order; we keep all of it.)
-            threshold = mx.take_along_axis(s, n_removed.astype(mx.int32), axis=-1)
+    threshold = None
+    if 0 < top_k < vocab_size:
+        # TopKLogitsWarper removes `scores < kth largest` (ties with it survive); k >= vocab is
+        # clamped to the vocab by transformers, i.e. a no-op.
+        _, cand, kth = _top_k_candidates(x, top_k)
+        threshold = kth
+        if top_p < 1.0:
+            n_extra = (x == kth).sum(axis=-1, keepdims=True) - (cand == kth).sum(
+                axis=-1, keepdims=True
+            )
+            threshold = _top_p_threshold(mx.sort(cand, axis=-1), top_p, n_extra, kth)
+    elif top_p < 1.0:  # generate adds TopPLogitsWarper only for top_p < 1.0
+        threshold = _top_p_threshold(mx.sort(x, axis=-1), top_p)
+    if threshold is not None:
         x = mx.where(x < threshold, _NEG_INF, x)
     if min_p > 0.0:
-        # MinPLogitsWarper: remove probs < min_p * max_prob, i.e. x - max(x) < log(min_p) (applied
-        # after temperature; the max token always survives, so min_tokens_to_keep=1 is implied).
-        top = mx.max(x, axis=-1, keepdims=True)
-        x = mx.where(x - top < math.log(min_p), _NEG_INF, x)
+        # MinPLogitsWarper: remove probs < min_p * max_prob <=> x - max(x) < log(min_p). It runs
+        # after temperature (so the threshold sees scaled logits); the max always survives, so
+        # min_tokens_to_keep = 1 needs nothing extra.
+        x = mx.where(x - mx.max(x, axis=-1, keepdims=True) < math.log(min_p), _NEG_INF, x)
     return x
+
+
+def _sample_top_k(
+    x: mx.array, key: mx.array | None, *, temperature: float, top_k: int, top_p: float, min_p: float
+) -> mx.array:
+    """Draw from exactly the distribution ``_warp`` defines, when 0 < top_k < vocab.
+
+    Instead of masking the vocabulary and drawing a Gumbel variate per vocabulary entry, draw
+    among k + 1 slots: one per top-k candidate above the k-th value, and one for the whole group
+    of tokens tied with the k-th value (weight = group size * its probability; ties are common
+    with bf16 logits and transformers keeps all of them). If the tie slot wins, a uniform member
+    of the group is picked. The only vocabulary-wide work is the argpartition, a comparison and
+    a cumulative count.
+    """
+    if temperature != 1.0:
+        x = x / temperature  # before top-k, as transformers orders it
+    idx, cand, kth = _top_k_candidates(x, top_k)
+    is_tie = x == kth
+    n_ties = is_tie.sum(axis=-1, keepdims=True)  # >= 1: the k-th token itself
+    cand_tie = cand == kth
+    threshold = kth
+    if top_p < 1.0:
+        n_extra = n_ties - cand_tie.sum(axis=-1, keepdims=True)
+        threshold = _top_p_threshold(mx.sort(cand, axis=-1), top_p, n_extra, kth)
+    keep = cand >= threshold
+    tie_keep = kth >= threshold
+    if min_p > 0.0:
+        top = mx.max(cand, axis=-1, keepdims=True)  # the global max is always a candidate
+        log_min_p = math.log(min_p)
+        keep = keep & (cand - top >= log_min_p)
+        tie_keep = tie_keep & (kth - top >= log_min_p)
+    slots = mx.concatenate(
+        [
+            mx.where(keep & ~cand_tie, cand, _NEG_INF),
+            mx.where(tie_keep, kth + mx.log(n_ties.astype(mx.float32)), _NEG_INF),
+        ],
+        axis=-1,
+    )
+    if key is None:
+        slot = mx.random.categorical(slots, axis=-1)
+        r = mx.random.randint(0, n_ties, n_ties.shape)
+    else:
+        k_slot, k_tie = mx.random.split(key)
+        slot = mx.random.categorical(slots, axis=-1, key=k_slot)
+        r = mx.random.randint(0, n_ties, n_ties.shape, key=k_tie)
+    # Index of the r-th (0-based) tied token = how many positions precede it in vocab order.
+    tie_token = (mx.cumsum(is_tie.astype(mx.int32), axis=-1) <= r).sum(axis=-1)
+    cand_token = mx.take_along_axis(idx, mx.minimum(slot, top_k - 1)[..., None], axis=-1)[..., 0]
+    return mx.where(slot == top_k, tie_token, cand_token).astype(mx.uint32)
 
 
 def _log_softmax(x: mx.array) -> mx.array:
@@ -363,7 +469,7 @@ def _as_token_array(tokens: Any) -> mx.array:
         arr = arr[0]
     if arr.ndim != 1:
         raise ValueError(f"tokens must be 1-D (or [1, n]), got shape {tuple(arr.shape)}")
-    return arr.astype(mx.int32)
+    return arr if arr.dtype == mx.int32 else arr.astype(mx.int32)
 
 
 # --------------------------------------------------------------------------------------------
@@ -384,18 +490,18 @@ def process_logits(
     Args:
         config: Generation settings.
         tokens: Every token id so far, prompt then generated (1-D).
-        logits: Raw next-token logits, ``[vocab]`` or ``[1, vocab]``.
-        prompt_length: How many leading ``tokens`` are the prompt (the rest count as new tokens
-            for ``min_new_tokens``; all of them count for the repetition penalty and n-grams,
-            as in transformers for decoder-only models).
+        logits: Raw next-token logits, ``[vocab]`` or ``[1, vocab]`` (any float dtype).
+        prompt_length: How many leading ``tokens`` are the prompt. The rest are the new tokens
+            ``min_new_tokens`` counts; all tokens count for the repetition penalty and n-grams,
+            as in transformers for decoder-only models.
         eos_token_ids: Every end id (e.g. Gemma's ``<eos>`` and ``<end_of_turn>``); all of them
             are banned while fewer than ``min_new_tokens`` new tokens exist.
 
     Returns:
-        float32 log-probabilities with the shape of ``logits``; ``-inf`` where a token is
-        excluded. For sampling this is ``log_softmax`` of the processed and warped logits; for
-        greedy decoding (temperature 0) it is ``log_softmax`` of the processed logits without
-        warpers, whose argmax is the greedy choice.
+        float32 log-probabilities shaped like ``logits``, ``-inf`` where a token is excluded.
+        When sampling: ``log_softmax`` of the processed and warped logits. For greedy decoding
+        (temperature 0): ``log_softmax`` of the processed logits without warpers (transformers
+        skips warpers when ``do_sample=False``); its argmax is the greedy choice.
     """
     config.validate()
     history = _as_token_array(tokens)
@@ -409,12 +515,11 @@ def process_logits(
     vocab_size = x.shape[-1]
     x = _process(
         x,
-        history,
-        vocab_size=vocab_size,
-        n_new=history.shape[0] - prompt_length,
         config=config,
-        eos_ids=_eos_ids(eos_token_ids),
-        seen=None,
+        penalty_ids=lambda: _ids_in_vocab(np.asarray(history).tolist(), vocab_size),
+        history=lambda: history,
+        n_new=history.shape[0] - prompt_length,
+        eos=_ids_in_vocab(_eos_ids(eos_token_ids), vocab_size),
     )
     if config.do_sample:
         x = _warp(
@@ -428,36 +533,6 @@ def process_logits(
     return out[0] if squeeze else out
 
 
-def _process(
-    x: mx.array,
-    history: mx.array | Callable[[], mx.array],
-    *,
-    vocab_size: int,
-    n_new: int,
-    config: GenerationConfig,
-    eos_ids: list[int],
-    seen: mx.array | None,
-    eos_mask: mx.array | None = None,
-) -> mx.array:
-    """Steps 1-3 (processors). ``history`` may be a thunk so it is only built when needed."""
-    get_history = history if callable(history) else (lambda: history)
-    if config.repetition_penalty != 1.0:
-        if seen is None:
-            seen = _token_mask(get_history(), vocab_size)[:vocab_size]
-        x = _apply_repetition_penalty(x, seen, float(config.repetition_penalty))
-    if config.no_repeat_ngram_size > 0:
-        banned = _no_repeat_ngram_mask(get_history(), config.no_repeat_ngram_size, vocab_size)
-        if banned is not None:
-            x = mx.where(banned, _NEG_INF, x)
-    if n_new < config.min_new_tokens and eos_ids:
-        # MinNewTokensLengthLogitsProcessor: new = len(input_ids) - prompt length; every end id
-        # (torch.isin over the vocab, so ids >= vocab are ignored) gets -inf below the threshold.
-        if eos_mask is None:
-            eos_mask = _token_mask(mx.array(eos_ids), vocab_size)[:vocab_size]
-        x = mx.where(eos_mask, _NEG_INF, x)
-    return x
-
-
 # --------------------------------------------------------------------------------------------
 # mlx-lm integration
 # --------------------------------------------------------------------------------------------
@@ -466,13 +541,13 @@ def _process(
 class HFLogitsProcessor:
     """Steps 1-3 as one mlx-lm logits processor: ``processor(tokens, logits) -> logits``.
 
-    mlx-lm 0.32 (``generate_step``) calls it once per step with ``tokens`` = every token *it* has
-    seen (the prompt it was given, then one more generated token per call) and ``logits`` of shape
-    ``[1, vocab]``. The first call is made on the prompt, before anything is generated; its
-    length is remembered, so that the number of new tokens (for ``min_new_tokens``) is
-    ``len(tokens) - first_length``. The full context for the repetition penalty and n-grams is
-    ``prompt_tokens`` (given at construction) followed by the generated tokens, so it stays
-    correct when the caller reuses a KV cache and hands mlx-lm only the last part of the prompt.
+    mlx-lm 0.32's ``generate_step`` calls it once per step with ``tokens`` = every token *it*
+    has seen (the ``prompt`` it was given, then one more generated token per call) and
+    ``logits`` of shape ``[1, vocab]``. The first call comes on the prompt, before anything is
+    generated; its length is remembered, so the number of new tokens (for ``min_new_tokens``) is
+    ``len(tokens) - first_length``, a host-side shape (no sync). The context for the repetition
+    penalty and n-grams is ``prompt_tokens`` (given here) followed by the generated tokens, so it
+    stays right when a reused KV cache means mlx-lm was given only the tail of the prompt.
 
     State is per generation: build a new instance for every ``generate_step`` call.
     """
@@ -486,63 +561,49 @@ class HFLogitsProcessor:
     ):
         """Args:
         config: Validated generation settings.
-        prompt_tokens: The whole context before generation (what transformers' ``input_ids``
-            would be), 1-D.
+        prompt_tokens: The whole context before generation, 1-D (what transformers'
+            ``input_ids`` would be).
         eos_token_ids: Every end id.
         """
         self.config = config
-        self._prompt_list = [int(t) for t in np.asarray(_as_token_array(prompt_tokens))]
+        self._prompt_list: list[int] = np.asarray(_as_token_array(prompt_tokens)).tolist()
         self._prompt = mx.array(self._prompt_list, dtype=mx.int32)
-        self._eos_ids = _eos_ids(eos_token_ids)
+        self._eos_list = _eos_ids(eos_token_ids)
         self._first_length: int | None = None
-        self._seen: mx.array | None = None  # bool [vocab + 1]: tokens of prompt + generated
-        self._seen_length = -1  # len(tokens) that _seen accounts for
         self._vocab_size: int | None = None
-        self._eos_mask: mx.array | None = None
+        self._prompt_ids = mx.array([], dtype=mx.int32)  # distinct prompt ids < vocab
+        self._eos = mx.array([], dtype=mx.int32)
 
     def _start(self, tokens: mx.array) -> None:
-        # One host sync, on the first call only, where `tokens` is the (already materialised)
-        # prompt: it must be the tail of prompt_tokens, else the history would be wrong.
+        # One host sync, on the first call only, where `tokens` is the already-materialised
+        # prompt: it must be the tail of prompt_tokens, else our history would be wrong.
         given = tokens.tolist()
-        n = len(given)
-        if n > len(self._prompt_list) or self._prompt_list[len(self._prompt_list) - n :] != given:
+        n, total = len(given), len(self._prompt_list)
+        if n > total or self._prompt_list[total - n :] != given:
             raise ValueError(
-                "the first call must see the prompt (all of prompt_tokens, or its tail when a KV "
-                f"cache holds the rest); got {n} tokens that are not a suffix of the "
-                f"{len(self._prompt_list)} prompt_tokens. Build a new (sampler, processors) pair "
-                "for every generation."
+                "the first logits-processor call must see the prompt (all of prompt_tokens, or "
+                f"its tail when a KV cache holds the rest); got {n} tokens that are not a suffix "
+                f"of the {total} prompt_tokens. Build a new (sampler, processors) pair for every "
+                "generation."
             )
         self._first_length = n
 
-    def _history(self, tokens: mx.array) -> mx.array:
-        """prompt_tokens followed by the generated tokens (what transformers calls input_ids)."""
-        hidden = len(self._prompt_list) - self._first_length  # prompt part mlx-lm never saw
-        if hidden == 0:
-            return tokens
-        return mx.concatenate([self._prompt[:hidden], tokens])
-
-    def _seen_mask(self, tokens: mx.array, vocab_size: int) -> mx.array:
-        length = tokens.shape[0]
-        if self._seen is None or self._vocab_size != vocab_size or length != self._seen_length + 1:
-            # First call, or a history that did not grow by exactly one token: rebuild.
-            ids = self._history(tokens)
-            self._seen = _token_mask(ids, vocab_size)
-        else:
-            # The usual step: one new token; O(1) update instead of rescanning the history.
-            new = mx.minimum(tokens[-1:], vocab_size)
-            self._seen = self._seen.at[new].maximum(mx.array(True))
-        self._seen_length = length
-        return self._seen[:vocab_size]
+    def _set_vocab(self, vocab_size: int) -> None:
+        # The distinct prompt ids are computed once on the host: the per-step penalty then
+        # gathers/scatters over them plus the generated tokens, never rescanning the prompt.
+        self._vocab_size = vocab_size
+        self._prompt_ids = _ids_in_vocab(self._prompt_list, vocab_size)
+        self._eos = _ids_in_vocab(self._eos_list, vocab_size)
 
     def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
         """Apply repetition penalty, no-repeat-ngram and min_new_tokens.
 
         Args:
             tokens: mlx-lm's token history (1-D).
-            logits: ``[1, vocab]`` (or ``[vocab]``) next-token logits, any float dtype.
+            logits: ``[1, vocab]`` next-token logits, any float dtype.
 
         Returns:
-            float32 processed logits, same shape.
+            float32 processed logits, ``[1, vocab]``.
         """
         tokens = _as_token_array(tokens)
         if self._first_length is None:
@@ -550,36 +611,41 @@ class HFLogitsProcessor:
         n_new = tokens.shape[0] - self._first_length
         if n_new < 0:
             raise ValueError(
-                "token history shrank below the prompt; build a new (sampler, processors) pair "
-                "for every generation"
+                "the token history shrank below the prompt; build a new (sampler, processors) "
+                "pair for every generation"
             )
         x = _to_float32(logits)
-        vocab_size = x.shape[-1]
-        seen = None
-        if self.config.repetition_penalty != 1.0:
-            seen = self._seen_mask(tokens, vocab_size)
-        if self._eos_ids and self.config.min_new_tokens > 0 and self._vocab_size != vocab_size:
-            self._eos_mask = _token_mask(mx.array(self._eos_ids), vocab_size)[:vocab_size]
-        self._vocab_size = vocab_size
-        return _process(
+        if x.ndim == 1:
+            x = x[None]
+        if x.shape[-1] != self._vocab_size:
+            self._set_vocab(x.shape[-1])
+        generated = tokens[self._first_length :]  # a view; no copy of the history
+
+        def penalty_ids() -> mx.array:
+            return mx.concatenate([self._prompt_ids, generated]) if n_new else self._prompt_ids
+
+        def history() -> mx.array:
+            hidden = len(self._prompt_list) - self._first_length  # prompt mlx-lm never saw
+            return mx.concatenate([self._prompt[:hidden], tokens]) if hidden else tokens
+
+        out = _process(
             x,
-            lambda: self._history(tokens),
-            vocab_size=vocab_size,
-            n_new=n_new,
             config=self.config,
-            eos_ids=self._eos_ids,
-            seen=seen,
-            eos_mask=self._eos_mask,
+            penalty_ids=penalty_ids,
+            history=history,
+            n_new=n_new,
+            eos=self._eos,
         )
+        return out if logits.ndim == 2 else out[0]
 
 
 class HFSampler:
     """Steps 4-8 as an mlx-lm sampler: ``sampler(logprobs) -> token ids``.
 
     mlx-lm calls it with ``logprobs = logits - logsumexp(logits)`` of the *processed* logits,
-    shape ``[1, vocab]``, and expects token ids of shape ``[1]``. Seeded samplers draw with their
-    own key chain (``key, sub = split(key)`` per call), so the draws depend only on the seed and
-    the number of calls, not on any other use of MLX's global RNG.
+    shape ``[1, vocab]``, and expects token ids of shape ``[1]``. A seeded sampler draws with its
+    own key chain (one ``split`` per call), so its draws depend only on the seed and the number
+    of calls, not on any other use of MLX's global RNG. Without a seed it uses the global RNG.
     """
 
     def __init__(self, config: GenerationConfig):
@@ -596,28 +662,44 @@ class HFSampler:
         self._key = None if config.seed is None else mx.random.key(int(config.seed))
 
     def warp(self, logprobs: mx.array) -> mx.array:
-        """The logits the draw is made from (-inf where excluded); identity for greedy."""
+        """The logits the draw is made from (-inf where excluded); the identity for greedy.
+
+        Args:
+            logprobs: ``[batch, vocab]`` processed log-probabilities.
+
+        Returns:
+            float32 warped logits, same shape.
+        """
         x = _to_float32(logprobs)
         return x if self.greedy else _warp(x, **self._params)
 
     def __call__(self, logprobs: mx.array) -> mx.array:
-        """Draw the next token.
+        """Draw the next token (one per row).
 
         Args:
-            logprobs: ``[1, vocab]`` (or ``[vocab]``) processed log-probabilities.
+            logprobs: ``[batch, vocab]`` (mlx-lm: ``[1, vocab]``) or ``[vocab]`` processed
+                log-probabilities.
 
         Returns:
-            uint32 token ids, shape ``logprobs.shape[:-1]``.
+            uint32 token ids of shape ``logprobs.shape[:-1]``.
         """
         x = _to_float32(logprobs)
+        squeeze = x.ndim == 1
+        if squeeze:
+            x = x[None]
         if self.greedy:
             # do_sample=False: torch.argmax of the processed scores (first index on ties).
-            return mx.argmax(x, axis=-1)
-        x = _warp(x, **self._params)
-        if self._key is None:
-            return mx.random.categorical(x, axis=-1)
-        self._key, sub = mx.random.split(self._key)
-        return mx.random.categorical(x, axis=-1, key=sub)
+            out = mx.argmax(x, axis=-1)
+        else:
+            key = None
+            if self._key is not None:
+                self._key, key = mx.random.split(self._key)
+            if 0 < self._params["top_k"] < x.shape[-1]:
+                out = _sample_top_k(x, key, **self._params)
+            else:
+                # torch.multinomial(softmax(scores)) == a categorical draw from the warped logits.
+                out = mx.random.categorical(_warp(x, **self._params), axis=-1, key=key)
+        return out[0] if squeeze else out
 
 
 def make_sampler_and_processors(
@@ -632,19 +714,22 @@ def make_sampler_and_processors(
 
         sampler, processors = make_sampler_and_processors(
             cfg, prompt_tokens=prompt, eos_token_ids=[eos_id, end_of_turn_id])
-        for token, logprobs in generate_step(mx.array(prompt), model, max_tokens=cfg.max_new_tokens,
+        for token, logprobs in generate_step(mx.array(prompt), model,
+                                             max_tokens=cfg.max_new_tokens,
                                              sampler=sampler, logits_processors=processors):
             ...
 
     Args:
         config: Generation settings (validated here).
-        prompt_tokens: The whole context before generation, 1-D. Pass the same tokens (or, with a
-            reused KV cache, their tail) to mlx-lm as ``prompt``.
-        eos_token_ids: Every end id; banned while fewer than ``min_new_tokens`` new tokens exist.
+        prompt_tokens: The whole context before generation, 1-D. Give mlx-lm the same tokens as
+            ``prompt`` (or only their tail when a reused KV cache already holds the rest).
+        eos_token_ids: Every end id; all are banned while fewer than ``min_new_tokens`` new
+            tokens exist.
 
     Returns:
-        ``(sampler, [processor])``; single-use, one pair per generation. The processor always
-        runs (it also upcasts logits to float32, which transformers does before processing).
+        ``(sampler, [processor])``, single-use: one pair per generation. The processor is always
+        present, even with every penalty off: it upcasts the logits to float32 (as transformers
+        does) before mlx-lm normalises them.
     """
     config.validate()
     processor = HFLogitsProcessor(config, prompt_tokens=prompt_tokens, eos_token_ids=eos_token_ids)

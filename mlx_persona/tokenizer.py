@@ -103,7 +103,9 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> PreTrainedT
         ValueError: if `vocab_size` is too small to hold the byte alphabet and the special tokens.
     """
     if vocab_size < _MIN_VOCAB_SIZE:
-        raise ValueError(f"vocab_size must be at least {_MIN_VOCAB_SIZE} (256 bytes + 6 special tokens), got {vocab_size}")
+        raise ValueError(
+            f"vocab_size must be at least {_MIN_VOCAB_SIZE} (256 bytes + 6 special tokens), got {vocab_size}"
+        )
     backend = _train_backend(texts, vocab_size)
     return _wrap(backend)
 

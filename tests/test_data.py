@@ -7,6 +7,8 @@ import random
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mlx_persona.data import (
     DataError,
@@ -23,7 +25,8 @@ from mlx_persona.data import (
 )
 from mlx_persona.tokenizer import train_tokenizer
 
-WORDS = "the a dog cat ran jumped happy sunny day park ball game mum dad played with friends home tea café 😀".split()
+WORDS = "the a dog cat ran jumped happy sunny day park ball game mum dad played with friends home tea café 😀"
+WORDS = WORDS.split()
 
 
 def synthetic_corpus(n: int = 300, seed: int = 1) -> list[str]:
@@ -119,7 +122,8 @@ MALFORMED = [
      "prompt/completion; text", {}),
     (jl({"prompt": "q", "completion": "a", "text": "t"}), 1, "ambiguous format", {}),
     (jl({"messages": "hi"}), 1, "'messages' must be a non-empty array", {}),
-    (jl({"messages": []}), 1, "got an empty array", {}),
+    (jl({"messages": []}), 1, "'messages' must be a non-empty array of {role, content} objects, got an empty array",
+     {}),
     (jl({"messages": ["hi"]}), 1, "messages[0] must be an object with 'role' and 'content', got string", {}),
     (jl({"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "x"}]}), 1,
      "messages[0] (user): 'content' must be a string, got number", {}),
@@ -158,8 +162,10 @@ MALFORMED = [
     (jl(GOOD, {"prompt": "x", "completion": "y"}, GOOD), 3, "duplicate of line 1", {}),
     # Same conversation up to whitespace the template trims away, in another format.
     (jl({"prompt": "Hi ", "completion": "Hello!"}, GOOD), 2, "duplicate of line 1", {}),
-    (jl(GOOD).encode() + b'{"text": "caf\xe9"}\n', 2, "invalid UTF-8 at byte 12 of the line", {}),
-    (jl(GOOD, GOOD).encode() + b"\xef\xbb\xbf" + jl({"text": "t"}).encode(), 3, "bad JSON", {}),
+    (jl(GOOD).encode() + b'{"text": "caf\xe9"}\n', 2, "invalid UTF-8 at byte 14 of the line (b'\\xe9')", {}),
+    # A BOM is only accepted at the start of the file.
+    (jl(GOOD, {"text": "t"}).encode() + b"\xef\xbb\xbf" + jl({"text": "u"}).encode(), 3,
+     "bad JSON: Unexpected UTF-8 BOM", {}),
 ]
 
 
@@ -288,6 +294,24 @@ def test_loss_mask_known_answer(tok):
     assert not mask[0] and ids[0] == 2
 
 
+_contents = st.text(min_size=1, max_size=40).filter(lambda s: s.strip())
+
+
+@settings(max_examples=60, deadline=None)
+@given(system=st.one_of(st.none(), _contents), turns=st.lists(st.tuples(_contents, _contents), min_size=1, max_size=3))
+def test_loss_mask_property(tok, system, turns):
+    """For any contents: masked tokens are exactly the (trimmed) replies, each with <end_of_turn>."""
+    messages = [{"role": "system", "content": system}] if system else []
+    for user, assistant in turns:
+        messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+    example = Example(messages=messages, source="h:1")
+    ids, mask = encode_example(tok, example)
+    on, off = split_by_mask(tok, ids, mask)
+    assert on == "".join(a.strip() + "<end_of_turn>" for _, a in turns)
+    assert tok.decode(ids) == render(tok, example)
+    assert off.startswith("<bos><start_of_turn>user\n") and off.endswith("<start_of_turn>model\n\n")
+
+
 def test_loss_mask_same_through_mlx_lm_wrapper(tok):
     from mlx_lm.tokenizer_utils import TokenizerWrapper
 
@@ -336,7 +360,8 @@ def test_template_failure_names_the_source(tok):
 
 def short_and_long(tok):
     """Three examples: short, long with the reply early, long with the reply only at the end."""
-    short = Example(messages=[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ball"}], source="s:1")
+    short = Example(messages=[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ball"}],
+                    source="s:1")
     long_reply = " ".join(["happy dog"] * 40)
     early = Example(messages=[{"role": "user", "content": "hi"}, {"role": "assistant", "content": long_reply}],
                     source="s:2")
@@ -420,7 +445,7 @@ def test_stats_known_values(tok):
     assert words["p10"] == pytest.approx(3.0) and words["p90"] == pytest.approx(90.0)
     hist = words["histogram"]
     assert sum(hist["counts"]) == 11 and len(hist["bins"]) == len(hist["counts"]) + 1
-    assert hist["bins"][0] == 1 and hist["bins"][-1] > 150 and hist["counts"][0] == 7
+    assert hist["bins"][0] == 1 and hist["bins"][-1] > 150 and hist["counts"][0] == 6
     assert stats["reply_tokens"]["count"] == 11 and stats["example_tokens"]["count"] == 12
     assert not any("narrow band" in w for w in stats["warnings"])
     assert any("only 12 examples" in w for w in stats["warnings"])
