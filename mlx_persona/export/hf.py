@@ -177,7 +177,9 @@ def fuse(model_spec, adapter_dir, out_dir, *, overwrite: bool = False, generatio
         raise FileNotFoundError(f"{adapter}: no such adapter folder")
     adapter_cfg = _adapter_config(adapter)
     if model_spec is None:
-        model_spec = adapter_cfg.get("model_spec") or adapter_cfg.get("model")
+        # The folder trained on if it is still here, else the spec it came from (a hub id or builtin).
+        recorded = adapter_cfg.get("model")
+        model_spec = recorded if recorded and Path(recorded).is_dir() else adapter_cfg.get("model_spec") or recorded
         if not model_spec:
             raise ExportError(f"{adapter}: adapter_config.json names no base model; pass --model")
     base = resolve_model(model_spec)

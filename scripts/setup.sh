@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Sets up mlx_persona in ./.venv on a fresh machine. Usage: bash scripts/setup.sh [core|test]
+#   core: the package (mlx, mlx-lm, ...) and, on Linux, OpenBLAS (MLX's bundled BLAS is ~20x slower).
+#   test: also the test extras (torch CPU, onnx, onnxruntime), Chromium and transformers.js for the
+#         browser test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+what="${1:-core}"
+PY="${PYTHON:-python3}"
+
+apt_install() {
+  # Debian/Ubuntu only; as root directly, otherwise through sudo when it needs no password.
+  command -v apt-get >/dev/null || { echo "setup: no apt-get; install $* yourself" >&2; return 0; }
+  local missing=()
+  for p in "$@"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  local SUDO=""
+  if [ "$(id -u)" != 0 ]; then
+    if sudo -n true 2>/dev/null; then SUDO="sudo -n"; else
+      echo "setup: please run: sudo apt-get install -y ${missing[*]}" >&2; return 0; fi
+  fi
+  $SUDO apt-get update -qq >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+}
+
+if [ "$(uname -s)" = Linux ]; then
+  apt_install libopenblas0-pthread
+  [ "$what" = test ] && apt_install chromium
+fi
+
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+. .venv/bin/activate
+python -m pip install -q --upgrade pip >/dev/null
+if [ "$what" = test ]; then
+  python -m pip install -q -e ".[test]"
+else
+  python -m pip install -q -e .
+fi
+
+if [ "$what" = test ] && [ -f mlx_persona/web/package.json ]; then
+  command -v npm >/dev/null || apt_install nodejs npm
+  (cd mlx_persona/web && npm ci --silent --no-audit --no-fund)
+fi
+echo "setup ($what): done. Activate with: . .venv/bin/activate" >&2

@@ -1,0 +1,59 @@
+"""Shared fixtures: a per-session model cache, the built-in tiny model, and small data folders."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+import mlx_persona  # noqa: F401  (fast BLAS before mlx.core)
+
+REPO = Path(__file__).resolve().parents[1]
+BLUEY = REPO / "data" / "bluey"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _model_cache(tmp_path_factory):
+    """Built-in models are built once per session in a private cache (never the user's)."""
+    cache = os.environ.get("MLX_PERSONA_TEST_CACHE") or str(tmp_path_factory.mktemp("cache"))
+    old = os.environ.get("MLX_PERSONA_CACHE")
+    os.environ["MLX_PERSONA_CACHE"] = cache
+    yield Path(cache)
+    if old is None:
+        os.environ.pop("MLX_PERSONA_CACHE", None)
+    else:
+        os.environ["MLX_PERSONA_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
+def tiny_path(_model_cache) -> Path:
+    from mlx_persona.models import resolve_model
+
+    return resolve_model("builtin:tiny")
+
+
+def _subset(dst: Path, n_train: int, n_valid: int) -> Path:
+    dst.mkdir(parents=True, exist_ok=True)
+    for name, n in (("train.jsonl", n_train), ("valid.jsonl", n_valid)):
+        lines = [l for l in (BLUEY / name).read_text().splitlines() if l.strip()][:n]
+        (dst / name).write_text("\n".join(lines) + "\n")
+    return dst
+
+
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory) -> Path:
+    """12 training and 4 validation conversations from the shipped data."""
+    return _subset(tmp_path_factory.mktemp("data"), 12, 4)
+
+
+@pytest.fixture
+def write_jsonl(tmp_path):
+    def write(rows, name="data.jsonl"):
+        p = tmp_path / name
+        p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return p
+
+    return write
