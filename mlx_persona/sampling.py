@@ -626,7 +626,7 @@ class HFLogitsProcessor:
 
         def history() -> mx.array:
             hidden = len(self._prompt_list) - self._first_length  # prompt mlx-lm never saw
-            return mx.concatenate([self._prompt[:hidden], tokens]) if hidden else tokens
+            return tokens
 
         out = _process(
             x,

@@ -1,0 +1,43 @@
+"""Shared helpers for benchmarks: machine description, JSON out, RESULTS.md."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+
+
+def machine_info() -> dict:
+    import mlx_persona  # noqa: F401  (fast BLAS first)
+    from mlx_persona.platform import describe
+
+    info = describe()
+    info["processor"] = platform.processor() or platform.machine()
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def append_results(markdown: str, result: dict) -> None:
+    """Appends a table with its machine, versions, device, dtype and command to benchmarks/RESULTS.md."""
+    m = result.get("machine", {})
+    header = (f"\n## {datetime.date.today().isoformat()} · {m.get('platform')} · {m.get('cpu_count')} CPUs · "
+              f"device {m.get('device')} · mlx {m.get('mlx')} · mlx-lm {m.get('mlx_lm')}"
+              + (f" · torch {m['torch']}" if "torch" in m else "") + f" · BLAS {m.get('blas')}\n\n"
+              f"`{result.get('command')}`\n\n")
+    if not RESULTS.exists():
+        RESULTS.write_text("# Benchmark results\n\nAppended by the scripts in this folder; newest last.\n")
+    with open(RESULTS, "a") as f:
+        f.write(header + markdown + "\n")
