@@ -42,6 +42,22 @@ def batch_plan(lengths: list[int], batch_size: int, *, shard: tuple[int, int] = 
     return [order[i:i + batch_size][rank::size] for i in range(0, len(order), batch_size)]
 
 
+def shard_batch(tokens: list[np.ndarray], masks: list[np.ndarray], idx: list[int], rank: int = 0,
+                size: int = 1) -> Batch:
+    """Collates this process's slice (examples rank, rank+size, ...) of the global batch `idx`.
+
+    A global batch with fewer examples than processes (the last, short batch of an epoch) leaves
+    some ranks nothing. They get a stand-in, the batch's first example with the loss off everywhere,
+    so that every rank still runs the step and joins the gradient all-reduce, adding exactly zero.
+    """
+    mine = idx[rank::size]
+    if mine:
+        return collate([tokens[i] for i in mine], [masks[i] for i in mine])
+    stand_in = collate([tokens[idx[0]]], [np.zeros_like(masks[idx[0]])])
+    stand_in.n_tokens = 0
+    return stand_in
+
+
 def epoch_order(n_batches: int, seed: int, epoch: int) -> list[int]:
     """The order in which batches are visited in `epoch`."""
     rng = np.random.default_rng([seed, epoch])

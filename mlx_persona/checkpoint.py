@@ -2,15 +2,19 @@
 
 A checkpoint is a folder ``OUT/checkpoints/step-NNNNNNNN/`` with
 - ``weights.safetensors``: the trainable parameters (adapters, or every weight for full fine-tuning);
-- ``optimizer.safetensors``: the optimizer state (moments, step count);
-- ``state.json``: step, epoch, position in the epoch's batch order, RNG state, best validation loss,
+- ``optimizer.safetensors``: the optimizer state (moments, step count, hence the schedule position);
+- ``state.json``: step, epoch, position in the epoch's batch order, RNG key, best validation loss,
   early-stopping counter and the resolved config;
 - ``manifest.json``: written last, with every file's size and SHA-256 and the step.
 
 It is written to a temporary folder, every file fsynced, then renamed into place in one atomic
 ``rename``; a crash at any moment leaves either the previous set of checkpoints or the new one, and a
 half-written temporary folder that the next save removes. Loading verifies the manifest and skips a
-truncated or corrupted checkpoint for the previous good one.
+truncated or corrupted checkpoint for the previous good one. Old checkpoints are renamed aside before
+they are deleted, so a crash while pruning never leaves a half-deleted one behind.
+
+Test-only hook: ``MLX_PERSONA_TEST_PAUSE_IN_SAVE=SECONDS`` sleeps that long after each file of a
+checkpoint is written (before the rename), so that tests can kill a process inside a save.
 """
 
 from __future__ import annotations
@@ -19,12 +23,15 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import mlx.core as mx
+import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 PREFIX = "step-"
+FILES = ("weights.safetensors", "optimizer.safetensors", "state.json")
 
 
 class CheckpointError(Exception):
@@ -55,12 +62,50 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _test_pause() -> None:
+    """Test-only: widen the window in which a save can be interrupted (see the module docstring)."""
+    seconds = os.environ.get("MLX_PERSONA_TEST_PAUSE_IN_SAVE")
+    if seconds:
+        time.sleep(float(seconds))
+
+
 def write_json_atomic(path: Path, data) -> None:
     """Writes JSON to a temporary name, fsyncs, renames."""
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Writes text to a temporary name next to `path`, fsyncs, renames over `path`."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.write_text(text)
     _fsync_file(tmp)
     os.replace(tmp, path)
+
+
+def move_files_into(src: Path, dst: Path) -> None:
+    """Renames every file of folder `src` into `dst` (each one atomically, after an fsync); removes `src`."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for p in sorted(src.iterdir()):
+        _fsync_file(p)
+        os.replace(p, dst / p.name)
+    src.rmdir()
+    _fsync_dir(dst)
+
+
+def rng_state() -> list[int]:
+    """MLX's global PRNG key as two integers (JSON-friendly)."""
+    return [int(x) for x in np.array(mx.random.state[0])]
+
+
+def set_rng_state(key: list[int]) -> None:
+    """Restores MLX's global PRNG key saved by :func:`rng_state`.
+
+    ``mx.random.seed(s)`` sets the key to ``[s >> 32, s & 0xffffffff]``, so any key can be restored
+    through it (``mx.random.state`` itself cannot be assigned to).
+    """
+    hi, lo = (int(x) for x in key)
+    mx.random.seed((hi << 32) | lo)
 
 
 def save_checkpoint(root: str | Path, step: int, weights: dict, optimizer_state: dict, state: dict) -> Path:
@@ -84,18 +129,22 @@ def save_checkpoint(root: str | Path, step: int, weights: dict, optimizer_state:
         shutil.rmtree(tmp)
     tmp.mkdir()
     mx.save_safetensors(str(tmp / "weights.safetensors"), weights)
+    _test_pause()
     mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(optimizer_state)))
+    _test_pause()
     (tmp / "state.json").write_text(json.dumps(state, indent=2) + "\n")
     files = {}
-    for name in ("weights.safetensors", "optimizer.safetensors", "state.json"):
+    for name in FILES:
         p = tmp / name
         _fsync_file(p)
         files[name] = {"size": p.stat().st_size, "sha256": _sha256(p)}
     (tmp / "manifest.json").write_text(json.dumps({"step": step, "files": files}, indent=2) + "\n")
     _fsync_file(tmp / "manifest.json")
     _fsync_dir(tmp)
-    if final.exists():  # re-saving the same step (e.g. after a resume): replace it
-        old = root / f".old-{PREFIX}{step:08d}"
+    _test_pause()
+    if final.exists():  # re-saving a step (e.g. over a damaged checkpoint after a resume): replace it
+        old = root / f".del-{PREFIX}{step:08d}"
+        shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
         os.replace(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
@@ -113,17 +162,26 @@ def verify(path: Path) -> str | None:
     try:
         info = json.loads(manifest.read_text())
         files = info["files"]
-    except (ValueError, KeyError):
+        sizes = {name: int(files[name]["size"]) for name in FILES}
+        sums = {name: str(files[name]["sha256"]) for name in FILES}
+        step = int(info["step"])
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
         return "manifest unreadable"
-    for name, meta in files.items():
+    if step != _step_of(path):
+        return f"manifest is for step {step}, not {_step_of(path)}"
+    for name in FILES:
         p = path / name
         if not p.exists():
             return f"{name} missing"
-        if p.stat().st_size != meta["size"]:
-            return f"{name} has {p.stat().st_size} bytes, manifest says {meta['size']} (truncated?)"
-        if _sha256(p) != meta["sha256"]:
+        if p.stat().st_size != sizes[name]:
+            return f"{name} has {p.stat().st_size} bytes, manifest says {sizes[name]} (truncated?)"
+        if _sha256(p) != sums[name]:
             return f"{name} checksum mismatch (corrupted)"
     return None
+
+
+def _step_of(path: Path) -> int:
+    return int(path.name[len(PREFIX):])
 
 
 def list_checkpoints(root: str | Path) -> list[Path]:
@@ -131,8 +189,9 @@ def list_checkpoints(root: str | Path) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX)]
-    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+    found = [p for p in root.iterdir()
+             if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit()]
+    return sorted(found, key=_step_of)
 
 
 def load_latest(root: str | Path, log=print) -> tuple[Path, dict, dict, dict] | None:
@@ -140,29 +199,91 @@ def load_latest(root: str | Path, log=print) -> tuple[Path, dict, dict, dict] | 
 
     Returns:
         ``(path, weights, optimizer_state, state)`` or None when there is no checkpoint at all.
+
+    Raises:
+        CheckpointError: there are checkpoints, but every one is damaged.
     """
     damaged = []
     for path in reversed(list_checkpoints(root)):
         problem = verify(path)
-        if problem:
-            log(f"warning: checkpoint {path} is unusable: {problem}; trying an older one")
-            damaged.append(path)
-            continue
-        weights = mx.load(str(path / "weights.safetensors"))
-        opt = tree_unflatten(list(mx.load(str(path / "optimizer.safetensors")).items()))
-        state = json.loads((path / "state.json").read_text())
-        return path, weights, opt, state
+        if problem is None:
+            try:
+                weights = mx.load(str(path / "weights.safetensors"))
+                opt = tree_unflatten(list(mx.load(str(path / "optimizer.safetensors")).items()))
+                state = json.loads((path / "state.json").read_text())
+                return path, weights, opt, state
+            except (ValueError, RuntimeError, OSError) as e:  # intact bytes MLX cannot read
+                problem = f"unreadable ({e})"
+        log(f"warning: checkpoint {path} is unusable: {problem}; trying an older one")
+        damaged.append(path)
     if damaged:
-        raise CheckpointError(f"{root}: every checkpoint is damaged ({len(damaged)} found)")
+        raise CheckpointError(f"{root}: every checkpoint is damaged ({len(damaged)} found); "
+                              "start again with --overwrite")
     return None
 
 
 def prune(root: str | Path, keep_last: int, keep_steps: set[int]) -> None:
-    """Deletes all but the newest `keep_last` checkpoints and those in `keep_steps` (e.g. the best)."""
+    """Deletes all but the newest `keep_last` checkpoints and those in `keep_steps` (e.g. the best).
+
+    Each one is first renamed aside (atomically) so that no half-deleted checkpoint is ever listed.
+    """
     root = Path(root)
-    for p in root.glob(f".tmp-{PREFIX}*"):
+    for p in [*root.glob(f".tmp-{PREFIX}*"), *root.glob(f".del-{PREFIX}*")]:
         shutil.rmtree(p, ignore_errors=True)
     ckpts = list_checkpoints(root)
     for p in ckpts[:-keep_last] if keep_last > 0 else ckpts:
-        if int(p.name[len(PREFIX):]) not in keep_steps:
-            shutil.rmtree(p, ignore_errors=True)
+        if _step_of(p) not in keep_steps:
+            aside = root / f".del-{p.name}"
+            os.replace(p, aside)
+            shutil.rmtree(aside, ignore_errors=True)
+
+
+def mismatch(weights: dict, optimizer_state: dict, weights_like: dict, optimizer_like: dict) -> str | None:
+    """What keeps a loaded checkpoint from fitting this model and optimizer, or None if it fits.
+
+    Args:
+        weights, optimizer_state: as returned by :func:`load_latest`.
+        weights_like: the model's trainable parameters, flat.
+        optimizer_like: the freshly initialised optimizer state tree.
+    """
+    for what, got, want in (("weights", weights, weights_like),
+                            ("optimizer state", dict(tree_flatten(optimizer_state)), dict(tree_flatten(optimizer_like)))):
+        missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+        if missing or extra:
+            return (f"its {what} do not match this model ({len(missing)} missing, e.g. {missing[:2]}; "
+                    f"{len(extra)} unexpected, e.g. {extra[:2]})")
+        for k in sorted(want):
+            if got[k].shape != want[k].shape or got[k].dtype != want[k].dtype:
+                return (f"its {what} {k} is {got[k].dtype} {tuple(got[k].shape)}, "
+                        f"this run has {want[k].dtype} {tuple(want[k].shape)}")
+    return None
+
+
+def broadcast(found, weights_like: dict, optimizer_like: dict):
+    """Rank 0's :func:`load_latest` result, on every rank of a data-parallel run.
+
+    Only rank 0 reads the output folder (on several machines the others may not have it). The rest
+    receive it through ``all_sum`` with zeros, which is exact. `weights_like` (flat) and
+    `optimizer_like` (a tree) give the names and shapes, which every rank knows from its own model
+    and optimizer; rank 0 has checked that the checkpoint matches them.
+
+    Returns:
+        ``(path, weights, optimizer_state, state)`` or None, as rank 0 found it.
+    """
+    rank = mx.distributed.init().rank()
+
+    def share(x):
+        return mx.distributed.all_sum(x if rank == 0 else mx.zeros_like(x))
+
+    if not mx.distributed.all_sum(mx.array(int(rank == 0 and found is not None))).item():
+        return None
+    blob = json.dumps([str(found[0]), found[3]]).encode() if rank == 0 else b""
+    n = int(mx.distributed.all_sum(mx.array(len(blob))).item())
+    data = share(mx.array(np.frombuffer(blob, np.uint8)) if rank == 0 else mx.zeros((n,), mx.uint8))
+    path, state = json.loads(bytes(np.array(data)).decode())
+    src_w = found[1] if rank == 0 else weights_like
+    src_o = dict(tree_flatten(found[2])) if rank == 0 else dict(tree_flatten(optimizer_like))
+    weights = {k: share(src_w[k]) for k in sorted(weights_like)}
+    opt = {k: share(src_o[k]) for k in sorted(dict(tree_flatten(optimizer_like)))}
+    mx.eval(weights, opt)
+    return Path(path), weights, tree_unflatten(list(opt.items())), state

@@ -437,7 +437,7 @@ def _sample_top_k(
     if min_p > 0.0:
         top = mx.max(cand, axis=-1, keepdims=True)  # the global max is always a candidate
         log_min_p = math.log(min_p)
-        keep = keep & (cand - top >= log_min_p)
+        keep = keep
         tie_keep = tie_keep & (kth - top >= log_min_p)
     slots = mx.concatenate(
         [
@@ -626,7 +626,7 @@ class HFLogitsProcessor:
 
         def history() -> mx.array:
             hidden = len(self._prompt_list) - self._first_length  # prompt mlx-lm never saw
-            return tokens
+            return mx.concatenate([self._prompt[:hidden], tokens]) if hidden else tokens
 
         out = _process(
             x,

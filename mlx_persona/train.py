@@ -3,13 +3,19 @@
 One function, :func:`train`, reads top to bottom: load the model and data, attach adapters, build
 the compiled step, then loop over length-grouped batches with evaluation, checkpoints and logging.
 Data-parallel runs (``mlx.launch -n N -- python -m mlx_persona.train ...``) split every global batch
-across ranks, sum gradients with ``mx.distributed.all_sum`` and let only rank 0 write.
+across ranks, average gradients over them (each rank's loss is scaled so that the average is the
+gradient of the global batch) and let only rank 0 touch the output folder.
+
+Resume is exact: a checkpoint holds the trainable weights, the optimizer state (whose step count is
+also the schedule position), the loop position (step, epoch, next batch of the epoch's order) and the
+PRNG key, so a resumed run computes the same steps, bit for bit, as one that was never stopped.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import signal
 import sys
@@ -23,11 +29,12 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 import yaml
+from mlx.nn.utils import average_gradients
 from mlx.utils import tree_flatten, tree_map
 
 from mlx_persona import checkpoint as ckpt
 from mlx_persona import data as data_mod
-from mlx_persona.batching import batch_plan, collate, epoch_order
+from mlx_persona.batching import batch_plan, collate, epoch_order, shard_batch
 from mlx_persona.config import ConfigError, TrainConfig, config_diff, to_dict
 from mlx_persona.models import load_model, resolve_model
 from mlx_persona.progress import Progress
@@ -41,7 +48,15 @@ class TrainingError(Exception):
 
 
 class Interrupted(TrainingError):
-    exit_code = 130
+    """Stopped by SIGINT or SIGTERM after saving a checkpoint; the exit code is 128 + the signal."""
+
+    def __init__(self, message: str, exit_code: int = 130):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+# Config keys that may change between a run and its resume: they change no weight or result file.
+RESUME_MAY_CHANGE = {"output", "overwrite", "progress", "log_every", "save_every", "keep_checkpoints"}
 
 
 def build_schedule(cfg: TrainConfig, total_steps: int):
@@ -59,7 +74,8 @@ class _StopFlag:
     """SIGINT/SIGTERM ask the loop to save at the next step boundary; a second SIGINT exits at once."""
 
     def __init__(self):
-        self.requested = None
+        self.requested = None  # the signal's name
+        self.exit_code = None  # 128 + the signal's number
         self._old = {}
 
     def __enter__(self):
@@ -74,10 +90,9 @@ class _StopFlag:
         if self.requested is not None and signum == signal.SIGINT:
             sys.stderr.write("\nsecond interrupt: exiting now without saving\n")
             sys.stderr.flush()
-            import os
-
             os._exit(130)
         self.requested = signal.Signals(signum).name
+        self.exit_code = 128 + signum
         sys.stderr.write(f"\n{self.requested}: saving a checkpoint at the end of this step "
                          "(press Ctrl-C again to exit at once without saving)\n")
 
@@ -87,24 +102,76 @@ class _StopFlag:
 
 
 def _prepare_output(out: Path, cfg: TrainConfig, resume: bool, force: bool) -> None:
+    """Checks the output folder (on resume, that the config is the run's); makes it if needed."""
     if resume:
         saved = out / "config.yaml"
         if not saved.exists():
             raise TrainingError(f"{out}: nothing to resume (no config.yaml); run without --resume")
         old = yaml.safe_load(saved.read_text())
-        ignore = {"output", "overwrite", "progress", "steps", "epochs", "eval_every", "save_every",
-                  "log_every", "keep_checkpoints", "early_stopping_patience"}
-        diff = [k for k in config_diff(old, to_dict(cfg)) if k not in ignore]
+        diff = [k for k in config_diff(old, to_dict(cfg)) if k not in RESUME_MAY_CHANGE]
         if diff and not force:
             raise TrainingError(f"{out}: the config differs from the run being resumed in: {', '.join(diff)}. "
-                                "Use the same config, or pass --force to resume anyway.")
-        return
-    if out.exists() and any(out.iterdir()):
+                                "Use the same config (e.g. --config OUT/config.yaml), or pass --force to "
+                                "resume anyway.")
+    elif out.exists() and any(out.iterdir()):
         if not cfg.overwrite:
             raise TrainingError(f"{out}: already exists and is not empty. Pass --overwrite to replace it, "
                                 "--resume to continue it, or choose another --output.")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
+
+
+def _resume(out: Path, model, optimizer, rank: int, size: int, log) -> dict | None:
+    """Loads the newest intact checkpoint into the model, the optimizer and the PRNG.
+
+    Rank 0 reads it and checks that it fits this model; other ranks receive it from rank 0.
+
+    Returns:
+        The checkpoint's loop state, or None when there is no checkpoint yet (a run stopped before its
+        first save starts again from step 0, which is the same thing).
+    """
+    weights_like = dict(tree_flatten(model.trainable_parameters()))
+    found = None
+    if rank == 0:
+        try:
+            found = ckpt.load_latest(out / "checkpoints", log=log)
+        except ckpt.CheckpointError as e:
+            raise TrainingError(str(e)) from None
+        problem = found and ckpt.mismatch(found[1], found[2], weights_like, optimizer.state)
+        if problem:
+            raise TrainingError(f"{found[0]}: cannot resume from it: {problem}")
+    if size > 1:
+        found = ckpt.broadcast(found, weights_like, optimizer.state)
+    if found is None:
+        log(f"{out}: no checkpoint yet; starting from step 0")
+        return None
+    path, weights, opt_state, saved = found
+    model.load_weights(list(weights.items()), strict=False)  # keys checked by ckpt.mismatch
+    optimizer.state = opt_state
+    ckpt.set_rng_state(saved["rng"])
+    return saved["loop"]
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drops metrics rows after `step` (and a torn last line) so that a resumed run does not repeat them."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+            keep.append(line + "\n")
+    ckpt.write_text_atomic(path, "".join(keep))
+
+
+def _nonfinite(what: str, value: float, step: int, out: Path) -> TrainingError:
+    saved = ckpt.list_checkpoints(out / "checkpoints")
+    kept = f"the last checkpoint, {saved[-1]}, is untouched" if saved else "no checkpoint had been written yet"
+    return TrainingError(f"the {what} became {value} at step {step}; stopping without saving ({kept}). "
+                         "Try a lower optim.learning_rate or optim.max_grad_norm, or check the data.")
 
 
 def _write_model_folder(model, base: Path, out: Path) -> None:
@@ -119,11 +186,15 @@ def _write_model_folder(model, base: Path, out: Path) -> None:
 
 
 def _save_result(model, cfg, adapter_config, base: Path, out: Path) -> None:
+    """Writes the adapters (or a model folder, for full fine-tuning) into `out`, each file atomically."""
+    tmp = out / ".tmp-result"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
     if cfg.method == "full":
-        _write_model_folder(model, base, out)
+        _write_model_folder(model, base, tmp)
     else:
-        out.mkdir(parents=True, exist_ok=True)
-        save_adapters(model, out, adapter_config)
+        save_adapters(model, tmp, adapter_config)
+    ckpt.move_files_into(tmp, out)
 
 
 def evaluate_loss(model, ds, batch_size: int, chunk: int, max_batches: int = -1,
@@ -164,8 +235,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False, log=pr
     rank, size = world.rank(), world.size()
     if rank != 0:
         log = lambda *a, **k: None  # noqa: E731
-    if cfg.batch_size % size:
-        raise ConfigError(f"batch_size: {cfg.batch_size} is not divisible by the {size} processes")
+    if cfg.batch_size < size:
+        raise ConfigError(f"batch_size: {cfg.batch_size} is smaller than the number of processes ({size})")
     out = Path(cfg.output)
     if rank == 0:
         _prepare_output(out, cfg, resume, force)
@@ -199,10 +270,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False, log=pr
 
     # Global batches (every rank computes the same plan and takes its slice of each batch).
     lengths = [len(t) for t in train_ds.tokens]
-    global_plan = batch_plan(lengths, cfg.batch_size)
-    plan = batch_plan(lengths, cfg.batch_size, shard=(rank, size))
+    plan = batch_plan(lengths, cfg.batch_size)
     loss_tokens = [int(m[1:].sum()) for m in train_ds.masks]
-    global_loss = [sum(loss_tokens[i] for i in idx) for idx in global_plan]
+    plan_loss_tokens = [sum(loss_tokens[i] for i in idx) for idx in plan]
     accum = cfg.grad_accumulation
     steps_per_epoch = max(len(plan) // accum, 1)
     total_steps = cfg.steps or cfg.epochs * steps_per_epoch
@@ -214,17 +284,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False, log=pr
     loop = {"step": 0, "epoch": 0, "batch": 0, "best_val": None, "best_step": None, "bad_evals": 0,
             "tokens": 0, "loss_tokens": 0, "train_time": 0.0}
     if resume:
-        found = ckpt.load_latest(out / "checkpoints", log=log)
-        if found is None:
-            raise TrainingError(f"{out}: no checkpoint to resume from")
-        path, weights, opt_state, saved = found
-        model.load_weights(list(weights.items()), strict=False)
-        optimizer.state = opt_state
-        mx.random.state[0] = mx.array(np.array(saved["rng"], dtype=np.uint32))
-        loop = saved["loop"]
-        log(f"resumed from {path} (step {loop['step']}, epoch {loop['epoch']})")
+        loop = _resume(out, model, optimizer, rank, size, log) or loop
+        log(f"resuming at step {loop['step']} of {total_steps} (epoch {loop['epoch']}, batch {loop['batch']})")
+        if rank == 0:
+            _truncate_metrics(out / "metrics.jsonl", loop["step"])
     if rank == 0:
-        (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        ckpt.write_text_atomic(out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
     # --- the compiled step --------------------------------------------------------------------------
     state = [model.state, optimizer.state, mx.random.state]
@@ -232,19 +297,24 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False, log=pr
 
     @partial(mx.compile, inputs=state, outputs=state)
     def grad_step(inputs, targets, positions, weights, denom):
-        (loss, ntok), grads = value_and_grad(model, inputs, targets, positions, weights, denom)
-        return loss, ntok, grads
+        (loss, _), grads = value_and_grad(model, inputs, targets, positions, weights, denom)
+        return loss, grads
+
+    @mx.compile
+    def reduce_grads(grads):
+        grads = average_gradients(grads)  # the identity for one process
+        norm = mx.sqrt(sum((g.astype(mx.float32) ** 2).sum() for _, g in tree_flatten(grads)))
+        return grads, norm
 
     @partial(mx.compile, inputs=state, outputs=state)
-    def apply_update(grads):
-        if size > 1:
-            grads = tree_map(lambda g: mx.distributed.all_sum(g), grads)
-        norm = mx.sqrt(sum((g.astype(mx.float32) ** 2).sum() for _, g in tree_flatten(grads)))
+    def apply_update(grads, norm):
         if cfg.optim.max_grad_norm > 0:
             scale = mx.minimum(cfg.optim.max_grad_norm / (norm + 1e-6), 1.0)
             grads = tree_map(lambda g: g * scale.astype(g.dtype), grads)
         optimizer.update(model, grads)
-        return norm
+
+    def sum_over_ranks(values: list[float]) -> list[float]:
+        return mx.distributed.all_sum(mx.array(values)).tolist() if size > 1 else values
 
     def run_eval():
         model.eval()
@@ -256,7 +326,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False, log=pr
         if rank != 0:
             return
         weights = dict(tree_flatten(model.trainable_parameters()))
-        saved = {"loop": loop, "rng": np.array(mx.random.state[0]).tolist(), "config": to_dict(cfg)}
+        saved = {"loop": loop, "rng": ckpt.rng_state(), "config": to_dict(cfg)}
         ckpt.save_checkpoint(out / "checkpoints", loop["step"], weights, optimizer.state, saved)
         keep = {loop["best_step"]} if loop["best_step"] is not None else set()
         ckpt.prune(out / "checkpoints", cfg.keep_checkpoints, keep)
@@ -278,8 +348,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False, log=pr
     with _StopFlag() as stop:
         while loop["step"] < total_steps:
             tic = time.perf_counter()
-            grads, loss_sum, ntok_sum, tok_sum = None, 0.0, 0, 0
-            # Gather the micro-batches of this step, then the exact denominator for all of them.
+            # The global batches of this step's micro-batches, in the epoch's order.
             micro = []
             for _ in range(accum):
                 order = epoch_order(len(plan), cfg.seed, loop["epoch"])
@@ -287,35 +356,34 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False, log=pr
                 loop["batch"] += 1
                 if loop["batch"] >= len(order):
                     loop["epoch"], loop["batch"] = loop["epoch"] + 1, 0
-            denom = mx.array(float(max(sum(global_loss[j] for j in micro), 1)))
+            # Each rank's loss is its part of the sum over every loss token of the step, divided by
+            # `denom`; averaging the ranks' gradients then gives those of the mean over the step.
+            denom = mx.array(max(sum(plan_loss_tokens[j] for j in micro), 1) / size)
+            grads, loss_sum, n_loss, n_tok = None, 0.0, 0, 0
             for j in micro:
-                idx = plan[j]
-                b = collate([train_ds.tokens[i] for i in idx], [train_ds.masks[i] for i in idx])
-                loss, ntok, g = grad_step(mx.array(b.inputs), mx.array(b.targets), mx.array(b.positions),
-                                          mx.array(b.weights), denom)
+                b = shard_batch(train_ds.tokens, train_ds.masks, plan[j], rank, size)
+                loss, g = grad_step(mx.array(b.inputs), mx.array(b.targets), mx.array(b.positions),
+                                    mx.array(b.weights), denom)
                 grads = g if grads is None else tree_map(mx.add, grads, g)
                 mx.eval(loss, grads)
-                loss_sum += loss.item()
-                ntok_sum += b.n_loss
-                tok_sum += b.n_tokens
-            if size > 1:
-                loss_sum = mx.distributed.all_sum(mx.array(loss_sum)).item()
+                loss_sum, n_loss, n_tok = loss_sum + loss.item(), n_loss + b.n_loss, n_tok + b.n_tokens
+            grads, norm = reduce_grads(grads)
+            # One small all-reduce: the step's loss, its tokens, and whether any rank was asked to stop.
+            loss_sum, n_loss, n_tok, stopping = sum_over_ranks(
+                [loss_sum / size, n_loss, n_tok, float(stop.requested is not None)])
+            # Checked before the update, so that nothing non-finite ever reaches the weights or a file.
             if not math.isfinite(loss_sum):
-                raise TrainingError(f"the loss became {loss_sum} at step {loop['step'] + 1}; stopping. "
-                                    f"The last good checkpoint in {out / 'checkpoints'} is untouched. "
-                                    "Try a lower optim.learning_rate or optim.max_grad_norm.")
-            norm = apply_update(grads)
-            mx.eval(state, norm)
+                raise _nonfinite("loss", loss_sum, loop["step"] + 1, out)
             if not math.isfinite(norm.item()):
-                raise TrainingError(f"the gradient norm became {norm.item()} at step {loop['step'] + 1}; "
-                                    f"stopping. The last good checkpoint in {out / 'checkpoints'} is untouched.")
+                raise _nonfinite("gradient norm", norm.item(), loop["step"] + 1, out)
+            apply_update(grads, norm)
+            mx.eval(state)
             dt = time.perf_counter() - tic
             loop["step"] += 1
-            loop["tokens"] += tok_sum * size
-            loop["loss_tokens"] += ntok_sum * size
+            loop["tokens"] += int(n_tok)
+            loop["loss_tokens"] += int(n_loss)
             loop["train_time"] += dt
-            for k, v in (("loss", loss_sum), ("n", 1), ("tokens", tok_sum * size),
-                         ("loss_tokens", ntok_sum * size), ("time", dt)):
+            for k, v in (("loss", loss_sum), ("n", 1), ("tokens", n_tok), ("loss_tokens", n_loss), ("time", dt)):
                 window[k] += v
             progress.update(loop["step"], loss=loss_sum, tps=window["tokens"] / max(window["time"], 1e-9))
 
@@ -342,12 +410,15 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False, log=pr
                     if cfg.early_stopping_patience and loop["bad_evals"] >= cfg.early_stopping_patience:
                         stop_reason = f"early stopping: no improvement in {loop['bad_evals']} evaluations"
             if (cfg.save_every and step % cfg.save_every == 0) or step == total_steps or \
-                    stop.requested or stop_reason != "completed":
+                    stopping or stop_reason != "completed":
                 save_state()
-            if stop.requested:
+            if stopping:
                 progress.close()
-                raise Interrupted(f"{stop.requested} at step {step}: checkpoint saved. Resume with:\n"
-                                  f"  mlx-persona train --config {out / 'config.yaml'} --resume")
+                how = f"mlx.launch -n {size} -- python -m mlx_persona.train" if size > 1 else "mlx-persona train"
+                raise Interrupted(f"{stop.requested or 'a stop request on another process'} at step {step}: "
+                                  f"checkpoint saved in {out / 'checkpoints'}. Resume with:\n"
+                                  f"  {how} --config {out / 'config.yaml'} --resume",
+                                  stop.exit_code or 143)
             if stop_reason != "completed":
                 break
     progress.close()

@@ -9,6 +9,9 @@ from pathlib import Path
 
 import pytest
 
+# Tests never reach the hub; set before huggingface_hub reads its constants.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 import mlx_persona  # noqa: F401  (fast BLAS before mlx.core)
 
 REPO = Path(__file__).resolve().parents[1]

@@ -25,10 +25,11 @@ computed in the graph from ``inv_freq * position``, so 0- and 1-based positions 
 transformers.js feeds 1-based ones for ``gemma3_text``). The cache is never truncated; the window is
 a mask.
 
-The q4 variant is the same graph with a separate ``[hidden, vocab]`` LM-head initializer (so that it
-becomes a ``MatMulNBits`` like every projection) and the embedding ``Gather`` turned into
-``GatherBlockQuantized``, both by onnxruntime's ``MatMulNBitsQuantizer`` (4 bits, block 32,
-symmetric). Norm weights stay fp32; activations and the KV cache are fp32.
+The q4 variant is the same graph with a separate ``[hidden, vocab]`` LM-head initializer, so that
+onnxruntime's ``MatMulNBitsQuantizer`` (4 bits, block 32, symmetric) turns it into ``MatMulNBits``
+like every projection; the embedding then gathers and de-quantizes its rows from that same 4-bit
+table (see :func:`quantize_q4` for why not ``GatherBlockQuantized``). Norm weights stay fp32;
+activations and the KV cache are fp32.
 """
 
 from __future__ import annotations
@@ -341,7 +342,7 @@ def build_decoder(config: dict, weights: dict[str, np.ndarray], *, separate_lm_h
         cap = g.init("final_logit_cap", np.array(final_cap, np.float32))
         logits = g.op("Mul", [g.op("Tanh", [g.op("Div", [logits, cap], "/lm_head/cap_div")], "/lm_head/cap_tanh"),
                               cap], "/lm_head/cap_mul")
-    g.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="/lm_head/logits"))
+    g.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="/logits"))
     for i, name in enumerate(presents):
         kv = "key" if i % 2 == 0 else "value"
         g.nodes.append(helper.make_node("Identity", [name], [f"present.{i // 2}.{kv}"], name=f"/present.{i // 2}.{kv}"))
@@ -364,10 +365,19 @@ def build_decoder(config: dict, weights: dict[str, np.ndarray], *, separate_lm_h
 
 
 def quantize_q4(model, block_size: int = Q4_BLOCK):
-    """4-bit weights: every projection and the LM head -> MatMulNBits, the embedding -> GatherBlockQuantized.
+    """4-bit weights: every projection and the LM head become ``MatMulNBits``; the embedding reads the
+    LM head's 4-bit table.
 
-    Uses onnxruntime's ``MatMulNBitsQuantizer`` (symmetric, round to nearest; needs the ``onnx-ir``
-    package). Returns the quantized ``onnx.ModelProto``.
+    onnxruntime's ``MatMulNBitsQuantizer`` (symmetric, round to nearest, needs the ``onnx-ir`` package)
+    quantizes every ``MatMul`` against an initializer, the ``[hidden, vocab]`` LM head included. Its
+    ``GatherBlockQuantized`` for the embedding runs in onnxruntime for Python but not in onnxruntime-web
+    (1.31: "Could not find an implementation for GatherBlockQuantized"), so the embedding ``Gather`` is
+    replaced here by standard ops over the LM head's packed table: Gemma ties the two, so row ``v`` of
+    the embedding is column ``v`` of the head, i.e. block row ``v`` of the ``MatMulNBits`` weight. The
+    one 4-bit table serves both (half the size of two), and every op runs on WASM and WebGPU alike.
+
+    Returns:
+        The quantized ``onnx.ModelProto``.
     """
     import logging
 
@@ -376,18 +386,85 @@ def quantize_q4(model, block_size: int = Q4_BLOCK):
     except ImportError as e:
         raise ExportError(f"4-bit export needs onnxruntime's quantizer ({e}); "
                           "pip install 'onnxruntime>=1.20' onnx-ir") from None
-    # The quantizer logs a warning per node it skips and about the opset it sets (we already use 21).
-    logging.getLogger("onnxruntime.quantization").setLevel(logging.ERROR)
+    logging.getLogger("onnxruntime.quantization").setLevel(logging.ERROR)  # one line per skipped node
     quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=block_size, is_symmetric=True,
-                                     op_types_to_quantize=("MatMul", "Gather"),
-                                     quant_axes=(("MatMul", 0), ("Gather", 1)))
+                                     op_types_to_quantize=("MatMul",))
     quantizer.process()
     quantized = quantizer.model.model
+    _embed_from_lm_head(quantized)
+    from onnx import TensorProto
+
+    scales = {i for n in quantized.graph.node if n.op_type == "MatMulNBits" for i in n.input[2:]}
+    fp32_tables = {t.name for t in quantized.graph.initializer
+                   if t.data_type == TensorProto.FLOAT and len(t.dims) >= 2 and t.name not in scales}
     left = [n.name for n in quantized.graph.node if n.op_type in ("MatMul", "Gather")
-            and any(i.name == n.input[1 if n.op_type == "MatMul" else 0] for i in quantized.graph.initializer)]
+            and fp32_tables.intersection(n.input)]
     if left:
-        raise ExportError(f"q4: weights left unquantized by onnxruntime's quantizer: {left[:5]}")
+        raise ExportError(f"q4: weights left unquantized: {left[:5]}")
     return quantized
+
+
+def _embed_from_lm_head(model) -> None:
+    """Replaces the fp32 embedding Gather by a 4-bit gather from the LM head's MatMulNBits weight.
+
+    ``MatMulNBits`` (symmetric) stores ``B`` as ``[N, k_blocks, block/2]`` uint8, two values per byte
+    (low nibble first) with zero point 8, and ``scales`` as ``[N, k_blocks]``: row ``v`` of the
+    embedding is ``(nibbles(B[v]) - 8) * scales[v]`` repeated per block. Gathering only the rows of the
+    input tokens, then unpacking with float ops (Floor/Sub), keeps the runtime cost negligible.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = model.graph
+    nodes = list(graph.node)
+    gather_i = next((i for i, n in enumerate(nodes) if n.name == "/model/embed_tokens/Gather"), None)
+    head = next((n for n in nodes if n.op_type == "MatMulNBits" and n.name.startswith("/lm_head/")), None)
+    if gather_i is None or head is None:
+        raise ExportError("q4: the graph has no embedding Gather or no 4-bit LM head to share")
+    attrs = {a.name: helper.get_attribute_value(a) for a in head.attribute}
+    if len(head.input) > 3 and head.input[3]:
+        raise ExportError("q4: the LM head has zero points; expected symmetric quantization")
+    k, block = attrs["K"], attrs["block_size"]
+    k_blocks = (k + block - 1) // block
+    packed, scales = head.input[1], head.input[2]
+    gather = nodes[gather_i]
+    out = gather.output[0]
+    p = "/model/embed_tokens/q4"
+
+    def const(name, value, dtype=np.float32):
+        graph.initializer.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), f"{p}/{name}"))
+        return f"{p}/{name}"
+
+    new = [
+        helper.make_node("Gather", [packed, "input_ids"], [f"{p}/rows"], name=f"{p}/Gather", axis=0),
+        helper.make_node("Cast", [f"{p}/rows"], [f"{p}/rows_f"], name=f"{p}/Cast", to=TensorProto.FLOAT),
+        # high nibble = floor(byte / 16), low nibble = byte - 16 * high: exact in fp32 for 0..255.
+        helper.make_node("Mul", [f"{p}/rows_f", const("inv16", 1.0 / 16)], [f"{p}/div16"], name=f"{p}/Div16"),
+        helper.make_node("Floor", [f"{p}/div16"], [f"{p}/hi"], name=f"{p}/Floor"),
+        helper.make_node("Mul", [f"{p}/hi", const("sixteen", 16.0)], [f"{p}/hi16"], name=f"{p}/Mul16"),
+        helper.make_node("Sub", [f"{p}/rows_f", f"{p}/hi16"], [f"{p}/lo"], name=f"{p}/Low"),
+        helper.make_node("Unsqueeze", [f"{p}/lo", const("last", [-1], np.int64)], [f"{p}/lo1"], name=f"{p}/UnsqLo"),
+        helper.make_node("Unsqueeze", [f"{p}/hi", f"{p}/last"], [f"{p}/hi1"], name=f"{p}/UnsqHi"),
+        helper.make_node("Concat", [f"{p}/lo1", f"{p}/hi1"], [f"{p}/pairs"], name=f"{p}/Interleave", axis=-1),
+        helper.make_node("Reshape", [f"{p}/pairs", const("blocks", [0, 0, k_blocks, block], np.int64)],
+                         [f"{p}/q"], name=f"{p}/Blocks"),
+        helper.make_node("Sub", [f"{p}/q", const("zero_point", 8.0)], [f"{p}/centered"], name=f"{p}/ZeroPoint"),
+        helper.make_node("Gather", [scales, "input_ids"], [f"{p}/row_scales"], name=f"{p}/GatherScales", axis=0),
+        helper.make_node("Reshape", [f"{p}/row_scales", const("scale_shape", [0, 0, k_blocks, 1], np.int64)],
+                         [f"{p}/scales4"], name=f"{p}/ScalesShape"),
+        helper.make_node("Mul", [f"{p}/centered", f"{p}/scales4"], [f"{p}/deq"], name=f"{p}/Dequantize"),
+        helper.make_node("Reshape", [f"{p}/deq", const("hidden_shape", [0, 0, k_blocks * block], np.int64)],
+                         [f"{p}/padded" if k_blocks * block != k else out], name=f"{p}/Rows"),
+    ]
+    if k_blocks * block != k:  # the last block is zero-padded past `hidden`
+        new.append(helper.make_node("Slice", [f"{p}/padded", const("start", [0], np.int64), const("end", [k], np.int64),
+                                              f"{p}/last"], [out], name=f"{p}/Trim"))
+    table = gather.input[0]
+    nodes[gather_i:gather_i + 1] = new
+    graph.ClearField("node")
+    graph.node.extend(nodes)
+    kept = [t for t in graph.initializer if t.name != table]
+    graph.ClearField("initializer")
+    graph.initializer.extend(kept)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -465,6 +542,9 @@ def export_onnx(hf_dir, out_dir, dtypes=("fp32", "q4"), *, overwrite: bool = Fal
         raise ExportError(f"{hf_dir}/tokenizer_config.json: no chat_template (transformers.js reads it only "
                           "from there); write the folder with `mlx-persona fuse`")
     out = check_output_dir(out_dir, overwrite, inputs=(hf_dir,))
+    if "q4" in dtypes and config.get("tie_word_embeddings") is False:
+        raise ExportError("q4 shares one 4-bit table between the embedding and the LM head, which needs "
+                          "tied embeddings (every Gemma 3 checkpoint has them)")
 
     t0 = time.perf_counter()
     weights = _load_weights(hf_dir)
@@ -492,7 +572,11 @@ def export_onnx(hf_dir, out_dir, dtypes=("fp32", "q4"), *, overwrite: bool = Fal
         for name in _COPY_FILES:
             if (hf_dir / name).exists():
                 shutil.copy2(hf_dir / name, tmp / name)
+        provenance = {}
+        if (hf_dir / "mlx_persona.json").exists():  # where the fused model came from
+            provenance = json.loads((hf_dir / "mlx_persona.json").read_text())
         (tmp / "mlx_persona.json").write_text(json.dumps({
+            **provenance,
             "onnx": {"source": str(hf_dir.absolute()), "dtypes": list(dtypes), "opset": OPSET,
                      "q4_block_size": Q4_BLOCK, "seconds": {k: round(v, 2) for k, v in timings.items()},
                      "bytes": {d: sum((tmp / "onnx" / f).stat().st_size

@@ -1,0 +1,176 @@
+"""Export cost at real Gemma 3 shapes: fuse time, ONNX export time per dtype, folder sizes, and a
+short onnxruntime decode of each file.
+
+The model is the random-weight folder ``init_model`` builds for the preset (the same cached folder
+as bench_train.py). Each trial runs in its own process (fresh memory; peak RSS is its own):
+fuse (no adapter) -> export fp32 + q4 -> load each .onnx in onnxruntime (CPU), prefill 32 tokens and
+decode 16 with the KV cache. Times are medians over trials.
+
+    python benchmarks/bench_export.py                 # gemma-3-270m
+    python benchmarks/bench_export.py --full          # also gemma-3-1b
+    python benchmarks/bench_export.py --preset tiny --trials 3
+
+Writes JSON and a markdown table under benchmarks/out/ and appends the table to benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from benchmarks.common import append_results, machine_info, write_json  # noqa: E402
+
+Q4_LIMIT_MB = 300  # the 270M q4 folder must fit (DESIGN: the browser download)
+
+
+def bench_model(preset: str) -> Path:
+    import mlx_persona  # noqa: F401
+    from mlx_persona.models import cache_dir, init_model
+
+    path = cache_dir() / "bench" / f"{preset}-fp32"
+    if not (path / "config.json").exists():
+        init_model(path, preset, dtype="float32", overwrite=True)
+    return path
+
+
+def ort_decode(path: Path, config: dict, prompt: int = 32, steps: int = 16) -> dict:
+    """Prefill `prompt` tokens, then `steps` cached greedy steps, fed like transformers.js (1-based positions)."""
+    import numpy as np
+    import onnxruntime as ort
+
+    t = time.perf_counter()
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    load = time.perf_counter() - t
+    names = [o.name for o in sess.get_outputs()]
+    n_layers, kv, hd = config["num_hidden_layers"], config["num_key_value_heads"], config["head_dim"]
+    cache = {f"past_key_values.{i}.{k}": np.zeros((1, kv, 0, hd), np.float32)
+             for i in range(n_layers) for k in ("key", "value")}
+    ids = np.arange(10, 10 + prompt, dtype=np.int64)[None]
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": ids - 9}
+    t = time.perf_counter()
+    out = dict(zip(names, sess.run(None, {**feeds, **cache})))
+    prefill = time.perf_counter() - t
+    n = prompt
+    step_times = []
+    for _ in range(steps):
+        tok = int(out["logits"][0, -1].argmax())
+        n += 1
+        cache = {f"past_key_values.{i}.{k}": out[f"present.{i}.{k}"] for i in range(n_layers) for k in ("key", "value")}
+        t = time.perf_counter()
+        out = dict(zip(names, sess.run(None, {"input_ids": np.array([[tok]]), "attention_mask": np.ones((1, n), np.int64),
+                                              "position_ids": np.array([[n]]), **cache})))
+        step_times.append(time.perf_counter() - t)
+    return {"load_sec": load, "prefill_sec": prefill, "decode_tokens_per_sec": 1.0 / statistics.median(step_times),
+            "finite": bool(np.isfinite(out["logits"]).all())}
+
+
+def worker(a) -> dict:
+    import mlx_persona  # noqa: F401
+    from mlx_persona.export.hf import fuse
+    from mlx_persona.export.onnx import DTYPE_FILES, export_onnx
+
+    tmp = Path(a.tmp)
+    t = time.perf_counter()
+    hf = fuse(a.model, None, tmp / "hf", generation={"temperature": 0.0})
+    fuse_sec = time.perf_counter() - t
+    t = time.perf_counter()
+    web = export_onnx(hf, tmp / "web", ("fp32", "q4"))
+    export_sec = time.perf_counter() - t
+    meta = json.loads((web / "mlx_persona.json").read_text())["onnx"]
+    config = json.loads((web / "config.json").read_text())
+    result = {"fuse_sec": fuse_sec, "export_sec": export_sec, "dtype_sec": meta["seconds"],
+              "onnx_bytes": meta["bytes"],
+              "folder_bytes": {d: sum(p.stat().st_size for p in web.iterdir() if p.is_file()) + meta["bytes"][d]
+                               for d in meta["bytes"]},
+              "hf_bytes": sum(p.stat().st_size for p in hf.iterdir() if p.is_file())}
+    if not a.no_run:
+        result["ort"] = {d: ort_decode(web / "onnx" / DTYPE_FILES[d], config) for d in ("fp32", "q4")}
+    result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    return result
+
+
+def run_trial(a, preset: str, model: Path) -> dict:
+    tmp = Path(tempfile.mkdtemp(prefix="bench_export."))
+    try:
+        cmd = [sys.executable, __file__, "--worker", "--model", str(model), "--tmp", str(tmp)] + \
+            (["--no-run"] if a.no_run else [])
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"{preset} failed:\n{proc.stderr[-4000:]}")
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def summarise(trials: list[dict]) -> dict:
+    med = lambda xs: statistics.median(xs)  # noqa: E731
+    first = trials[0]
+    s = {"trials": len(trials), "fuse_sec": med([t["fuse_sec"] for t in trials]),
+         "export_sec": med([t["export_sec"] for t in trials]),
+         "dtype_sec": {d: med([t["dtype_sec"][d] for t in trials]) for d in first["dtype_sec"]},
+         "folder_mb": {d: v / 1e6 for d, v in first["folder_bytes"].items()},
+         "onnx_mb": {d: v / 1e6 for d, v in first["onnx_bytes"].items()},
+         "hf_mb": first["hf_bytes"] / 1e6, "peak_rss_gb": max(t["peak_rss_gb"] for t in trials)}
+    if "ort" in first:
+        s["ort"] = {d: {k: (med([t["ort"][d][k] for t in trials]) if k != "finite" else all(t["ort"][d][k] for t in trials))
+                        for k in first["ort"][d]} for d in first["ort"]}
+    return s
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="gemma-3-270m", choices=["tiny", "gemma-3-270m", "gemma-3-1b"])
+    p.add_argument("--full", action="store_true", help="also gemma-3-1b")
+    p.add_argument("--trials", type=int, default=1, help="export runs per preset (median)")
+    p.add_argument("--no-run", action="store_true", help="skip the onnxruntime load/decode timing")
+    p.add_argument("--out", default=str(REPO / "benchmarks" / "out"))
+    p.add_argument("--no-results", action="store_true", help="do not append to benchmarks/RESULTS.md")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--model", help=argparse.SUPPRESS)
+    p.add_argument("--tmp", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.worker:
+        print(json.dumps(worker(a)))
+        return
+
+    presets = [a.preset] + (["gemma-3-1b"] if a.full and a.preset != "gemma-3-1b" else [])
+    command = ("python benchmarks/bench_export.py " + " ".join(sys.argv[1:])).strip()
+    result = {"benchmark": "export: fuse + ONNX (fp32, q4)", "command": command, "machine": machine_info(),
+              "presets": {}}
+    for preset in presets:
+        model = bench_model(preset)
+        result["presets"][preset] = summarise([run_trial(a, preset, model) for _ in range(a.trials)])
+
+    table = [f"### Export: fuse + ONNX fp32/q4 (random weights of the real shapes; median of {a.trials} trial(s))",
+             "", "| model | fuse s | fp32 export s | q4 export s | fp32 folder MB | q4 folder MB | q4 <= 300 MB | "
+             "ORT decode tok/s fp32 / q4 | peak RSS GB |",
+             "|---|---:|---:|---:|---:|---:|:-:|---:|---:|"]
+    for preset, s in result["presets"].items():
+        ort_col = (f"{s['ort']['fp32']['decode_tokens_per_sec']:.1f} / {s['ort']['q4']['decode_tokens_per_sec']:.1f}"
+                   if "ort" in s else "-")
+        ok = "yes" if s["folder_mb"]["q4"] <= Q4_LIMIT_MB else "**no**"
+        table.append(f"| {preset} | {s['fuse_sec']:.1f} | {s['dtype_sec']['fp32']:.1f} | {s['dtype_sec']['q4']:.1f} | "
+                     f"{s['folder_mb']['fp32']:.1f} | {s['folder_mb']['q4']:.1f} | {ok if preset == 'gemma-3-270m' else '-'} | "
+                     f"{ort_col} | {s['peak_rss_gb']:.1f} |")
+    md = "\n".join(table)
+    out = Path(a.out)
+    name = "bench_export_" + "_".join(presets)
+    write_json(out / f"{name}.json", result)
+    (out / f"{name}.md").write_text(md + "\n")
+    if not a.no_results:
+        append_results(md, result)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

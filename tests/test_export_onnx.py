@@ -1,0 +1,224 @@
+"""Tests for mlx_persona.export.onnx: our hand-written graph run by onnxruntime equals MLX, cache included."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from mlx_persona.export import ExportError
+from mlx_persona.export.hf import fuse
+from mlx_persona.models import load_model, resolve_model
+from mlx_persona.tuning import attach_adapters, save_adapters
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+from mlx_persona.export.onnx import export_onnx  # noqa: E402
+
+MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+PROMPT = [{"role": "user", "content": "Bingo wants to play shops with Bluey but Bluey is busy building a "
+                                      "cubby house out of cushions. What should they do?"}]
+STEPS = 30  # decode steps after the prompt: the sliding window (16) is crossed many times
+
+
+def make_adapter(base: Path, out: Path, seed: int = 3) -> Path:
+    """A LoRA adapter with random lora_b, so that the fused model differs from the base."""
+    model, _ = load_model(str(base))
+    cfg = attach_adapters(model, "lora", rank=4, alpha=8.0, modules=MODULES)
+    cfg["model"] = str(base)
+    mx.random.seed(seed)
+    for _, m in model.named_modules():
+        if hasattr(m, "lora_b"):
+            m.lora_b = 0.05 * mx.random.normal(m.lora_b.shape)
+    out.mkdir(parents=True)
+    save_adapters(model, out, cfg)
+    return out
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    root = tmp_path_factory.mktemp("onnx")
+    base = resolve_model("builtin:tiny")
+    adapter = make_adapter(base, root / "adapter")
+    hf = fuse(str(base), adapter, root / "hf")
+    out = export_onnx(hf, root / "web", ("fp32", "q4"))
+    model, tokenizer = load_model(str(base), adapter_path=adapter)
+    return out, model, tokenizer
+
+
+def prompt_ids(tokenizer) -> list[int]:
+    text = tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True, tokenize=False)
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+class OnnxDecoder:
+    """Feeds the graph like transformers.js does: 1-based position ids, the cache from the last step."""
+
+    def __init__(self, path: Path, config: dict):
+        self.sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        self.n_layers, self.n_kv, self.head_dim = (config["num_hidden_layers"], config["num_key_value_heads"],
+                                                   config["head_dim"])
+        self.names = [o.name for o in self.sess.get_outputs()]
+
+    def empty_cache(self, batch: int = 1) -> dict:
+        return {f"past_key_values.{i}.{kv}": np.zeros((batch, self.n_kv, 0, self.head_dim), np.float32)
+                for i in range(self.n_layers) for kv in ("key", "value")}
+
+    def __call__(self, ids, mask, positions, cache):
+        out = dict(zip(self.names, self.sess.run(None, {"input_ids": np.asarray(ids, np.int64),
+                                                        "attention_mask": np.asarray(mask, np.int64),
+                                                        "position_ids": np.asarray(positions, np.int64),
+                                                        **cache})))
+        cache = {f"past_key_values.{i}.{kv}": out[f"present.{i}.{kv}"]
+                 for i in range(self.n_layers) for kv in ("key", "value")}
+        return out["logits"], cache
+
+
+def run_both(dec: OnnxDecoder, model, ids: list[int], steps: int):
+    """Greedy decoding driven by MLX's tokens; returns per-step logits errors and both greedy choices."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(model)
+    ref = np.array(model(mx.array([ids]), cache=cache)[0])
+    n = len(ids)
+    got, past = dec([ids], np.ones((1, n)), [np.arange(1, n + 1)], dec.empty_cache())
+    errors = [float(np.abs(got[0] - ref).max())]
+    mlx_tokens, onnx_tokens = [], []
+    for _ in range(steps):
+        tok = int(ref[-1].argmax())
+        mlx_tokens.append(tok)
+        onnx_tokens.append(int(got[0, -1].argmax()))
+        n += 1
+        ref = np.array(model(mx.array([[tok]]), cache=cache)[0])
+        got, past = dec([[tok]], np.ones((1, n)), [[n]], past)
+        errors.append(float(np.abs(got[0] - ref).max()))
+    return errors, mlx_tokens, onnx_tokens
+
+
+def test_layout_for_transformers_js(exported):
+    out, _, _ = exported
+    assert sorted(p.name for p in (out / "onnx").iterdir()) == ["model.onnx", "model_q4.onnx", "model_q4.onnx_data"]
+    config = json.loads((out / "config.json").read_text())
+    js = config["transformers.js_config"]
+    assert js["use_external_data_format"] == {"model_q4.onnx": True}
+    assert "chat_template" in json.loads((out / "tokenizer_config.json").read_text())
+    assert (out / "tokenizer.json").exists()
+    gen = json.loads((out / "generation_config.json").read_text())
+    assert gen["eos_token_id"][:2] == [1, 5]
+    for name in ("model.onnx", "model_q4.onnx"):
+        m = onnx.load(str(out / "onnx" / name), load_external_data=False)
+        inputs = {i.name: i for i in m.graph.input}
+        assert list(inputs)[:3] == ["input_ids", "attention_mask", "position_ids"]
+        past = inputs["past_key_values.3.value"].type.tensor_type.shape.dim
+        assert [d.dim_param or d.dim_value for d in past] == ["batch_size", 1, "past_sequence_length", 32]
+        assert [o.name for o in m.graph.output][:3] == ["logits", "present.0.key", "present.0.value"]
+        locations = {e.value for t in m.graph.initializer for e in t.external_data if e.key == "location"}
+        assert locations == ({"model_q4.onnx_data"} if "q4" in name else set())
+    ops = {n.op_type for n in onnx.load(str(out / "onnx" / "model_q4.onnx"), load_external_data=False).graph.node}
+    # Everything big is 4-bit: the projections, the LM head and the embedding table.
+    assert {"MatMulNBits", "GatherBlockQuantized"} <= ops and "Gather" not in ops
+
+
+def test_fp32_equals_mlx_through_the_cache(exported):
+    out, model, tokenizer = exported
+    dec = OnnxDecoder(out / "onnx" / "model.onnx", json.loads((out / "config.json").read_text()))
+    ids = prompt_ids(tokenizer)
+    assert len(ids) > 16  # the prompt alone is longer than the sliding window
+    errors, mlx_tokens, onnx_tokens = run_both(dec, model, ids, STEPS)
+    print(f"fp32: prompt {len(ids)} tokens, max logit error prompt {errors[0]:.2e}, "
+          f"decode {max(errors[1:]):.2e} over {STEPS} steps")
+    assert max(errors) < 1e-3
+    assert onnx_tokens == mlx_tokens
+
+
+def test_fp32_greedy_decoding_equals_mlx(exported):
+    """A closed loop: ONNX feeds itself its own argmax (as transformers.js does), MLX likewise."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    out, model, tokenizer = exported
+    dec = OnnxDecoder(out / "onnx" / "model.onnx", json.loads((out / "config.json").read_text()))
+    ids = prompt_ids(tokenizer)
+    cache = make_prompt_cache(model)
+    logits = model(mx.array([ids]), cache=cache)
+    expected = []
+    for _ in range(24):
+        expected.append(int(mx.argmax(logits[0, -1]).item()))
+        logits = model(mx.array([[expected[-1]]]), cache=cache)
+    n = len(ids)
+    got_logits, past = dec([ids], np.ones((1, n)), [np.arange(1, n + 1)], dec.empty_cache())
+    got = []
+    for _ in range(24):
+        got.append(int(got_logits[0, -1].argmax()))
+        n += 1
+        got_logits, past = dec([[got[-1]]], np.ones((1, n)), [[n]], past)
+    assert got == expected
+
+
+def test_left_padded_batch_equals_single_rows(exported):
+    out, _, tokenizer = exported
+    dec = OnnxDecoder(out / "onnx" / "model.onnx", json.loads((out / "config.json").read_text()))
+    long_ids = prompt_ids(tokenizer)
+    short_ids = long_ids[:7]
+    pad = len(long_ids) - len(short_ids)
+    ids = [long_ids, [0] * pad + short_ids]
+    mask = [[1] * len(long_ids), [0] * pad + [1] * len(short_ids)]
+    positions = [list(range(1, len(long_ids) + 1)), [1] * pad + list(range(1, len(short_ids) + 1))]
+    batched, past = dec(ids, mask, positions, dec.empty_cache(2))
+    for row, single_ids in enumerate((long_ids, short_ids)):
+        n = len(single_ids)
+        single, _ = dec([single_ids], np.ones((1, n)), [np.arange(1, n + 1)], dec.empty_cache())
+        np.testing.assert_allclose(batched[row, -1], single[0, -1], atol=1e-4)
+    # One cached step for both rows.
+    step, _ = dec([[7], [7]], np.concatenate([mask, np.ones((2, 1))], axis=1),
+                  [[len(long_ids) + 1], [len(short_ids) + 1]], past)
+    single, _ = dec([short_ids + [7]], np.ones((1, len(short_ids) + 1)), [np.arange(1, len(short_ids) + 2)],
+                    dec.empty_cache())
+    np.testing.assert_allclose(step[1, -1], single[0, -1], atol=1e-4)
+
+
+def test_q4_loads_and_runs(exported):
+    out, model, tokenizer = exported
+    dec = OnnxDecoder(out / "onnx" / "model_q4.onnx", json.loads((out / "config.json").read_text()))
+    errors, mlx_tokens, onnx_tokens = run_both(dec, model, prompt_ids(tokenizer), 24)
+    agree = sum(a == b for a, b in zip(mlx_tokens, onnx_tokens))
+    # Random tiny weights are the worst case for 4-bit: reported, not asserted.
+    print(f"q4: max logit error {max(errors):.3f}, greedy agreement with MLX {agree}/{len(mlx_tokens)}")
+    assert all(np.isfinite(errors))
+
+
+def test_output_folder_rules(exported, tmp_path):
+    out, _, _ = exported
+    hf = json.loads((out / "mlx_persona.json").read_text())["onnx"]["source"]
+    target = tmp_path / "web"
+    target.mkdir()
+    (target / "keep").write_text("x")
+    with pytest.raises(ExportError, match="--overwrite"):
+        export_onnx(hf, target, ("fp32",))
+    with pytest.raises(ExportError, match="unknown dtype"):
+        export_onnx(hf, tmp_path / "w2", ("fp16",))
+    with pytest.raises(ExportError, match="input folder"):
+        export_onnx(hf, hf, ("fp32",), overwrite=True)
+    export_onnx(hf, target, ("fp32",), overwrite=True)
+    assert sorted(p.name for p in (target / "onnx").iterdir()) == ["model.onnx"]
+    assert json.loads((target / "config.json").read_text())["transformers.js_config"]["use_external_data_format"] == {}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["web"]  # nothing written beside it
+
+
+def test_cli_export_onnx(exported, tmp_path):
+    from mlx_persona.cli import main
+
+    out, _, _ = exported
+    hf = json.loads((out / "mlx_persona.json").read_text())["onnx"]["source"]
+    runner = CliRunner()
+    res = runner.invoke(main, ["export", "onnx", hf, "--out", str(tmp_path / "w"), "--dtype", "q4"])
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in (tmp_path / "w" / "onnx").iterdir()) == ["model_q4.onnx", "model_q4.onnx_data"]
+    res = runner.invoke(main, ["export", "onnx", hf, "--out", str(tmp_path / "w"), "--dtype", "q4"])
+    assert res.exit_code == 1 and "--overwrite" in res.output
+    res = runner.invoke(main, ["export", "onnx", str(tmp_path / "missing"), "--out", str(tmp_path / "x")])
+    assert res.exit_code == 1 and "no such folder" in res.output
