@@ -90,14 +90,14 @@ def torch_device() -> str:
     return "cpu"
 
 
-def run_worker(kind: str, job: dict, tmp: Path) -> dict:
-    """Runs one worker in a fresh process; returns its JSON result plus wall time and load average."""
+def run_worker(kind: str, job: dict, tmp: Path, script: str = __file__) -> dict:
+    """Runs one worker of `script` in a fresh process; returns its JSON result plus wall time and load average."""
     jp = tmp / f"job-{kind}-{job.get('tag', '')}.json"
     rp = tmp / f"result-{kind}-{job.get('tag', '')}.json"
     write_json(jp, job)
     before = load_avg()
     t = time.perf_counter()
-    proc = subprocess.run([sys.executable, __file__, "--worker", kind, "--job", str(jp), "--result", str(rp)],
+    proc = subprocess.run([sys.executable, script, "--worker", kind, "--job", str(jp), "--result", str(rp)],
                           capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"worker {kind} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
@@ -263,7 +263,7 @@ def read_bandwidth_mlx() -> float:
     """GB/s of a sum over a 1 GiB fp32 array (a read-bound reduction), median of 5."""
     import mlx.core as mx
 
-    x = mx.random.normal((1 << 28,))
+    x = mx.full((1 << 28,), 1.0)
     mx.eval(x)
     times = []
     for _ in range(6):
@@ -276,7 +276,7 @@ def read_bandwidth_mlx() -> float:
 def read_bandwidth_torch(device: str = "cpu") -> float:
     import torch
 
-    x = torch.randn(1 << 28, device=device)
+    x = torch.ones(1 << 28, device=device)
     times = []
     for _ in range(6):
         _sync(device)
@@ -633,6 +633,14 @@ def chart(path: Path, title: str, panels: list[tuple[str, dict[str, float]]]) ->
     plt.close(fig)
 
 
+def _link(png: Path) -> str:
+    """The chart's path as RESULTS.md (in benchmarks/) links it."""
+    try:
+        return str(png.resolve().relative_to(REPO / "benchmarks"))
+    except ValueError:
+        return str(png.resolve())
+
+
 def _name(k: str, v: dict) -> str:
     return "mlx_persona fp32" if k == "mlx_persona" else f"torch {v['dtype'].split(' ')[0]}"
 
@@ -729,7 +737,7 @@ def main(argv=None):
                 ("tokens/s (all tokens)", {_name(k, v): v["tokens_per_sec"] for k, v in res.items()}),
                 ("peak RSS GB", {_name(k, v): v["max_rss_gb"] for k, v in res.items()}),
                 ("MFU %", {_name(k, v): 100 * v["mfu"] for k, v in res.items()})])
-            md.append(train_markdown(t, os.path.relpath(png, REPO / "benchmarks")))
+            md.append(train_markdown(t, _link(png)))
         if a.part in ("generate", "all"):
             g = run_generate(a, tmp)
             result["generate"] = g
@@ -739,7 +747,7 @@ def main(argv=None):
                 ("decode tokens/s", {_name(k, v): v["decode_tokens_per_sec"] for k, v in res.items()}),
                 ("prompt tokens/s (long prompt)", {_name(k, v): v["prompt_tokens_per_sec_long"] for k, v in res.items()}),
                 ("decode GB/s", {_name(k, v): v["decode_bandwidth_gbs"] for k, v in res.items()})])
-            md.append(generate_markdown(g, os.path.relpath(png, REPO / "benchmarks")))
+            md.append(generate_markdown(g, _link(png)))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     result["load_avg_end"] = load_avg()

@@ -1,4 +1,10 @@
-"""mlx_persona: teach small chat models a personality on Apple's MLX."""
+"""mlx_persona: teach small chat models a personality on Apple's MLX.
+
+    import mlx_persona
+    from mlx_persona.sampling import preset
+    result = mlx_persona.generate("builtin:tiny", "Hi Bluey!", preset("persona"))
+    print(result.text, result.stop_reason, result.decode_tps)
+"""
 
 from mlx_persona import platform as _platform
 
@@ -6,3 +12,42 @@ from mlx_persona import platform as _platform
 _platform.setup()
 
 __version__ = "0.1.0"
+
+_LOADED: dict = {}
+
+
+def _resolve(model, tokenizer, adapter):
+    if tokenizer is not None:
+        return model, tokenizer
+    key = (str(model), str(adapter) if adapter else None)
+    if key not in _LOADED:
+        from mlx_persona.models import load_model
+
+        _LOADED.clear()  # keep at most one model alive
+        _LOADED[key] = load_model(model, adapter_path=adapter)
+    return _LOADED[key]
+
+
+def generate(model, prompt, config=None, *, tokenizer=None, adapter=None, **kwargs):
+    """Generates a reply; returns a :class:`mlx_persona.generation.GenerationResult`.
+
+    Args:
+        model: a model spec (folder, hub id, ``builtin:NAME``; loaded and kept) or a loaded model.
+        prompt: a user message, a list of ``{"role", "content"}`` messages, or token ids.
+        config: a :class:`mlx_persona.sampling.GenerationConfig` (default settings if None).
+        tokenizer: required when `model` is an already loaded model.
+        adapter: an adapter folder from ``mlx-persona train``.
+        **kwargs: see :func:`mlx_persona.generation.stream_generate` (system, end_ids, ...).
+    """
+    from mlx_persona import generation
+
+    m, tok = _resolve(model, tokenizer, adapter)
+    return generation.generate(m, tok, prompt, config, **kwargs)
+
+
+def stream_generate(model, prompt, config=None, *, tokenizer=None, adapter=None, **kwargs):
+    """Like :func:`generate`, yielding :class:`mlx_persona.generation.Chunk` as text arrives."""
+    from mlx_persona import generation
+
+    m, tok = _resolve(model, tokenizer, adapter)
+    return generation.stream_generate(m, tok, prompt, config, **kwargs)

@@ -1,28 +1,32 @@
 """Generation settings and logits processing with Hugging Face transformers' semantics.
 
 Settings tuned with ``transformers``' ``generate`` must behave the same here. mlx-lm's own
-``make_sampler`` / ``make_logits_processors`` differ from transformers in ways that change the
-output distribution: no ``min_new_tokens``, a repetition penalty that only looks at the last 20
-tokens, top-p applied *before* top-k, and bf16 arithmetic on Metal. This module re-implements the
-pieces of transformers' chain we support, in transformers' order, as vectorised MLX ops:
+``make_sampler`` / ``make_logits_processors`` change the output distribution: no
+``min_new_tokens``, a repetition penalty over the last 20 tokens only, top-p and min-p computed
+before temperature and before top-k, and bf16 arithmetic on Metal. This module re-implements the
+part of transformers' chain we support, in transformers' order, as vectorised MLX ops:
 
-=====  ===============================================  ==========================================
-step   transformers class (``generation/logits_process``)  here
-=====  ===============================================  ==========================================
-1      ``RepetitionPenaltyLogitsProcessor``             logits processor
-2      ``NoRepeatNGramLogitsProcessor``                 logits processor
-3      ``MinNewTokensLengthLogitsProcessor``            logits processor
-4      ``TemperatureLogitsWarper``                      sampler (sampling only)
-5      ``TopKLogitsWarper``                             sampler (sampling only)
-6      ``TopPLogitsWarper``                             sampler (sampling only)
-7      ``MinPLogitsWarper``                             sampler (sampling only)
-8      ``torch.multinomial`` / ``torch.argmax``         sampler: categorical draw / argmax
-=====  ===============================================  ==========================================
+1. ``RepetitionPenaltyLogitsProcessor``    -- logits processor
+2. ``NoRepeatNGramLogitsProcessor``        -- logits processor
+3. ``MinNewTokensLengthLogitsProcessor``   -- logits processor
+4. ``TemperatureLogitsWarper``             -- sampler, sampling only
+5. ``TopKLogitsWarper``                    -- sampler, sampling only
+6. ``TopPLogitsWarper``                    -- sampler, sampling only
+7. ``MinPLogitsWarper``                    -- sampler, sampling only
+8. ``torch.multinomial(softmax)`` / ``torch.argmax`` -- sampler: categorical draw / argmax
 
-The order is the one ``GenerationMixin._get_logits_processor`` builds in transformers 5.x
-(processors in the order above, then the "warpers" only when ``do_sample``). Steps 1-3 commute
-anyway (each either rescales a logit monotonically or sets it to -inf, which the penalty keeps at
--inf), but the warpers do not, so their order matters.
+(classes from ``transformers/generation/logits_process.py``). The order is the one
+``GenerationMixin._get_logits_processor`` builds in transformers 5.x: processors first, then
+the "warpers" only when ``do_sample``. Steps 1-3 commute anyway (each rescales a logit
+monotonically or sets it to -inf, which the penalty keeps at -inf); the warpers do not.
+
+Known, deliberate differences (all at float-rounding or tie level):
+
+* A group of exactly tied logits straddling the top-p cut is kept whole; transformers keeps an
+  arbitrary part of it (whatever ``torch.sort`` puts last). Ties at the top-k cut are exact
+  (transformers keeps them all, so do we).
+* The sampler sees mlx-lm's ``logits - logsumexp(logits)`` rather than the logits; every step is
+  shift-invariant, so only rounding differs (e.g. two logits 1 ulp apart could become equal).
 
 Two entry points share the same building blocks:
 
@@ -30,7 +34,7 @@ Two entry points share the same building blocks:
   Used by tests and anywhere a whole history is at hand.
 * :func:`make_sampler_and_processors` -- a ``(sampler, logits_processors)`` pair for
   ``mlx_lm.generate.generate_step`` / ``mlx_lm.stream_generate``. Build a fresh pair for every
-  generation call (they keep per-generation state: the token history bookkeeping and the PRNG key).
+  generation call (they keep per-generation state: where the prompt ends, and the PRNG key).
 """
 
 from __future__ import annotations
@@ -437,7 +441,7 @@ def _sample_top_k(
     if min_p > 0.0:
         top = mx.max(cand, axis=-1, keepdims=True)  # the global max is always a candidate
         log_min_p = math.log(min_p)
-        keep = keep
+        keep = keep & (cand - top >= log_min_p)
         tie_keep = tie_keep & (kth - top >= log_min_p)
     slots = mx.concatenate(
         [

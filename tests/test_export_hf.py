@@ -14,7 +14,7 @@ from safetensors.numpy import load_file
 
 from mlx_persona.export import ExportError
 from mlx_persona.export.hf import fuse
-from mlx_persona.models import load_model, resolve_model
+from mlx_persona.models import load_model
 from mlx_persona.tuning import attach_adapters, save_adapters
 
 torch = pytest.importorskip("torch")
@@ -65,8 +65,8 @@ def mlx_greedy(model, ids: list[int], n: int, eos: set[int]) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def base():
-    return resolve_model("builtin:tiny")
+def base(tiny_path):
+    return tiny_path
 
 
 @pytest.fixture(scope="module")
@@ -126,6 +126,28 @@ def test_transformers_logits_equal_mlx_with_adapter(base, tmp_path, method):
     err = np.abs(got - expected).max()
     print(f"{method}: max |transformers - mlx| logit error {err:.2e}")
     assert err < 1e-4
+
+
+def test_quantized_base_is_dequantized(base, tmp_path):
+    """A LoRA on a 4-bit base fuses into a dense fp32 folder that computes what MLX computes."""
+    from mlx_lm import convert
+
+    qbase = tmp_path / "q4base"
+    convert(str(base), str(qbase), quantize=True, q_group_size=32, q_bits=4)
+    assert "quantization" in json.loads((qbase / "config.json").read_text())
+    adapter = make_adapter(qbase, tmp_path / "adapter")
+    out = fuse(str(qbase), adapter, tmp_path / "fused")
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization" not in config and "quantization_config" not in config
+    with safe_open(str(out / "model.safetensors"), framework="numpy") as st:
+        assert not any(k.endswith((".scales", ".biases")) for k in st.keys())
+    model, tokenizer = load_model(str(qbase), adapter_path=adapter)
+    ids = prompt_ids(tokenizer)
+    expected = np.array(model(mx.array([ids]))[0])
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        got = hf(torch.tensor([ids])).logits[0].numpy()
+    assert np.abs(got - expected).max() < 1e-4
 
 
 def test_untrained_adapter_fuses_to_the_original_weights(base, tmp_path):

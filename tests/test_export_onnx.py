@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from mlx_persona.export import ExportError
 from mlx_persona.export.hf import fuse
-from mlx_persona.models import load_model, resolve_model
+from mlx_persona.models import load_model
 from mlx_persona.tuning import attach_adapters, save_adapters
 
 onnx = pytest.importorskip("onnx")
@@ -41,9 +41,9 @@ def make_adapter(base: Path, out: Path, seed: int = 3) -> Path:
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+def exported(tiny_path, tmp_path_factory):
     root = tmp_path_factory.mktemp("onnx")
-    base = resolve_model("builtin:tiny")
+    base = tiny_path
     adapter = make_adapter(base, root / "adapter")
     hf = fuse(str(base), adapter, root / "hf")
     out = export_onnx(hf, root / "web", ("fp32", "q4"))
@@ -59,8 +59,9 @@ def prompt_ids(tokenizer) -> list[int]:
 class OnnxDecoder:
     """Feeds the graph like transformers.js does: 1-based position ids, the cache from the last step."""
 
-    def __init__(self, path: Path, config: dict):
-        self.sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    def __init__(self, path: Path | bytes, config: dict):
+        self.sess = ort.InferenceSession(path if isinstance(path, bytes) else str(path),
+                                         providers=["CPUExecutionProvider"])
         self.n_layers, self.n_kv, self.head_dim = (config["num_hidden_layers"], config["num_key_value_heads"],
                                                    config["head_dim"])
         self.names = [o.name for o in self.sess.get_outputs()]
@@ -119,9 +120,48 @@ def test_layout_for_transformers_js(exported):
         assert [o.name for o in m.graph.output][:3] == ["logits", "present.0.key", "present.0.value"]
         locations = {e.value for t in m.graph.initializer for e in t.external_data if e.key == "location"}
         assert locations == ({"model_q4.onnx_data"} if "q4" in name else set())
-    ops = {n.op_type for n in onnx.load(str(out / "onnx" / "model_q4.onnx"), load_external_data=False).graph.node}
-    # Everything big is 4-bit: the projections, the LM head and the embedding table.
-    assert {"MatMulNBits", "GatherBlockQuantized"} <= ops and "Gather" not in ops
+    q4 = onnx.load(str(out / "onnx" / "model_q4.onnx"), load_external_data=False)
+    # Everything big is 4-bit: 7 projections per layer and the LM head, whose table the embedding shares.
+    assert sum(n.op_type == "MatMulNBits" for n in q4.graph.node) == 7 * 4 + 1
+    # onnxruntime-web has no GatherBlockQuantized: only standard ops besides MatMulNBits.
+    assert {n.domain for n in q4.graph.node if n.op_type != "MatMulNBits"} == {""}
+    fp32_tables = [t.name for t in q4.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 2
+                   and not t.name.endswith("_scales")]
+    assert fp32_tables == []
+
+
+def test_q4_embedding_is_the_lm_head_table(exported):
+    """The embedding rows the q4 graph de-quantizes equal the LM head weights as MatMulNBits computes them."""
+    from onnx import helper, numpy_helper
+
+    out, _, _ = exported
+    q4 = onnx.load(str(out / "onnx" / "model_q4.onnx"))
+    head = next(n for n in q4.graph.node if n.op_type == "MatMulNBits" and n.name.startswith("/lm_head/"))
+    attrs = {a.name: helper.get_attribute_value(a) for a in head.attribute}
+    k, vocab = attrs["K"], attrs["N"]
+    # MatMulNBits(I, B) = the de-quantized [K, N] weight, computed by onnxruntime's own kernel.
+    inits = [t for t in q4.graph.initializer if t.name in head.input[1:]]
+    probe = helper.make_model(helper.make_graph(
+        [helper.make_node("MatMulNBits", ["eye", *head.input[1:]], ["w"], domain="com.microsoft", **attrs)],
+        "probe", [helper.make_tensor_value_info("eye", onnx.TensorProto.FLOAT, [k, k])],
+        [helper.make_tensor_value_info("w", onnx.TensorProto.FLOAT, [k, vocab])], inits),
+        opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)], ir_version=10)
+    sess = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    head_w = sess.run(None, {"eye": np.eye(k, dtype=np.float32)})[0]
+    # The graph's embedding rows for every token id, read from an intermediate output.
+    rows = "/model/embed_tokens/q4/deq"
+    q4.graph.output.append(helper.make_tensor_value_info(rows, onnx.TensorProto.FLOAT, None))
+    config = json.loads((out / "config.json").read_text())
+    dec = OnnxDecoder(q4.SerializeToString(), config)
+    ids = np.arange(vocab)[None]
+    got = dict(zip([o.name for o in dec.sess.get_outputs()],
+                   dec.sess.run(None, {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": ids + 1,
+                                       **dec.empty_cache()})))[rows].reshape(vocab, -1)[:, :k]
+    np.testing.assert_allclose(got, head_w.T, rtol=0, atol=1e-6)
+    fp32 = numpy_helper.to_array(next(t for t in onnx.load(str(out / "onnx" / "model.onnx")).graph.initializer
+                                      if t.name == "model.embed_tokens.weight"))
+    step = np.abs(fp32).max(axis=1, keepdims=True) / 8  # a 4-bit step, per row at most
+    assert (np.abs(got - fp32) <= step + 1e-7).all()  # symmetric: the far sign may clip by one step
 
 
 def test_fp32_equals_mlx_through_the_cache(exported):

@@ -158,7 +158,7 @@ def test_install_page_and_server_headers(exported, tmp_path):
         assert (web / name).is_file(), name
     manifest = json.loads((web / "web.json").read_text())
     assert manifest["dtypes"] == ["fp32", "q4"] and manifest["default_dtype"] == "q4"
-    assert "cdn" not in (web / "app.js").read_text().lower()
+    assert "https://" not in (web / "app.js").read_text() + (web / "index.html").read_text()
     server = make_server(web, 0)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
@@ -216,3 +216,17 @@ def test_browser_reply_equals_mlx(exported, tmp_path):
           f"q4 agrees on {agree}/{len(expected)} tokens: {q4['reply']['text']!r}")
     assert len(q4["reply"]["tokens"]) >= 1
     assert (ARTIFACTS / "web.png").stat().st_size > 0
+
+
+@needs_js
+def test_cli_web_no_serve(exported, tmp_path):
+    from click.testing import CliRunner
+
+    from mlx_persona.cli import main
+
+    web, _, _ = exported
+    res = CliRunner().invoke(main, ["web", str(web), "--no-serve"])
+    assert res.exit_code == 0, res.output
+    assert (web / "index.html").exists() and "serving" not in res.output
+    res = CliRunner().invoke(main, ["web", str(tmp_path), "--no-serve"])
+    assert res.exit_code == 1 and "export onnx" in res.output and "Traceback" not in res.output

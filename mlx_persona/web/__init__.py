@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -110,8 +111,10 @@ def install_page(web_dir: str | Path) -> Path:
     meta = web / "mlx_persona.json"
     if meta.exists():
         info = json.loads(meta.read_text())
-        spec = (info.get("fused") or {}).get("model_spec") or info.get("preset")
-        if spec:
+        spec = (info.get("fused") or {}).get("model_spec")
+        if info.get("random_weights") and info.get("preset"):
+            title = f"mlx-persona chat · {info['preset']} (random weights)"
+        elif spec:
             title = f"mlx-persona chat · {Path(str(spec)).name}"
     manifest = {"dtypes": dtypes, "default_dtype": "q4" if "q4" in dtypes else dtypes[0], "title": title,
                 **versions}
@@ -141,9 +144,19 @@ class _Handler(SimpleHTTPRequestHandler):
             self.server.log(f"{self.address_string()} {format % args}")
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        # A browser that navigates away mid-download resets the connection: not an error worth a traceback.
+        if isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError)):
+            return
+        super().handle_error(request, client_address)
+
+
 def make_server(web_dir: str | Path, port: int = 0, log=None) -> ThreadingHTTPServer:
     """An HTTP server for `web_dir` on 127.0.0.1 (port 0 = a free port; see ``server.server_port``)."""
-    server = ThreadingHTTPServer(("127.0.0.1", port), partial(_Handler, directory=str(Path(web_dir).resolve())))
+    server = _Server(("127.0.0.1", port), partial(_Handler, directory=str(Path(web_dir).resolve())))
     server.log = log
     return server
 

@@ -1,0 +1,176 @@
+"""One-shot and streaming generation with transformers' sampling semantics.
+
+The decode loop is mlx-lm's ``generate_step`` (KV cache, prefill, rotating windows); the logits
+processing and the draw are ours (:mod:`mlx_persona.sampling`), and so is the decision to stop: on any
+end id from the model's ``generation_config.json`` / tokenizer (for Gemma both ``<eos>`` and
+``<end_of_turn>``), on a stop string, or at ``max_new_tokens``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import mlx.core as mx
+
+from mlx_persona.sampling import GenerationConfig, make_sampler_and_processors
+
+
+@dataclass
+class GenerationResult:
+    """What a generation produced and how fast."""
+
+    text: str
+    tokens: list[int] = field(default_factory=list)
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    stop_reason: str = "length"  # end_token | stop_string | length
+    prompt_tps: float = 0.0
+    decode_tps: float = 0.0
+    peak_memory_gb: float = 0.0
+
+
+@dataclass
+class Chunk:
+    """A piece of streamed text; the last chunk carries the result."""
+
+    text: str
+    token: int | None = None
+    result: GenerationResult | None = None
+
+
+def _hf(tokenizer):
+    return getattr(tokenizer, "_tokenizer", tokenizer)
+
+
+def end_token_ids(tokenizer, model_path: str | Path | None = None) -> list[int]:
+    """Every id that ends a reply: generation_config.json's eos_token_id, the tokenizer's eos, and
+    ``<end_of_turn>`` when the vocabulary has it (Gemma's chat turns end with it)."""
+    ids: set[int] = set()
+    if model_path is not None:
+        gen = Path(model_path) / "generation_config.json"
+        if gen.exists():
+            eos = json.loads(gen.read_text()).get("eos_token_id")
+            ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    ids.update(getattr(tokenizer, "eos_token_ids", None) or [])
+    hf = _hf(tokenizer)
+    if getattr(hf, "eos_token_id", None) is not None:
+        ids.add(hf.eos_token_id)
+    eot = hf.convert_tokens_to_ids("<end_of_turn>") if hasattr(hf, "convert_tokens_to_ids") else None
+    if isinstance(eot, int) and eot != getattr(hf, "unk_token_id", None):
+        ids.add(eot)
+    return sorted(ids)
+
+
+def build_prompt(tokenizer, prompt: str | list[dict], *, system: str | None = None,
+                 chat_template: bool = True) -> list[int]:
+    """Token ids of a prompt: a message list, or a user message, rendered with the chat template.
+
+    Args:
+        tokenizer: mlx-lm ``TokenizerWrapper`` or a transformers tokenizer.
+        prompt: a user message, or a list of ``{"role", "content"}`` messages.
+        system: an optional system/persona prompt placed before the messages.
+        chat_template: False to feed `prompt` as raw text (a string only).
+    """
+    hf = _hf(tokenizer)
+    if not chat_template or getattr(hf, "chat_template", None) is None:
+        if not isinstance(prompt, str):
+            raise ValueError("a message list needs a tokenizer with a chat template")
+        ids = hf.encode(prompt, add_special_tokens=False)
+        bos = getattr(hf, "bos_token_id", None)
+        return ([bos] if bos is not None else []) + ids
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    if system:
+        messages = [{"role": "system", "content": system}] + messages
+    text = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return hf.encode(text, add_special_tokens=False)
+
+
+def stream_generate(model, tokenizer, prompt: str | list[dict] | list[int], config: GenerationConfig | None = None,
+                    *, system: str | None = None, end_ids: list[int] | None = None,
+                    chat_template: bool = True, prompt_cache=None) -> Iterator[Chunk]:
+    """Yields text as it is generated; the final chunk has ``.result``.
+
+    Args:
+        model, tokenizer: from :func:`mlx_persona.models.load_model`.
+        prompt: a user message, a message list, or token ids.
+        config: generation settings (default: :class:`GenerationConfig` defaults).
+        system: system/persona prompt for chat rendering.
+        end_ids: ids that end generation (default: :func:`end_token_ids`).
+        chat_template: render string prompts with the chat template.
+        prompt_cache: an mlx-lm prompt cache to reuse across calls (chat).
+    """
+    from mlx_lm.generate import generate_step
+
+    config = config or GenerationConfig()
+    config.validate()
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
+        ids = list(prompt)
+    else:
+        ids = build_prompt(tokenizer, prompt, system=system, chat_template=chat_template)
+    end_ids = list(end_ids if end_ids is not None else end_token_ids(tokenizer))
+    if config.seed is not None:
+        mx.random.seed(config.seed)
+    sampler, processors = make_sampler_and_processors(config, prompt_tokens=ids, eos_token_ids=end_ids)
+
+    detok = tokenizer.detokenizer
+    detok.reset()
+    result = GenerationResult(text="", prompt_tokens=len(ids))
+    tokens: list[int] = []
+    text = ""
+    tic = time.perf_counter()
+    t_first = None
+    stops = [s for s in config.stop if s]
+    steps = generate_step(mx.array(ids), model, max_tokens=config.max_new_tokens, sampler=sampler,
+                          logits_processors=processors, prompt_cache=prompt_cache)
+    for token, _ in steps:
+        token = int(token)
+        if t_first is None:
+            t_first = time.perf_counter()
+            result.prompt_tps = len(ids) / max(t_first - tic, 1e-9)
+        if token in end_ids:
+            result.stop_reason = "end_token"
+            break
+        tokens.append(token)
+        detok.add_token(token)
+        piece = detok.last_segment
+        if stops:
+            full = text + piece
+            hit = min((full.find(s) for s in stops if s in full), default=-1)
+            if hit >= 0:
+                piece = full[len(text):hit] if hit > len(text) else ""
+                text = full[:hit]
+                if piece:
+                    yield Chunk(piece, token)
+                result.stop_reason = "stop_string"
+                break
+        text += piece
+        if piece:
+            yield Chunk(piece, token)
+    else:
+        result.stop_reason = "length"
+    if result.stop_reason != "stop_string":
+        detok.finalize()
+        tail = detok.last_segment
+        if tail:
+            text += tail
+            yield Chunk(tail, None)
+    elapsed = time.perf_counter() - (t_first or tic)
+    result.text = text
+    result.tokens = tokens
+    result.generated_tokens = len(tokens)
+    # The first token comes from the prefill; decode speed counts the tokens after it.
+    result.decode_tps = (len(tokens) - 1) / elapsed if len(tokens) > 1 and elapsed > 0 else 0.0
+    result.peak_memory_gb = mx.get_peak_memory() / 1e9
+    yield Chunk("", None, result)
+
+
+def generate(model, tokenizer, prompt, config: GenerationConfig | None = None, **kwargs) -> GenerationResult:
+    """Generates a whole reply; see :func:`stream_generate` for the arguments."""
+    result = None
+    for chunk in stream_generate(model, tokenizer, prompt, config, **kwargs):
+        result = chunk.result or result
+    return result

@@ -1,0 +1,107 @@
+"""Generation against the reference: transformers' `generate` on the same weights."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import mlx_persona
+from mlx_persona.chat import ChatSession, run_chat
+from mlx_persona.generation import build_prompt, end_token_ids, generate
+from mlx_persona.models import load_model
+from mlx_persona.sampling import GenerationConfig, preset
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_path):
+    return load_model(tiny_path)
+
+
+@pytest.fixture(scope="module")
+def hf_tiny(tiny_path):
+    return AutoModelForCausalLM.from_pretrained(str(tiny_path), dtype=torch.float32).eval()
+
+
+def test_end_ids_include_eos_and_end_of_turn(tiny, tiny_path):
+    _, tok = tiny
+    ids = end_token_ids(tok, tiny_path)
+    hf = tok._tokenizer
+    assert hf.convert_tokens_to_ids("<eos>") in ids and hf.convert_tokens_to_ids("<end_of_turn>") in ids
+    assert json.loads((tiny_path / "generation_config.json").read_text())["eos_token_id"] == ids
+
+
+@pytest.mark.parametrize("settings", [
+    dict(min_new_tokens=12, repetition_penalty=1.3, max_new_tokens=30),
+    dict(min_new_tokens=0, repetition_penalty=1.0, no_repeat_ngram_size=2, max_new_tokens=24),
+])
+def test_greedy_tokens_equal_transformers_generate(tiny, hf_tiny, tiny_path, settings):
+    model, tok = tiny
+    messages = [{"role": "user", "content": "G'day Bluey! What will we play in the backyard today?"}]
+    ids = build_prompt(tok, messages)
+    cfg = GenerationConfig(temperature=0.0, **settings)
+    ours = generate(model, tok, ids, cfg, end_ids=end_token_ids(tok, tiny_path))
+    ref = hf_tiny.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                           do_sample=False, pad_token_id=0, **settings)[0, len(ids):].tolist()
+    eos = set(end_token_ids(tok, tiny_path))
+    ref = ref[:next((i for i, t in enumerate(ref) if t in eos), len(ref))]
+    assert ours.tokens == ref
+    assert ours.generated_tokens >= settings["min_new_tokens"]
+
+
+def test_min_new_tokens_suppresses_every_end_id(tiny, tiny_path):
+    """With the end ids as the only likely tokens, a reply still runs to min_new_tokens."""
+    model, tok = tiny
+    end = end_token_ids(tok, tiny_path)
+    # Bias the model towards ending at once by stopping on *every* token except a few, then check
+    # min_new_tokens keeps it going: end_ids here are all ids but the first 50.
+    vocab = model.model.embed_tokens.weight.shape[0]
+    many_ends = sorted(set(range(50, vocab)) | set(end))
+    cfg = GenerationConfig(temperature=0.0, min_new_tokens=8, max_new_tokens=20)
+    result = generate(model, tok, "Hi!", cfg, end_ids=many_ends)
+    assert result.generated_tokens >= 8
+    assert all(t < 50 for t in result.tokens[:8])
+
+
+def test_stop_reasons_and_stats(tiny):
+    model, tok = tiny
+    r = generate(model, tok, "Hello!", GenerationConfig(temperature=0.0, max_new_tokens=5))
+    assert r.stop_reason in ("length", "end_token") and r.generated_tokens <= 5
+    assert r.prompt_tokens > 0 and r.prompt_tps > 0
+    text = generate(model, tok, "Hello!", GenerationConfig(temperature=0.0, max_new_tokens=40,
+                                                           min_new_tokens=40)).text
+    stop = text[3:6]
+    cut = generate(model, tok, "Hello!", GenerationConfig(temperature=0.0, max_new_tokens=40, min_new_tokens=40,
+                                                          stop=[stop]))
+    assert cut.stop_reason == "stop_string" and cut.text == text[:text.find(stop)]
+
+
+def test_seeded_sampling_is_reproducible(tiny):
+    model, tok = tiny
+    cfg = preset("persona")
+    cfg.max_new_tokens, cfg.min_new_tokens, cfg.seed = 20, 5, 7
+    a = generate(model, tok, "Tell me a story.", cfg)
+    b = generate(model, tok, "Tell me a story.", cfg)
+    cfg.seed = 8
+    c = generate(model, tok, "Tell me a story.", cfg)
+    assert a.tokens == b.tokens and a.tokens != c.tokens
+
+
+def test_top_level_generate_takes_a_spec(tiny_path):
+    r = mlx_persona.generate(str(tiny_path), "Hi!", GenerationConfig(temperature=0.0, max_new_tokens=4))
+    assert r.generated_tokens <= 4 and isinstance(r.text, str)
+
+
+def test_chat_pipe_mode_one_reply_per_line(tiny):
+    import io
+
+    model, tok = tiny
+    session = ChatSession(model, tok, GenerationConfig(temperature=0.0, max_new_tokens=6), system="You are Bluey.")
+    out, err = io.StringIO(), io.StringIO()
+    run_chat(session, io.StringIO("Hi!\n/settings max_new_tokens=3\nWhat now?\n/reset\nAgain?\n/settings bogus=1\n"),
+             out, err, interactive=False)
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 3
+    assert len(session.history) == 2  # reset before "Again?"
+    assert "max_new_tokens=3" in err.getvalue() and "error:" in err.getvalue()

@@ -1,0 +1,106 @@
+"""Stopping well: Ctrl-C saves at the next step boundary and says how to resume; a second Ctrl-C exits at
+once without writing; a non-finite loss or gradient stops the run without touching the last checkpoint."""
+
+import time
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import mlx_persona.train as train_mod
+from mlx_persona import checkpoint as ckpt
+from mlx_persona.batching import shard_batch
+from mlx_persona.cli import main
+from mlx_persona.train import TrainingError, train
+from training_runs import SIGINT, SignalAtStep, cli_args, config, metrics, train_process
+
+
+def test_ctrl_c_saves_at_the_next_step_and_exits_130_with_the_resume_command(tiny_path, small_data, tmp_path,
+                                                                            monkeypatch):
+    out = tmp_path / "run"
+    monkeypatch.setattr(train_mod, "Progress", SignalAtStep(SIGINT, 2))
+    result = CliRunner().invoke(main, ["train", *cli_args(tiny_path, small_data, out, save_every=100)])
+    assert result.exit_code == 130, result.output
+    assert "SIGINT at step 3: checkpoint saved" in result.output
+    assert f"mlx-persona train --config {out / 'config.yaml'} --resume" in result.output
+    assert "Traceback" not in result.output
+    assert [p.name for p in ckpt.list_checkpoints(out / "checkpoints")] == ["step-00000003"]
+    assert max(r["step"] for r in metrics(out)) == 3
+
+
+def test_second_ctrl_c_exits_at_once_without_writing(tiny_path, small_data, tmp_path):
+    """Two SIGINTs to a real process: the first asks for a save at the end of the step, the second (sent
+    while that save is held open by the test-only pause) exits at once; no checkpoint is completed."""
+    out = tmp_path / "run"
+    proc = train_process(cli_args(tiny_path, small_data, out, steps=200, save_every=1000),
+                         env={"MLX_PERSONA_TEST_PAUSE_IN_SAVE": "5"})
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+        proc.send_signal(SIGINT)
+        while not list((out / "checkpoints").glob(".tmp-step-*")):  # the save has begun, and pauses
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.02)
+        proc.send_signal(SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert "second interrupt: exiting now without saving" in err
+    assert ckpt.list_checkpoints(out / "checkpoints") == []
+    assert not (out / "adapters.safetensors").exists()
+
+
+def _poison_at(calls: int, value: float):
+    """A `shard_batch` whose `calls`-th batch has a `value` loss weight (so the step's loss is `value`)."""
+    count = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        b = shard_batch(*args, **kwargs)
+        count["n"] += 1
+        if count["n"] == calls:
+            b.weights = b.weights.copy()
+            b.weights[0] = value
+        return b
+
+    return poisoned
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_path, small_data, tmp_path, monkeypatch,
+                                                                  value):
+    out = tmp_path / "run"
+    monkeypatch.setattr(train_mod, "shard_batch", _poison_at(4, value))
+    cfg = config(tiny_path, small_data, out, save_every=1, keep_checkpoints=1)
+    with pytest.raises(TrainingError) as info:
+        train(cfg, log=lambda *a: None)
+    msg = str(info.value)
+    assert f"loss became {value} at step 4" in msg and "step-00000003" in msg and "untouched" in msg
+    saved = ckpt.list_checkpoints(out / "checkpoints")
+    assert saved[-1].name == "step-00000003" and all(ckpt.verify(p) is None for p in saved)  # (+ the best)
+    state = ckpt.load_latest(out / "checkpoints", log=lambda m: None)
+    assert state[3]["loop"]["step"] == 3 and all(np.isfinite(np.array(w)).all() for w in state[1].values())
+    assert not (out / "adapters.safetensors").exists()
+    assert max(r["step"] for r in metrics(out)) == 3
+    assert all(np.isfinite(v) for r in metrics(out) for k, v in r.items() if isinstance(v, float))
+
+
+def test_non_finite_gradient_stops_before_the_update(tiny_path, small_data, tmp_path, monkeypatch):
+    """A finite loss with a NaN gradient (injected into the gradient reduction) is caught by the norm check."""
+    out = tmp_path / "run"
+    monkeypatch.setattr(train_mod, "average_gradients", _nan_tree)
+    result = CliRunner().invoke(main, ["train", *cli_args(tiny_path, small_data, out, save_every=1)])
+    assert result.exit_code == 1, result.output
+    assert "gradient norm became nan at step 1" in result.output
+    assert "no checkpoint had been written yet" in result.output and "Traceback" not in result.output
+    assert ckpt.list_checkpoints(out / "checkpoints") == [] and not (out / "adapters.safetensors").exists()
+
+
+def _nan_tree(tree):
+    from mlx.utils import tree_map
+
+    return tree_map(lambda g: g * mx.array(float("nan"), dtype=g.dtype), tree)

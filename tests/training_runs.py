@@ -1,0 +1,126 @@
+"""Helpers shared by the resume, crash, signal, safety and distributed tests.
+
+`reference_run` trains once per session per config (in this process) and returns its output folder, so
+that several test modules compare against the same uninterrupted run. The standard config (`RUN`) uses
+LoRA dropout, so that resuming must also restore the PRNG key, and 12 examples in batches of 4, so that
+6 steps cross an epoch boundary (the data order is re-shuffled per epoch).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Everything here but save_every / keep_checkpoints / log_every changes the weights.
+RUN = {"steps": 6, "batch_size": 4, "optim.learning_rate": 1e-2, "optim.warmup_steps": 2, "lora.rank": 4,
+       "lora.dropout": 0.1, "eval_every": 2, "log_every": 1, "save_every": 2, "keep_checkpoints": 3,
+       "progress": False}
+
+_CACHE: dict[str, Path] = {}
+
+
+def config(tiny_path, data, out, **changes):
+    """A validated TrainConfig: `RUN` plus `changes` (dotted keys)."""
+    from mlx_persona.config import load_config
+
+    values = {"model": str(tiny_path), "data": str(data), "output": str(out), **RUN, **changes}
+    return load_config(None, values)
+
+
+def reference_run(tiny_path, data, root: Path, **changes) -> Path:
+    """The output folder of an uninterrupted run of `config(...)`, trained once per session."""
+    from mlx_persona.train import train
+
+    key = json.dumps([str(tiny_path), str(data), sorted(changes.items())])
+    if key not in _CACHE:
+        out = root / f"reference-{len(_CACHE)}"
+        train(config(tiny_path, data, out, **changes), log=lambda *a: None)
+        _CACHE[key] = out
+    return _CACHE[key]
+
+
+def weights(path: Path) -> dict:
+    return mx.load(str(path))
+
+
+def max_abs_diff(a: Path, b: Path) -> float:
+    wa, wb = weights(a), weights(b)
+    assert sorted(wa) == sorted(wb)
+    return max(mx.abs(wa[k] - wb[k]).max().item() for k in wa)
+
+
+def bitwise_equal(a: Path, b: Path) -> bool:
+    """Same tensors, same bytes (safetensors files of equal tensors can differ only in metadata order)."""
+    wa, wb = weights(a), weights(b)
+    return sorted(wa) == sorted(wb) and all(wa[k].dtype == wb[k].dtype and mx.array_equal(wa[k], wb[k])
+                                             for k in wa)
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def cli_args(tiny_path, data, out, **changes) -> list[str]:
+    """`mlx-persona train` arguments equivalent to `config(tiny_path, data, out, **changes)`."""
+    values = {**RUN, **changes}
+    args = ["--model", str(tiny_path), "--data", str(data), "-o", str(out), "--no-progress"]
+    for key, value in values.items():
+        if key != "progress":
+            args += ["--set", f"{key}={value}"]
+    return args
+
+
+def train_process(args: list[str], env: dict | None = None, **popen) -> subprocess.Popen:
+    """`python -m mlx_persona.train ARGS` in a new process (stdout/stderr to pipes)."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.Popen([sys.executable, "-m", "mlx_persona.train", *args], cwd=REPO, env=full_env,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, **popen)
+
+
+class SignalAtStep:
+    """A stand-in for `train.Progress` that sends `sig` to this process when step `step` completes.
+
+    The signal is a real one, handled by the training loop's handler; the loop notices it at the next
+    step's all-reduce point, so the run stops, saved, after step `step + 1`.
+    """
+
+    def __init__(self, sig: int, step: int, times: int = 1):
+        self.sig, self.step, self.times = sig, step, times
+
+    def __call__(self, total, enabled=True, **kwargs):
+        outer = self
+
+        class _Progress:
+            def start(self, step=0):
+                pass
+
+            def update(self, step, loss, tps):
+                if step == outer.step:
+                    for _ in range(outer.times):
+                        os.kill(os.getpid(), outer.sig)
+
+            def note(self, text):
+                pass
+
+            def close(self):
+                pass
+
+        return _Progress()
+
+
+def copy_run(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+SIGTERM, SIGINT = signal.SIGTERM, signal.SIGINT
