@@ -112,8 +112,6 @@ def stream_generate(model, tokenizer, prompt: str | list[dict] | list[int], conf
     else:
         ids = build_prompt(tokenizer, prompt, system=system, chat_template=chat_template)
     end_ids = list(end_ids if end_ids is not None else end_token_ids(tokenizer))
-    if config.seed is not None:
-        mx.random.seed(config.seed)
     sampler, processors = make_sampler_and_processors(config, prompt_tokens=ids, eos_token_ids=end_ids)
 
     detok = tokenizer.detokenizer
