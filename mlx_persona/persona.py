@@ -10,8 +10,8 @@ catchphrases: [hooray, ...]    # phrases she says; matched case-insensitively as
 vocabulary: [mum, ...]         # single words of her voice; matched case-insensitively as whole words
 breaking_phrases: [as an ai]   # phrases that break character; matched like catchphrases
 ```
-Unknown keys, wrong types, empty entries and multi-word vocabulary are errors naming the key (and the
-line, where YAML gives one).
+Unknown or repeated keys, missing required keys, wrong types, empty entries and multi-word vocabulary
+are errors, each reported as ``path:line: key: reason`` (invalid YAML as ``path:line: invalid YAML: reason``).
 """
 
 from __future__ import annotations
@@ -38,13 +38,12 @@ class Persona:
 
 _LISTS = ("catchphrases", "vocabulary", "breaking_phrases")
 _STRINGS = ("name", "description", "system_prompt")
+_KEYS = _STRINGS + _LISTS
+_REQUIRED = ("name", "description")
 
 
-def _line_of(text: str, key: str) -> int | None:
-    for i, line in enumerate(text.splitlines(), 1):
-        if line.startswith(f"{key}:"):
-            return i
-    return None
+def _describe(value) -> str:
+    return f"{type(value).__name__} {value!r}" if value is not None else "nothing (null)"
 
 
 def load_persona(path: str | Path) -> Persona:
@@ -57,44 +56,68 @@ def load_persona(path: str | Path) -> Persona:
         The :class:`Persona`.
 
     Raises:
-        PersonaError: naming the file, line and key of the first problems found.
+        PersonaError: every problem found, one per line, as ``path:line: key: reason`` (a missing key is
+            reported at line 1, where the card's mapping starts).
     """
     path = Path(path)
     if not path.is_file():
         raise PersonaError(f"{path}: no such file")
     text = path.read_text(encoding="utf-8")
     try:
+        # The node tree keeps each key's and list item's line; the values come from the same text.
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
-        raise PersonaError(f"{path}:{mark.line + 1 if mark else '?'}: invalid YAML: {getattr(e, 'problem', e)}") \
+        raise PersonaError(f"{path}:{mark.line + 1 if mark else 1}: invalid YAML: {getattr(e, 'problem', e)}") \
             from None
-    if not isinstance(data, dict):
-        raise PersonaError(f"{path}: expected a mapping with keys {', '.join(_STRINGS + _LISTS)}")
+    if not isinstance(root, yaml.MappingNode) or not isinstance(data, dict):
+        line = root.start_mark.line + 1 if root is not None else 1
+        raise PersonaError(f"{path}:{line}: (top level): expected a mapping with keys {', '.join(_KEYS)}")
     problems = []
+    lines: dict[str, int] = {}
+    items: dict[str, list[int]] = {}
+    for key_node, value_node in root.value:
+        key, line = key_node.value, key_node.start_mark.line + 1
+        if key in lines:
+            problems.append(f"{path}:{line}: {key}: given twice (first at line {lines[key]})")
+        lines[key] = line
+        if isinstance(value_node, yaml.SequenceNode):
+            items[key] = [n.start_mark.line + 1 for n in value_node.value]
 
-    def where(key):
-        line = _line_of(text, key)
-        return f"{path}:{line}" if line else str(path)
+    def where(key: str, index: int | None = None) -> str:
+        if index is not None and index < len(items.get(key, [])):
+            return f"{path}:{items[key][index]}"
+        return f"{path}:{lines.get(key, 1)}"
 
     for key in data:
-        if key not in _STRINGS + _LISTS:
-            problems.append(f"{where(key)}: {key}: unknown key; known keys: {', '.join(_STRINGS + _LISTS)}")
+        if key not in _KEYS:
+            problems.append(f"{where(str(key))}: {key}: unknown key; known keys: {', '.join(_KEYS)}")
     for key in _STRINGS:
-        value = data.get(key, "" if key == "system_prompt" else None)
-        if value is None or not isinstance(value, str) or (key != "system_prompt" and not value.strip()):
-            problems.append(f"{where(key)}: {key}: must be a non-empty string" if key in data
-                            else f"{path}: {key}: missing (required)")
+        if key not in data:
+            if key in _REQUIRED:
+                problems.append(f"{path}:1: {key}: missing (required)")
+            continue
+        value = data[key]
+        if not isinstance(value, str):
+            problems.append(f"{where(key)}: {key}: must be a string, got {_describe(value)}")
+        elif key in _REQUIRED and not value.strip():
+            problems.append(f"{where(key)}: {key}: must not be empty")
     for key in _LISTS:
-        value = data.get(key, [])
-        if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
-            problems.append(f"{where(key)}: {key}: must be a list of non-empty strings")
-        elif key == "vocabulary":
-            multi = [v for v in value if len(v.split()) != 1]
-            if multi:
-                problems.append(f"{where(key)}: vocabulary: entries must be single words "
-                                f"(put phrases under catchphrases): {', '.join(map(repr, multi))}")
+        if key not in data:
+            continue
+        value = data[key]
+        if not isinstance(value, list):
+            problems.append(f"{where(key)}: {key}: must be a list of strings, got {_describe(value)}")
+            continue
+        for i, item in enumerate(value):
+            if not isinstance(item, str):
+                problems.append(f"{where(key, i)}: {key}[{i}]: must be a string, got {_describe(item)}")
+            elif not item.strip():
+                problems.append(f"{where(key, i)}: {key}[{i}]: must not be empty")
+            elif key == "vocabulary" and len(item.split()) != 1:
+                problems.append(f"{where(key, i)}: vocabulary[{i}]: {item!r} is not a single word "
+                                "(vocabulary matches whole words; put phrases under catchphrases)")
     if problems:
         raise PersonaError("\n".join(problems))
-    return Persona(**{k: (data.get(k) if k in data else Persona.__dataclass_fields__[k].default
-                          if k in _STRINGS else []) for k in _STRINGS + _LISTS})
+    return Persona(**{k: data[k] for k in _KEYS if k in data})

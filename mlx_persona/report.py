@@ -1,0 +1,411 @@
+"""Reports of :mod:`mlx_persona.evaluate`: markdown, a self-contained HTML page, CSV and PNG plots.
+
+The HTML page has its CSS inline and its plots embedded as base64 PNG: no script, no external URL, so
+it opens anywhere (and can be mailed). Plots use matplotlib's Agg backend (no display needed).
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import re
+from datetime import datetime, timezone
+from pathlib import Path
+
+from mlx_persona.metrics import WORDS_PER_TOKEN
+
+# (summary key, label, kind) -- kind: pct (0-1 shown as %), num, int, words (min-max).
+SUMMARY_ROWS = [
+    ("replies", "replies", "int"),
+    ("words_mean", "words: mean", "num"),
+    ("words_median", "words: median", "num"),
+    ("words_range", "words: min-max", "range"),
+    ("mid_sentence", "ends mid-sentence", "pct"),
+    ("early_end", "early end (end token, < {early_words:g} words)", "pct"),
+    ("length_stop", "hit max_new_tokens", "pct"),
+    ("with_catchphrase", "replies with a catchphrase", "pct"),
+    ("catchphrase_per_reply", "catchphrases per reply", "num2"),
+    ("vocabulary_per_100_words", "persona vocabulary per 100 words", "num"),
+    ("breaking", "replies breaking character", "pct"),
+    ("distinct_1", "distinct-1 (pooled)", "num2"),
+    ("distinct_2", "distinct-2 (pooled)", "num2"),
+    ("rep_3", "repeated 3-grams within a reply", "pct"),
+    ("style", "style similarity to training replies", "num2"),
+    ("val_loss", "validation loss (nats/token)", "num3"),
+    ("val_ppl", "validation perplexity", "num"),
+    ("decode_tps", "decode tokens/s", "num"),
+]
+
+# Shares plotted side by side per model.
+RATE_ROWS = [("mid_sentence", "ends mid-sentence"), ("early_end", "early end"), ("length_stop", "hit max_new_tokens"),
+             ("with_catchphrase", "with catchphrase"), ("breaking", "breaks character"), ("distinct_2", "distinct-2"),
+             ("rep_3", "repeated 3-grams"), ("style", "style similarity")]
+
+SWEEP_COLUMNS = ["replies", "words_mean", "words_median", "words_min", "words_max", "mid_sentence", "early_end",
+                 "length_stop", "with_catchphrase", "catchphrase_per_reply", "vocabulary_per_100_words", "breaking",
+                 "distinct_1", "distinct_2", "rep_3", "style", "decode_tps"]
+_SWEEP_MD = [("words_mean", "words mean", "num"), ("words_range", "min-max", "range"),
+             ("mid_sentence", "mid-sentence", "pct"), ("early_end", "early end", "pct"),
+             ("length_stop", "hit max", "pct"), ("with_catchphrase", "catchphrase", "pct"),
+             ("vocabulary_per_100_words", "vocab/100w", "num"), ("breaking", "breaking", "pct"),
+             ("distinct_2", "distinct-2", "num2"), ("rep_3", "rep-3", "pct"), ("style", "style", "num2")]
+
+
+def definitions(early_tokens: int) -> list[str]:
+    """The metric definitions, one sentence each (shared by every report)."""
+    words = WORDS_PER_TOKEN * early_tokens
+    return [
+        "**words**: whitespace-separated words, as `mlx-persona data stats` counts the training replies.",
+        "**ends mid-sentence**: the last character, after trailing spaces, closing quotes/brackets, markdown "
+        "emphasis and emoji, is not `.` `!` `?` `…`.",
+        f"**early end**: the model chose to stop (`stop_reason == end_token`) with fewer than "
+        f"{WORDS_PER_TOKEN:g} × {early_tokens} = {words:g} words ({early_tokens} tokens' worth at ~{WORDS_PER_TOKEN:g} "
+        "English words per Gemma token). Replies cut by `max_new_tokens` are never early ends.",
+        "**catchphrases / breaking character**: the persona card's `catchphrases` / `breaking_phrases` found as "
+        "case-insensitive substrings; **vocabulary**: its `vocabulary` found as whole words.",
+        "**distinct-n**: distinct word n-grams / all word n-grams, pooled over a model's replies (n-grams never "
+        "cross replies). **repeated 3-grams**: per reply, the share of word 3-grams that repeat an earlier one "
+        "(1 − distinct-3), averaged.",
+        "**style similarity**: cosine between a reply's character 3-5-gram TF-IDF vector and the centroid of the "
+        "training replies' vectors (IDF from the training replies; n-grams they never use count as rarest).",
+        "**validation loss**: token-weighted cross-entropy of the assistant turns of the validation set, rendered "
+        "with each model's own tokenizer and chat template (as in training); perplexity = exp(loss).",
+        "**reference**: the same text metrics on the held-out human-written validation replies.",
+    ]
+
+
+# ------------------------------------------------------------------------------------------- formatting
+def fmt(summary: dict | None, key: str, kind: str) -> str:
+    if summary is None:
+        return "–"
+    if kind == "range":
+        lo, hi = summary.get("words_min"), summary.get("words_max")
+        return "–" if lo is None else f"{lo}–{hi}"
+    v = summary.get(key)
+    if v is None:
+        return "–"
+    if kind == "pct":
+        return f"{100 * v:.0f}%"
+    if kind == "int":
+        return str(int(v))
+    if kind == "num2":
+        return f"{v:.2f}"
+    if kind == "num3":
+        return f"{v:.3f}"
+    return f"{v:.1f}"
+
+
+def _md_cell(text: str) -> str:
+    text = html.escape(text, quote=False).replace("|", "\\|")
+    return "<br>".join(text.splitlines()) or " "
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return lines
+
+
+def _settings_line(gen: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in gen.items() if k != "seed" and v not in ([], None))
+
+
+def _png_b64(path: Path) -> str:
+    return base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+# ------------------------------------------------------------------------------------------- plots
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_lengths(rows: list[dict], names: list[str], early_words: float, out_png: Path,
+                 reference_words: list[int] | None = None) -> Path:
+    """One histogram of reply length (words) per model, as shares of its replies; the reference outlined."""
+    import numpy as np
+
+    plt = _pyplot()
+    words = {n: [r["metrics"]["words"] for r in rows if r["model"] == n] for n in names}
+    top = max([max(w, default=0) for w in words.values()] + [max(reference_words or [0])] + [10])
+    width = max(5, int(np.ceil(top / 25 / 5) * 5))
+    bins = np.arange(0, top + width + 1, width)
+    fig, axes = plt.subplots(len(names), 1, figsize=(8, 1.9 * len(names) + 0.8), dpi=100, sharex=True, squeeze=False)
+    for ax, name in zip(axes[:, 0], names):
+        w = words[name]
+        if w:
+            ax.hist(w, bins=bins, weights=np.full(len(w), 1 / len(w)), color="#4c78a8", label=name)
+        if reference_words:
+            ax.hist(reference_words, bins=bins, weights=np.full(len(reference_words), 1 / len(reference_words)),
+                    histtype="step", color="#e45756", linewidth=1.5, label="reference (validation replies)")
+        ax.axvline(early_words, color="#555", linestyle="--", linewidth=1)
+        mean = f"mean {np.mean(w):.0f}, min {min(w)}, max {max(w)}" if w else "no replies"
+        ax.set_title(f"{name}: {mean} words", fontsize=10, loc="left")
+        ax.set_ylabel("share")
+        ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=8, loc="upper right")
+    axes[-1, 0].set_xlabel(f"reply length (words); dashed: early-end threshold ({early_words:g} words)")
+    fig.tight_layout()
+    fig.savefig(out_png)
+    plt.close(fig)
+    return out_png
+
+
+def plot_rates(summaries: dict[str, dict], out_png: Path) -> Path:
+    """Grouped horizontal bars of the 0-1 metrics, one bar per model (and the reference)."""
+    import numpy as np
+
+    plt = _pyplot()
+    names = list(summaries)
+    y = np.arange(len(RATE_ROWS))
+    h = 0.8 / max(len(names), 1)
+    fig, ax = plt.subplots(figsize=(8, 0.5 * len(RATE_ROWS) * max(1, len(names) / 2) + 1.2), dpi=100)
+    for i, name in enumerate(names):
+        vals = [summaries[name].get(k) for k, _ in RATE_ROWS]
+        ax.barh(y + (i - (len(names) - 1) / 2) * h, [v if v is not None else 0 for v in vals], height=h,
+                label=name, hatch="//" if name.startswith("reference") else None)
+    ax.set_yticks(y, [label for _, label in RATE_ROWS])
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("share of replies / score (0-1)")
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out_png)
+    plt.close(fig)
+    return out_png
+
+
+def plot_sweep(rows: list[dict], out_png: Path) -> Path:
+    """Per setting: mean reply words with min-max whiskers, and the truncation shares."""
+    import numpy as np
+
+    plt = _pyplot()
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    labels = [r["setting"] if len(models) == 1 else f"{r['model']}: {r['setting']}" for r in rows]
+    x = np.arange(len(rows))
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 0.45 * len(rows) + 2.2), dpi=100)
+    mean = np.array([r["words_mean"] or 0 for r in rows])
+    lo = mean - np.array([r["words_min"] or 0 for r in rows])
+    hi = np.array([r["words_max"] or 0 for r in rows]) - mean
+    a1.barh(x, mean, xerr=[lo, hi], color="#4c78a8", capsize=3)
+    a1.set_yticks(x, labels, fontsize=8)
+    a1.invert_yaxis()
+    a1.set_xlabel("reply length, words (mean; whiskers: min-max)")
+    a1.grid(axis="x", alpha=0.3)
+    h = 0.27
+    for i, (key, label) in enumerate((("early_end", "early end"), ("mid_sentence", "ends mid-sentence"),
+                                      ("length_stop", "hit max_new_tokens"))):
+        a2.barh(x + (i - 1) * h, [r[key] or 0 for r in rows], height=h, label=label)
+    a2.set_yticks(x, [""] * len(rows))
+    a2.invert_yaxis()
+    a2.set_xlim(0, 1)
+    a2.set_xlabel("share of replies")
+    a2.grid(axis="x", alpha=0.3)
+    a2.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out_png)
+    plt.close(fig)
+    return out_png
+
+
+# ------------------------------------------------------------------------------------------- eval report
+def _summary_table(result: dict) -> tuple[list[str], list[list[str]]]:
+    early_words = WORDS_PER_TOKEN * result["options"]["early_tokens"]
+    cols = dict(result["models"])
+    if result.get("reference"):
+        cols["reference"] = result["reference"]
+    header = ["metric"] + list(cols)
+    rows = [[label.format(early_words=early_words)] + [fmt(s, key, kind) for s in cols.values()]
+            for key, label, kind in SUMMARY_ROWS]
+    return header, rows
+
+
+def _by_prompt(rows: list[dict]) -> dict[int, dict]:
+    """prompt id -> {"prompt", "cells": {(seed, model): row}}."""
+    grouped: dict[int, dict] = {}
+    for r in rows:
+        g = grouped.setdefault(r["prompt_id"], {"prompt": r["prompt"], "cells": {}})
+        g["cells"][(r["seed"], r["model"])] = r
+    return grouped
+
+
+def _meta(r: dict) -> str:
+    m = r["metrics"]
+    bits = [f"{m['words']} words", r["stop_reason"]]
+    if m["mid_sentence"]:
+        bits.append("mid-sentence")
+    if m["early_end"]:
+        bits.append("early end")
+    found = list(m["catchphrases"]) + [f"!{b}" for b in m["breaking"]]
+    if found:
+        bits.append(", ".join(found))
+    return " · ".join(bits)
+
+
+def write_eval_report(out: Path, result: dict, rows: list[dict]) -> None:
+    """Writes ``lengths.png``, ``rates.png``, ``report.md`` and ``report.html`` into `out`."""
+    from mlx_persona.evaluate import assistant_replies
+    from mlx_persona.metrics import word_count
+
+    names = list(result["models"])
+    early_tokens = result["options"]["early_tokens"]
+    early_words = WORDS_PER_TOKEN * early_tokens
+    ref_words = [word_count(t) for t in assistant_replies(result["options"]["valid"])] \
+        if result.get("reference") else None
+    plot_lengths(rows, names, early_words, out / "lengths.png", ref_words)
+    rate_src = dict(result["models"])
+    if result.get("reference"):
+        rate_src["reference (validation replies)"] = result["reference"]
+    plot_rates(rate_src, out / "rates.png")
+    header, table = _summary_table(result)
+    grouped = _by_prompt(rows)
+    seeds = sorted({r["seed"] for r in rows})
+    (out / "report.md").write_text(_eval_md(result, header, table, grouped, seeds, names, early_tokens),
+                                   encoding="utf-8")
+    (out / "report.html").write_text(_eval_html(out, result, header, table, grouped, seeds, names, early_tokens),
+                                     encoding="utf-8")
+
+
+def _intro(result: dict, seeds: list[int]) -> list[tuple[str, str]]:
+    o = result["options"]
+    return [
+        ("command", result.get("command") or "–"),
+        ("written", _now()),
+        ("generation", _settings_line(result["generation"])),
+        ("seeds", ", ".join(map(str, seeds))),
+        ("prompts", f"{len(result['prompts'])} from {o['prompts']}"),
+        ("system prompt", "the persona card's system_prompt" if result.get("system") else
+         "none (the training data has no system turn; --persona-system adds the card's)"),
+        ("persona card", o["persona"]),
+        ("style reference", o["train"]),
+        ("validation data", o["valid"] or "none"),
+    ]
+
+
+def _eval_md(result, header, table, grouped, seeds, names, early_tokens) -> str:
+    lines = ["# Persona evaluation", ""]
+    lines += [f"- **{k}**: `{v}`" if k == "command" else f"- **{k}**: {v}" for k, v in _intro(result, seeds)]
+    lines += ["", "## Models", ""]
+    lines += _md_table(["name", "model", "adapter", "how"],
+                       [[n, f"`{m['model']}`", f"`{m['adapter']}`" if m["adapter"] else "–", m["note"] or "–"]
+                        for n, m in result["models"].items()])
+    lines += ["", "## Summary", ""] + _md_table(header, table)
+    lines += ["", "![reply lengths](lengths.png)", "", "![rates](rates.png)", "", "## Definitions", ""]
+    lines += [f"- {d}" for d in definitions(early_tokens)]
+    lines += ["", "## Replies side by side", ""]
+    for pid, g in sorted(grouped.items()):
+        lines += [f"### {pid + 1}. {_md_cell(g['prompt'])}", ""]
+        body = []
+        for seed in seeds:
+            cells = []
+            for n in names:
+                r = g["cells"].get((seed, n))
+                cells.append("–" if r is None else f"{_md_cell(r['text'])}<br>*{_md_cell(_meta(r))}*")
+            body.append([str(seed)] + cells)
+        lines += _md_table(["seed"] + names, body) + [""]
+    return "\n".join(lines) + "\n"
+
+
+_CSS = """
+body{font:15px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1200px;
+padding:0 1rem;color:#222}
+h1,h2,h3{line-height:1.2}h3{margin-top:1.6rem;font-size:1.05rem}
+table{border-collapse:collapse;margin:.6rem 0;width:100%}
+th,td{border:1px solid #ddd;padding:.35rem .5rem;vertical-align:top;text-align:left}
+th{background:#f3f5f8}
+table.summary td:not(:first-child),table.summary th:not(:first-child){text-align:right;white-space:nowrap}
+table.side{table-layout:fixed}table.side th:first-child{width:3.5rem}
+td.reply{white-space:pre-wrap;overflow-wrap:anywhere;font-size:.92rem}
+.meta{display:block;color:#667;font-size:.8rem;margin-top:.3rem;white-space:normal}
+dl.intro{display:grid;grid-template-columns:max-content auto;gap:.2rem 1rem}
+dl.intro dt{font-weight:600}dl.intro dd{margin:0}
+code{background:#f3f5f8;padding:0 .2rem;border-radius:3px}
+img{max-width:100%;height:auto;border:1px solid #eee}
+"""
+
+
+def _h(text) -> str:
+    return html.escape(str(text))
+
+
+def _md_inline(text: str) -> str:
+    """The definitions' **bold** and `code` as HTML (everything else escaped)."""
+    s = _h(text)
+    s = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", s)
+    return re.sub(r"`(.+?)`", r"<code>\1</code>", s)
+
+
+def _html_table(header: list[str], rows: list[list[str]], cls: str = "") -> str:
+    head = "".join(f"<th>{_h(c)}</th>" for c in header)
+    body = "".join("<tr>" + "".join(f"<td>{_h(c)}</td>" for c in r) + "</tr>" for r in rows)
+    return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def _eval_html(out, result, header, table, grouped, seeds, names, early_tokens) -> str:
+    parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+             '<meta name="viewport" content="width=device-width, initial-scale=1">',
+             "<title>Persona evaluation</title>", f"<style>{_CSS}</style></head><body>",
+             "<h1>Persona evaluation</h1>", '<dl class="intro">']
+    parts += [f"<dt>{_h(k)}</dt><dd>{'<code>' + _h(v) + '</code>' if k == 'command' else _h(v)}</dd>"
+              for k, v in _intro(result, seeds)]
+    parts += ["</dl>", "<h2>Models</h2>",
+              _html_table(["name", "model", "adapter", "how"],
+                          [[n, m["model"], m["adapter"] or "–", m["note"] or "–"] for n, m in result["models"].items()]),
+              "<h2>Summary</h2>", _html_table(header, table, "summary")]
+    for png, alt in (("lengths.png", "reply lengths"), ("rates.png", "rates")):
+        parts.append(f'<p><img alt="{alt}" src="data:image/png;base64,{_png_b64(out / png)}"></p>')
+    parts += ["<h2>Definitions</h2>", "<ul>"] + [f"<li>{_md_inline(d)}</li>" for d in definitions(early_tokens)]
+    parts += ["</ul>", "<h2>Replies side by side</h2>"]
+    for pid, g in sorted(grouped.items()):
+        parts.append(f'<h3 id="prompt-{pid + 1}">{pid + 1}. {_h(g["prompt"])}</h3>')
+        head = "<th>seed</th>" + "".join(f"<th>{_h(n)}</th>" for n in names)
+        body = []
+        for seed in seeds:
+            cells = []
+            for n in names:
+                r = g["cells"].get((seed, n))
+                cells.append("<td>–</td>" if r is None else
+                             f'<td class="reply">{_h(r["text"])}<span class="meta">{_h(_meta(r))}</span></td>')
+            body.append(f"<tr><td>{seed}</td>{''.join(cells)}</tr>")
+        parts.append(f'<table class="side"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>')
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"
+
+
+# ------------------------------------------------------------------------------------------- sweep report
+def write_sweep_report(out: Path, result: dict) -> None:
+    """Writes ``sweep.csv``, ``sweep.md`` and ``sweep.png`` into `out`."""
+    rows = result["rows"]
+    grid_keys = list(result["grid"])
+    with open(out / "sweep.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["model", "setting", *grid_keys, *SWEEP_COLUMNS])
+        for r in rows:
+            w.writerow([r["model"], r["setting"], *(r[k] for k in grid_keys),
+                        *("" if r.get(c) is None else r[c] for c in SWEEP_COLUMNS)])
+    plot_sweep(rows, out / "sweep.png")
+    early_tokens = result["options"]["early_tokens"]
+    header = ["model", "setting"] + [label for _, label, _ in _SWEEP_MD]
+    table = [[r["model"], r["setting"]] + [fmt(r, k, kind) for k, _, kind in _SWEEP_MD] for r in rows]
+    if result.get("reference"):
+        table.append(["reference", "validation replies"] + [fmt(result["reference"], k, kind) for k, _, kind in _SWEEP_MD])
+    o = result["options"]
+    lines = ["# Generation sweep", "", f"- **command**: `{result.get('command') or '–'}`", f"- **written**: {_now()}",
+             f"- **base settings**: {_settings_line(result['generation'])}",
+             f"- **grid**: " + "; ".join(f"{k} = {', '.join(map(str, v))}" for k, v in result["grid"].items()),
+             f"- **prompts**: {len(result['prompts'])} from {o['prompts']}; **seeds**: {', '.join(map(str, o['seeds']))}",
+             f"- **system prompt**: {'the persona card' if result.get('system') else 'none'}", ""]
+    lines += _md_table(header, table)
+    lines += ["", "![sweep](sweep.png)", "", "## Definitions", ""] + [f"- {d}" for d in definitions(early_tokens)]
+    lines += ["", "Every reply is in `results.jsonl` (its `setting` field names the row)."]
+    (out / "sweep.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
