@@ -67,8 +67,9 @@ def ort_decode(path: Path, config: dict, prompt: int = 32, steps: int = 16) -> d
         n += 1
         cache = {f"past_key_values.{i}.{k}": out[f"present.{i}.{k}"] for i in range(n_layers) for k in ("key", "value")}
         t = time.perf_counter()
-        out = dict(zip(names, sess.run(None, {"input_ids": np.array([[tok]]), "attention_mask": np.ones((1, n), np.int64),
-                                              "position_ids": np.array([[n]]), **cache})))
+        feeds = {"input_ids": np.array([[tok]]), "attention_mask": np.ones((1, n), np.int64),
+                 "position_ids": np.array([[n]]), **cache}
+        out = dict(zip(names, sess.run(None, feeds)))
         step_times.append(time.perf_counter() - t)
     return {"load_sec": load, "prefill_sec": prefill, "decode_tokens_per_sec": 1.0 / statistics.median(step_times),
             "finite": bool(np.isfinite(out["logits"]).all())}
@@ -122,8 +123,8 @@ def summarise(trials: list[dict]) -> dict:
          "onnx_mb": {d: v / 1e6 for d, v in first["onnx_bytes"].items()},
          "hf_mb": first["hf_bytes"] / 1e6, "peak_rss_gb": max(t["peak_rss_gb"] for t in trials)}
     if "ort" in first:
-        s["ort"] = {d: {k: (med([t["ort"][d][k] for t in trials]) if k != "finite" else all(t["ort"][d][k] for t in trials))
-                        for k in first["ort"][d]} for d in first["ort"]}
+        s["ort"] = {d: {k: (all if k == "finite" else med)([t["ort"][d][k] for t in trials]) for k in first["ort"][d]}
+                    for d in first["ort"]}
     return s
 
 
@@ -158,9 +159,9 @@ def main():
     for preset, s in result["presets"].items():
         ort_col = (f"{s['ort']['fp32']['decode_tokens_per_sec']:.1f} / {s['ort']['q4']['decode_tokens_per_sec']:.1f}"
                    if "ort" in s else "-")
-        ok = "yes" if s["folder_mb"]["q4"] <= Q4_LIMIT_MB else "**no**"
+        ok = ("yes" if s["folder_mb"]["q4"] <= Q4_LIMIT_MB else "**no**") if preset == "gemma-3-270m" else "-"
         table.append(f"| {preset} | {s['fuse_sec']:.1f} | {s['dtype_sec']['fp32']:.1f} | {s['dtype_sec']['q4']:.1f} | "
-                     f"{s['folder_mb']['fp32']:.1f} | {s['folder_mb']['q4']:.1f} | {ok if preset == 'gemma-3-270m' else '-'} | "
+                     f"{s['folder_mb']['fp32']:.1f} | {s['folder_mb']['q4']:.1f} | {ok} | "
                      f"{ort_col} | {s['peak_rss_gb']:.1f} |")
     md = "\n".join(table)
     out = Path(a.out)

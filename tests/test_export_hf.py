@@ -102,7 +102,8 @@ def test_fused_folder_layout(lora):
     # transformers reads the same settings back.
     hf_gen = transformers.GenerationConfig.from_pretrained(out)
     assert hf_gen.min_new_tokens == 50 and hf_gen.eos_token_id == gen["eos_token_id"]
-    assert tok.apply_chat_template(PROMPT, tokenize=False, add_generation_prompt=True).endswith("<start_of_turn>model\n")
+    rendered = tok.apply_chat_template(PROMPT, tokenize=False, add_generation_prompt=True)
+    assert rendered.endswith("<start_of_turn>model\n")
 
 
 @pytest.mark.parametrize("method", ["lora", "dora"])

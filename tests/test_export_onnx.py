@@ -149,7 +149,7 @@ def test_q4_embedding_is_the_lm_head_table(exported):
     sess = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
     head_w = sess.run(None, {"eye": np.eye(k, dtype=np.float32)})[0]
     # The graph's embedding rows for every token id, read from an intermediate output.
-    rows = "/model/embed_tokens/q4/deq"
+    rows = "/model/embed_tokens/q4/deq/out"
     q4.graph.output.append(helper.make_tensor_value_info(rows, onnx.TensorProto.FLOAT, None))
     config = json.loads((out / "config.json").read_text())
     dec = OnnxDecoder(q4.SerializeToString(), config)
@@ -247,6 +247,26 @@ def test_output_folder_rules(exported, tmp_path):
     assert sorted(p.name for p in (target / "onnx").iterdir()) == ["model.onnx"]
     assert json.loads((target / "config.json").read_text())["transformers.js_config"]["use_external_data_format"] == {}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["web"]  # nothing written beside it
+
+
+def test_fp32_external_data(exported, tmp_path, monkeypatch):
+    """Past the size threshold the fp32 weights are streamed to model.onnx_data as the graph is built."""
+    import mlx_persona.export.onnx as export_module
+
+    out, _, tokenizer = exported
+    hf = json.loads((out / "mlx_persona.json").read_text())["onnx"]["source"]
+    monkeypatch.setattr(export_module, "EXTERNAL_DATA_THRESHOLD", 0)
+    big = export_onnx(hf, tmp_path / "big", ("fp32",))
+    assert sorted(p.name for p in (big / "onnx").iterdir()) == ["model.onnx", "model.onnx_data"]
+    js = json.loads((big / "config.json").read_text())["transformers.js_config"]
+    assert js["use_external_data_format"] == {"model.onnx": True}
+    config = json.loads((out / "config.json").read_text())
+    ids = prompt_ids(tokenizer)
+    n = len(ids)
+    got, want = (OnnxDecoder(folder / "onnx" / "model.onnx", config) for folder in (big, out))
+    a, _ = got([ids], np.ones((1, n)), [np.arange(1, n + 1)], got.empty_cache())
+    b, _ = want([ids], np.ones((1, n)), [np.arange(1, n + 1)], want.empty_cache())
+    np.testing.assert_array_equal(a, b)
 
 
 def test_cli_export_onnx(exported, tmp_path):

@@ -51,7 +51,9 @@ const fs = require("fs"), os = require("os"), path = require("path");
   const cfg = JSON.parse(fs.readFileSync(process.argv[2], "utf8"));
   const origin = new URL(cfg.url).origin;
   const profile = fs.mkdtempSync(path.join(os.tmpdir(), "persona-chromium-"));
-  const out = { results: [], external: [], logs: [], fetched: [] };
+  const out = { results: [], external: [], logs: [], fetched: [], seconds: {} };
+  const t0 = Date.now();
+  const mark = (what) => { out.seconds[what] = (Date.now() - t0) / 1000; };
   let context = null;
   try {
     context = await chromium.launchPersistentContext(profile, {
@@ -65,18 +67,26 @@ const fs = require("fs"), os = require("os"), path = require("path");
       out.external.push(u);
       return route.abort();
     });
+    mark("launched");
     const page = context.pages()[0] ?? (await context.newPage());
     page.on("console", (m) => out.logs.push(`${m.type()}: ${m.text()}`));
     page.on("pageerror", (e) => out.logs.push(`pageerror: ${e.message}`));
     page.on("requestfinished", (r) => out.fetched.push(r.url().slice(origin.length)));
-    for (const run of cfg.runs) {
-      await page.goto(`${cfg.url}?dtype=${run.dtype}&device=wasm`);
-      await page.waitForFunction(() => window.__persona && (window.__persona.ready || window.__persona.error),
-                                 null, { timeout: cfg.timeout_ms });
+    for (const [i, run] of cfg.runs.entries()) {
+      if (i === 0) {
+        await page.goto(`${cfg.url}?dtype=${run.dtype}&device=wasm`);
+        await page.waitForFunction(() => window.__persona && (window.__persona.ready || window.__persona.error),
+                                   null, { timeout: cfg.timeout_ms });
+      } else {  // what the dtype selector does: same page, another model
+        await page.evaluate(async (dtype) => { window.__persona.reset(); await window.__persona.load(dtype); },
+                            run.dtype);
+      }
+      mark(`${run.dtype} loaded`);
       const state = await page.evaluate(() => ({ error: window.__persona.error, dtype: window.__persona.dtype,
                                                   device: window.__persona.device, dtypes: window.__persona.dtypes }));
       const reply = state.error ? null
         : await page.evaluate(([t, s]) => window.__persona.send(t, s), [run.message, run.settings]);
+      mark(`${run.dtype} replied`);
       if (run.screenshot) await page.screenshot({ path: run.screenshot, fullPage: true });
       out.results.push({ dtype: run.dtype, state, reply });
     }
@@ -133,7 +143,7 @@ def start_server(web_dir: Path) -> tuple[subprocess.Popen, str]:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     lines: queue.Queue = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(l) for l in proc.stdout], daemon=True).start()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
     seen = []
     while True:
         try:
@@ -194,8 +204,9 @@ def test_browser_reply_equals_mlx(exported, tmp_path):
             {"dtype": "fp32", "message": MESSAGE, "settings": GREEDY, "screenshot": str(ARTIFACTS / "web-fp32.png")},
             {"dtype": "q4", "message": MESSAGE, "settings": GREEDY, "screenshot": str(ARTIFACTS / "web.png")}]}))
         (tmp_path / "driver.js").write_text(DRIVER)
+        env = {**os.environ, "PLAYWRIGHT_CORE": str(node_modules() / "playwright-core")}
         run = subprocess.run(["node", str(tmp_path / "driver.js"), str(cfg_path)], capture_output=True, text=True,
-                             timeout=300, env={**os.environ, "PLAYWRIGHT_CORE": str(node_modules() / "playwright-core")})
+                             timeout=300, env=env)
     finally:
         proc.terminate()
         proc.wait(timeout=10)
@@ -212,6 +223,7 @@ def test_browser_reply_equals_mlx(exported, tmp_path):
     assert fp32["reply"]["tokens"] == expected
     assert fp32["reply"]["text"] == expected_text
     agree = sum(a == b for a, b in zip(q4["reply"]["tokens"], expected))
+    print("browser timeline (s):", out["seconds"])
     print(f"browser fp32 reply == MLX ({len(expected)} tokens): {expected_text!r}; "
           f"q4 agrees on {agree}/{len(expected)} tokens: {q4['reply']['text']!r}")
     assert len(q4["reply"]["tokens"]) >= 1

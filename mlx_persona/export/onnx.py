@@ -25,11 +25,10 @@ computed in the graph from ``inv_freq * position``, so 0- and 1-based positions 
 transformers.js feeds 1-based ones for ``gemma3_text``). The cache is never truncated; the window is
 a mask.
 
-The q4 variant is the same graph with a separate ``[hidden, vocab]`` LM-head initializer, so that
-onnxruntime's ``MatMulNBitsQuantizer`` (4 bits, block 32, symmetric) turns it into ``MatMulNBits``
-like every projection; the embedding then gathers and de-quantizes its rows from that same 4-bit
-table (see :func:`quantize_q4` for why not ``GatherBlockQuantized``). Norm weights stay fp32;
-activations and the KV cache are fp32.
+In the q4 variant every projection and the LM head are ``MatMulNBits``, quantized by onnxruntime's
+``MatMulNBitsQuantizer`` (4 bits, block 32, symmetric), and the embedding gathers and de-quantizes its
+rows from the LM head's 4-bit table (see :func:`_gather_q4` for why not ``GatherBlockQuantized``).
+Norm weights stay fp32; activations and the KV cache are fp32.
 """
 
 from __future__ import annotations
@@ -45,15 +44,16 @@ import numpy as np
 
 from mlx_persona.export import ExportError, atomic_output_dir, check_output_dir
 
-__all__ = ["export_onnx", "build_decoder", "quantize_q4", "DTYPE_FILES", "OPSET"]
+__all__ = ["export_onnx", "build_decoder", "quantize_matmul_q4", "DTYPE_FILES", "OPSET"]
 
 # transformers.js file name per dtype (``onnx/model{suffix}.onnx``).
 DTYPE_FILES = {"fp32": "model.onnx", "q4": "model_q4.onnx"}
-OPSET = 21  # int4 initializers (GatherBlockQuantized) need opset 21 / IR 10
+OPSET = 21  # onnxruntime >= 1.18 and onnxruntime-web run it (ReduceMean/Split take axes as inputs)
 IR_VERSION = 10
 Q4_BLOCK = 32
-# ONNX protobufs cannot exceed 2 GiB; past this many weight bytes, weights go to `<file>_data`.
-EXTERNAL_DATA_THRESHOLD = 1 << 30
+# Past this many weight bytes an fp32 model keeps its weights in `<file>_data` (protobuf's limit is 2 GiB;
+# writing them as the graph is built also keeps memory low).
+EXTERNAL_DATA_THRESHOLD = 512 << 20
 _COPY_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
 _NEG = float(np.finfo(np.float32).min)
 
@@ -75,18 +75,47 @@ def _load_config(hf_dir: Path) -> dict:
     return config
 
 
-def _load_weights(hf_dir: Path) -> dict[str, np.ndarray]:
-    """All tensors of the folder as float32 numpy arrays (bf16 checkpoints are read through MLX)."""
-    import mlx.core as mx
+def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """A safetensors file as float32 arrays; F32 tensors are memory-mapped (no copy until used)."""
+    import struct
 
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n)
+    out = {}
+    for name, info in header.items():
+        start, end = info["data_offsets"]
+        raw, shape, kind = data[start:end], info["shape"], info["dtype"]
+        if kind == "F32":
+            out[name] = raw.view("<f4").reshape(shape)
+        elif kind == "F16":
+            out[name] = raw.view("<f2").reshape(shape).astype(np.float32)
+        elif kind == "BF16":  # the top half of a float32
+            out[name] = (raw.view("<u2").astype(np.uint32) << 16).view(np.float32).reshape(shape)
+        else:
+            raise ExportError(f"{path}: tensor {name} is {kind}; export the output of `mlx-persona fuse`")
+    return out
+
+
+def _load_weights(hf_dir: Path) -> dict[str, np.ndarray]:
+    """All tensors of the folder as float32 numpy arrays."""
     files = sorted(hf_dir.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{hf_dir}: no *.safetensors")
     weights = {}
     for f in files:
-        for k, v in mx.load(str(f)).items():
-            weights[k] = np.array(v.astype(mx.float32))
+        weights.update(_read_safetensors(f))
     return weights
+
+
+def _transposed(a: np.ndarray, rows: int = 1024) -> np.ndarray:
+    """``a.T`` as a contiguous array, copied in row blocks (7x faster than numpy's copy of a big ``.T``)."""
+    out = np.empty((a.shape[1], a.shape[0]), a.dtype)
+    for i in range(0, a.shape[0], rows):
+        out[:, i:i + rows] = a[i:i + rows].T
+    return out
 
 
 def _layer_types(config: dict) -> list[str]:
@@ -123,10 +152,18 @@ def _rope(config: dict, layer_type: str) -> tuple[float, float]:
 
 
 class _Graph:
-    """A tiny helper over onnx.helper: unique names, initializers, one call per op."""
+    """A tiny helper over onnx.helper: unique names, initializers, one call per op.
 
-    def __init__(self):
+    With `data_file`, every initializer of 1 KiB or more is written there as it is created (offsets
+    aligned to 4 KiB, so onnxruntime can memory-map them) and referenced from the graph, so a model
+    larger than protobuf's 2 GiB limit is never held in memory twice.
+    """
+
+    def __init__(self, data_file: Path | None = None):
         self.nodes, self.inits, self._names = [], [], set()
+        self._arrays = []  # (name, array) written into the model at the end, copied once
+        self.data_file = data_file
+        self._data = open(data_file, "wb") if data_file else None
 
     def _unique(self, name: str) -> str:
         base, i = name, 1
@@ -136,11 +173,42 @@ class _Graph:
         return name
 
     def init(self, name: str, array: np.ndarray) -> str:
-        from onnx import numpy_helper
+        from onnx import TensorProto, helper, numpy_helper
 
         name = self._unique(name)
-        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        array = np.ascontiguousarray(array)
+        if array.nbytes < 1024:
+            self.inits.append(numpy_helper.from_array(array, name))
+            return name
+        if self._data is None:
+            self._arrays.append((name, array))
+            return name
+        offset = (self._data.tell() + 4095) // 4096 * 4096
+        self._data.seek(offset)
+        self._data.write(array.tobytes())
+        tensor = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype), dims=array.shape,
+                             data_location=TensorProto.EXTERNAL)
+        for key, value in (("location", self.data_file.name), ("offset", str(offset)), ("length", str(array.nbytes))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+        self.inits.append(tensor)
         return name
+
+    def close(self):
+        if self._data is not None:
+            self._data.close()
+
+    def add_weights(self, model) -> None:
+        """Moves the in-memory weights into `model` (protobuf's make_graph/make_model would copy them twice)."""
+        from onnx import helper
+
+        while self._arrays:
+            name, array = self._arrays.pop(0)
+            t = model.graph.initializer.add()
+            t.name, t.data_type = name, helper.np_dtype_to_tensor_dtype(array.dtype)
+            t.dims.extend(array.shape)
+            t.raw_data = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
+            del array
 
     def const(self, name: str, values, dtype=np.int64) -> str:
         return self.init(name, np.asarray(values, dtype=dtype))
@@ -154,18 +222,21 @@ class _Graph:
         return outs if n_out > 1 else outs[0]
 
 
-def build_decoder(config: dict, weights: dict[str, np.ndarray], *, separate_lm_head: bool = False):
-    """The Gemma 3 decoder with KV cache as an ``onnx.ModelProto`` (weights inside, fp32).
+def build_decoder(config: dict, weights: dict[str, np.ndarray], *, q4: bool = False,
+                  data_file: Path | None = None):
+    """The Gemma 3 decoder with KV cache as an ``onnx.ModelProto``.
 
     Args:
         config: the folder's ``config.json``.
         weights: HF-named float32 arrays (``model.embed_tokens.weight``, ``model.layers.{i}...``).
-        separate_lm_head: write the LM head as ``MatMul(h, W_head)`` against its own ``[hidden, vocab]``
-            initializer (what the 4-bit quantizer can turn into ``MatMulNBits``). Otherwise the tied
-            embedding is reused without a copy: ``Transpose(MatMul(E, h^T))``.
+        q4: 4-bit weights (see :func:`quantize_matmul_q4`): every projection and the LM head become
+            ``MatMulNBits``, and the embedding gathers its rows from the LM head's 4-bit table. Otherwise
+            fp32, with the tied embedding reused as the LM head without a copy: ``Transpose(MatMul(E, h^T))``.
+        data_file: write the weights to this file (external data, named in the graph by its file name)
+            instead of into the model; save the model next to it with ``onnx.save_model``.
 
     Returns:
-        The model (opset 21, IR 10).
+        The model (opset 21, IR 10; plus ``com.microsoft`` 1 for q4).
     """
     from onnx import TensorProto, helper
 
@@ -182,7 +253,7 @@ def build_decoder(config: dict, weights: dict[str, np.ndarray], *, separate_lm_h
     vocab = embed.shape[0]
     head = weights.get("lm_head.weight")
     tied = head is None or config.get("tie_word_embeddings", True)
-    g = _Graph()
+    g = _Graph(data_file)
 
     def w(name):
         try:
@@ -200,9 +271,13 @@ def build_decoder(config: dict, weights: dict[str, np.ndarray], *, separate_lm_h
         return g.op("Mul", [g.op("Mul", [x, r], f"{prefix}/Normalize"), scale], f"{prefix}/Scale")
 
     def linear(x, weight_name, prefix):
-        # HF stores [out, in]; MatMul wants [in, out]: the quantizer turns this into MatMulNBits.
-        wt = g.init(weight_name.removesuffix(".weight") + ".weight_T", w(weight_name).T)
-        return g.op("MatMul", [x, wt], f"{prefix}/MatMul")
+        weight = w(weight_name)  # HF layout: [out, in]
+        base = weight_name.removesuffix(".weight")
+        if q4:
+            packed, scales, attrs = quantize_matmul_q4(weight)
+            tables = [g.init(f"{base}.weight_Q4", packed), g.init(f"{base}.weight_scales", scales)]
+            return g.op("MatMulNBits", [x, *tables], f"{prefix}/MatMulNBits", domain="com.microsoft", **attrs)
+        return g.op("MatMul", [x, g.init(f"{base}.weight_T", _transposed(weight))], f"{prefix}/MatMul")
 
     def rotate(x, cos, sin, prefix):
         x1, x2 = g.op("Split", [x], f"{prefix}/Split", n_out=2, axis=-1, num_outputs=2)
@@ -260,8 +335,18 @@ def build_decoder(config: dict, weights: dict[str, np.ndarray], *, separate_lm_h
         rope[kind] = (cos, sin)
 
     # Embedding x sqrt(hidden): transformers' fp32 value (mlx-lm rounds it through bf16).
-    emb_w = g.init("model.embed_tokens.weight", embed)
-    h = g.op("Gather", [emb_w, "input_ids"], "/model/embed_tokens/Gather", axis=0)
+    if q4:
+        if not tied:
+            raise ExportError("q4 shares one 4-bit table between the embedding and the LM head, which needs "
+                              "tied embeddings (every Gemma 3 checkpoint has them)")
+        # Quantized first, so that the embedding can read its table; the MatMul node comes at the end.
+        packed, scales, head_attrs = quantize_matmul_q4(embed)
+        head_q4 = [g.init("lm_head.weight_Q4", packed), g.init("lm_head.weight_scales", scales)]
+        del packed, scales
+        h = _gather_q4(g, head_q4[0], head_q4[1], head_attrs["K"], head_attrs["block_size"])
+    else:
+        emb_w = g.init("model.embed_tokens.weight", embed)
+        h = g.op("Gather", [emb_w, "input_ids"], "/model/embed_tokens/Gather", axis=0)
     h = g.op("Mul", [h, g.init("embed_scale", np.array(math.sqrt(hidden), np.float32))], "/model/embed_tokens/Scale")
 
     shape_q = g.const("shape_q", [0, 0, n_heads, head_dim])
@@ -329,10 +414,10 @@ def build_decoder(config: dict, weights: dict[str, np.ndarray], *, separate_lm_h
                  f"{pre}/mlp_residual")
 
     h = rms_norm(h, "model.norm.weight", "/model/norm")
-    if not tied:
-        logits = g.op("MatMul", [h, g.init("lm_head.weight_T", head.T)], "/lm_head/MatMul")
-    elif separate_lm_head:
-        logits = g.op("MatMul", [h, g.init("lm_head.weight_T", embed.T)], "/lm_head/MatMul")
+    if q4:
+        logits = g.op("MatMulNBits", [h, *head_q4], "/lm_head/MatMulNBits", domain="com.microsoft", **head_attrs)
+    elif not tied:
+        logits = linear(h, "lm_head.weight", "/lm_head")
     else:
         # [V, H] @ [B, H, S] -> [B, V, S]: reuses the embedding table as it is stored.
         ht = g.op("Transpose", [h], "/lm_head/h_t", perm=[0, 2, 1])
@@ -358,121 +443,103 @@ def build_decoder(config: dict, weights: dict[str, np.ndarray], *, separate_lm_h
                                                         ["batch_size", n_kv, "past_sequence_length", head_dim]))
             outputs.append(helper.make_tensor_value_info(f"present.{i}.{kv}", f32,
                                                          ["batch_size", n_kv, "total_sequence_length", head_dim]))
+    g.close()
     graph = helper.make_graph(g.nodes, "gemma3_text_decoder", inputs, outputs, g.inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
-                              producer_name="mlx_persona", ir_version=IR_VERSION)
+    opsets = [helper.make_opsetid("", OPSET)] + ([helper.make_opsetid("com.microsoft", 1)] if q4 else [])
+    model = helper.make_model(graph, opset_imports=opsets, producer_name="mlx_persona", ir_version=IR_VERSION)
+    g.add_weights(model)
     return model
 
 
-def quantize_q4(model, block_size: int = Q4_BLOCK):
-    """4-bit weights: every projection and the LM head become ``MatMulNBits``; the embedding reads the
-    LM head's 4-bit table.
+def quantize_matmul_q4(weight: np.ndarray, block_size: int = Q4_BLOCK) -> tuple[np.ndarray, np.ndarray, dict]:
+    """One ``[out, in]`` weight as onnxruntime's ``MatMulNBitsQuantizer`` writes it (4 bits, symmetric).
 
-    onnxruntime's ``MatMulNBitsQuantizer`` (symmetric, round to nearest, needs the ``onnx-ir`` package)
-    quantizes every ``MatMul`` against an initializer, the ``[hidden, vocab]`` LM head included. Its
-    ``GatherBlockQuantized`` for the embedding runs in onnxruntime for Python but not in onnxruntime-web
-    (1.31: "Could not find an implementation for GatherBlockQuantized"), so the embedding ``Gather`` is
-    replaced here by standard ops over the LM head's packed table: Gemma ties the two, so row ``v`` of
-    the embedding is column ``v`` of the head, i.e. block row ``v`` of the ``MatMulNBits`` weight. The
-    one 4-bit table serves both (half the size of two), and every op runs on WASM and WebGPU alike.
+    The quantizer runs on a one-node model ``MatMul(x, W^T)``, so only one weight is ever held twice
+    (quantizing the whole fp32 graph at once needed ~4x the model's size in memory).
 
     Returns:
-        The quantized ``onnx.ModelProto``.
+        ``(packed, scales, attributes)`` of the ``com.microsoft.MatMulNBits`` node it made: ``packed`` is
+        uint8 ``[out, in / block, block / 2]`` (low nibble first, zero point 8), ``scales`` float32
+        ``[out, in / block]``, attributes ``K``, ``N``, ``bits``, ``block_size``.
     """
     import logging
+
+    from onnx import TensorProto, helper, numpy_helper
 
     try:
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
     except ImportError as e:
         raise ExportError(f"4-bit export needs onnxruntime's quantizer ({e}); "
                           "pip install 'onnxruntime>=1.20' onnx-ir") from None
-    logging.getLogger("onnxruntime.quantization").setLevel(logging.ERROR)  # one line per skipped node
+    logging.getLogger("onnxruntime.quantization").setLevel(logging.ERROR)
+    out_dim, in_dim = weight.shape
+    b = numpy_helper.from_array(_transposed(weight), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="matmul")], "one_matmul",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, in_dim])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, out_dim])])
+    graph.initializer.append(b)  # appended, not passed to make_graph, which would copy it
+    del b
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION)
     quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=block_size, is_symmetric=True,
                                      op_types_to_quantize=("MatMul",))
     quantizer.process()
-    quantized = quantizer.model.model
-    _embed_from_lm_head(quantized)
+    result = quantizer.model.model.graph
+    nodes = [n for n in result.node if n.op_type == "MatMulNBits"]
+    if len(nodes) != 1 or len(result.node) != 1 or len(nodes[0].input) > 3:
+        raise ExportError(f"onnxruntime's quantizer wrote {[n.op_type for n in result.node]}, expected one "
+                          "symmetric MatMulNBits")
+    tensors = {t.name: t for t in result.initializer}
+    packed = numpy_helper.to_array(tensors[nodes[0].input[1]])
+    scales = numpy_helper.to_array(tensors[nodes[0].input[2]]).reshape(out_dim, -1)
+    attrs = {a.name: helper.get_attribute_value(a) for a in nodes[0].attribute}
+    return packed, scales, attrs
+
+
+def _gather_q4(g: _Graph, packed: str, scales: str, k: int, block: int) -> str:
+    """Embedding rows of ``input_ids`` de-quantized from the LM head's ``MatMulNBits`` table.
+
+    onnxruntime's own answer, ``GatherBlockQuantized``, runs in onnxruntime for Python but not in
+    onnxruntime-web (1.31: "Could not find an implementation for GatherBlockQuantized"), so this
+    gathers the packed rows and unpacks them with standard ops, which run on WASM and WebGPU alike.
+    Gemma ties the embedding and the LM head: row ``v`` of the embedding is column ``v`` of the head,
+    i.e. row ``v`` of the ``[vocab, k_blocks, block/2]`` table, so one 4-bit table serves both.
+    Per block: ``(nibble - 8) * scale``; nibbles low first; ``hi = floor(byte / 16)``, ``lo = byte - 16 hi``
+    (exact in fp32). Only the rows of the input tokens are touched.
+    """
     from onnx import TensorProto
 
-    scales = {i for n in quantized.graph.node if n.op_type == "MatMulNBits" for i in n.input[2:]}
-    fp32_tables = {t.name for t in quantized.graph.initializer
-                   if t.data_type == TensorProto.FLOAT and len(t.dims) >= 2 and t.name not in scales}
-    left = [n.name for n in quantized.graph.node if n.op_type in ("MatMul", "Gather")
-            and fp32_tables.intersection(n.input)]
-    if left:
-        raise ExportError(f"q4: weights left unquantized: {left[:5]}")
-    return quantized
-
-
-def _embed_from_lm_head(model) -> None:
-    """Replaces the fp32 embedding Gather by a 4-bit gather from the LM head's MatMulNBits weight.
-
-    ``MatMulNBits`` (symmetric) stores ``B`` as ``[N, k_blocks, block/2]`` uint8, two values per byte
-    (low nibble first) with zero point 8, and ``scales`` as ``[N, k_blocks]``: row ``v`` of the
-    embedding is ``(nibbles(B[v]) - 8) * scales[v]`` repeated per block. Gathering only the rows of the
-    input tokens, then unpacking with float ops (Floor/Sub), keeps the runtime cost negligible.
-    """
-    from onnx import TensorProto, helper, numpy_helper
-
-    graph = model.graph
-    nodes = list(graph.node)
-    gather_i = next((i for i, n in enumerate(nodes) if n.name == "/model/embed_tokens/Gather"), None)
-    head = next((n for n in nodes if n.op_type == "MatMulNBits" and n.name.startswith("/lm_head/")), None)
-    if gather_i is None or head is None:
-        raise ExportError("q4: the graph has no embedding Gather or no 4-bit LM head to share")
-    attrs = {a.name: helper.get_attribute_value(a) for a in head.attribute}
-    if len(head.input) > 3 and head.input[3]:
-        raise ExportError("q4: the LM head has zero points; expected symmetric quantization")
-    k, block = attrs["K"], attrs["block_size"]
-    k_blocks = (k + block - 1) // block
-    packed, scales = head.input[1], head.input[2]
-    gather = nodes[gather_i]
-    out = gather.output[0]
     p = "/model/embed_tokens/q4"
-
-    def const(name, value, dtype=np.float32):
-        graph.initializer.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), f"{p}/{name}"))
-        return f"{p}/{name}"
-
-    new = [
-        helper.make_node("Gather", [packed, "input_ids"], [f"{p}/rows"], name=f"{p}/Gather", axis=0),
-        helper.make_node("Cast", [f"{p}/rows"], [f"{p}/rows_f"], name=f"{p}/Cast", to=TensorProto.FLOAT),
-        # high nibble = floor(byte / 16), low nibble = byte - 16 * high: exact in fp32 for 0..255.
-        helper.make_node("Mul", [f"{p}/rows_f", const("inv16", 1.0 / 16)], [f"{p}/div16"], name=f"{p}/Div16"),
-        helper.make_node("Floor", [f"{p}/div16"], [f"{p}/hi"], name=f"{p}/Floor"),
-        helper.make_node("Mul", [f"{p}/hi", const("sixteen", 16.0)], [f"{p}/hi16"], name=f"{p}/Mul16"),
-        helper.make_node("Sub", [f"{p}/rows_f", f"{p}/hi16"], [f"{p}/lo"], name=f"{p}/Low"),
-        helper.make_node("Unsqueeze", [f"{p}/lo", const("last", [-1], np.int64)], [f"{p}/lo1"], name=f"{p}/UnsqLo"),
-        helper.make_node("Unsqueeze", [f"{p}/hi", f"{p}/last"], [f"{p}/hi1"], name=f"{p}/UnsqHi"),
-        helper.make_node("Concat", [f"{p}/lo1", f"{p}/hi1"], [f"{p}/pairs"], name=f"{p}/Interleave", axis=-1),
-        helper.make_node("Reshape", [f"{p}/pairs", const("blocks", [0, 0, k_blocks, block], np.int64)],
-                         [f"{p}/q"], name=f"{p}/Blocks"),
-        helper.make_node("Sub", [f"{p}/q", const("zero_point", 8.0)], [f"{p}/centered"], name=f"{p}/ZeroPoint"),
-        helper.make_node("Gather", [scales, "input_ids"], [f"{p}/row_scales"], name=f"{p}/GatherScales", axis=0),
-        helper.make_node("Reshape", [f"{p}/row_scales", const("scale_shape", [0, 0, k_blocks, 1], np.int64)],
-                         [f"{p}/scales4"], name=f"{p}/ScalesShape"),
-        helper.make_node("Mul", [f"{p}/centered", f"{p}/scales4"], [f"{p}/deq"], name=f"{p}/Dequantize"),
-        helper.make_node("Reshape", [f"{p}/deq", const("hidden_shape", [0, 0, k_blocks * block], np.int64)],
-                         [f"{p}/padded" if k_blocks * block != k else out], name=f"{p}/Rows"),
-    ]
+    k_blocks = (k + block - 1) // block
+    rows = g.op("Cast", [g.op("Gather", [packed, "input_ids"], f"{p}/Gather", axis=0)], f"{p}/Cast",
+                to=TensorProto.FLOAT)
+    hi = g.op("Floor", [g.op("Mul", [rows, g.init(f"{p}/inv16", np.array(1 / 16, np.float32))], f"{p}/Div16")],
+              f"{p}/Floor")
+    lo = g.op("Sub", [rows, g.op("Mul", [hi, g.init(f"{p}/sixteen", np.array(16, np.float32))], f"{p}/Mul16")],
+              f"{p}/Low")
+    last = g.const(f"{p}/last", [-1])
+    pairs = g.op("Concat", [g.op("Unsqueeze", [lo, last], f"{p}/UnsqLo"), g.op("Unsqueeze", [hi, last], f"{p}/UnsqHi")],
+                 f"{p}/Interleave", axis=-1)                                       # [B, S, kb, block/2, 2]
+    q = g.op("Reshape", [pairs, g.const(f"{p}/blocks", [0, 0, k_blocks, block])], f"{p}/Blocks")
+    centered = g.op("Sub", [q, g.init(f"{p}/zero_point", np.array(8, np.float32))], f"{p}/ZeroPoint")
+    row_scales = g.op("Reshape", [g.op("Gather", [scales, "input_ids"], f"{p}/GatherScales", axis=0),
+                                  g.const(f"{p}/scale_shape", [0, 0, k_blocks, 1])], f"{p}/ScalesShape")
+    deq = g.op("Mul", [centered, row_scales], f"{p}/deq")
+    rows = g.op("Reshape", [deq, g.const(f"{p}/hidden_shape", [0, 0, k_blocks * block])], f"{p}/Rows")
     if k_blocks * block != k:  # the last block is zero-padded past `hidden`
-        new.append(helper.make_node("Slice", [f"{p}/padded", const("start", [0], np.int64), const("end", [k], np.int64),
-                                              f"{p}/last"], [out], name=f"{p}/Trim"))
-    table = gather.input[0]
-    nodes[gather_i:gather_i + 1] = new
-    graph.ClearField("node")
-    graph.node.extend(nodes)
-    kept = [t for t in graph.initializer if t.name != table]
-    graph.ClearField("initializer")
-    graph.initializer.extend(kept)
+        rows = g.op("Slice", [rows, g.const(f"{p}/start", [0]), g.const(f"{p}/end", [k]), last], f"{p}/Trim")
+    return rows
 
 
 # --------------------------------------------------------------------------------------------------
 # Writing
 
 
-def _weight_bytes(model) -> int:
-    return sum(len(t.raw_data) for t in model.graph.initializer)
+def onnx_save(model, path: Path) -> None:
+    """Saves a model whose big weights already live in external data next to `path`."""
+    import onnx
+
+    onnx.save_model(model, str(path))
+    _check_external_locations(path)
 
 
 def save_model(model, path: Path, external: bool) -> list[str]:
@@ -542,9 +609,6 @@ def export_onnx(hf_dir, out_dir, dtypes=("fp32", "q4"), *, overwrite: bool = Fal
         raise ExportError(f"{hf_dir}/tokenizer_config.json: no chat_template (transformers.js reads it only "
                           "from there); write the folder with `mlx-persona fuse`")
     out = check_output_dir(out_dir, overwrite, inputs=(hf_dir,))
-    if "q4" in dtypes and config.get("tie_word_embeddings") is False:
-        raise ExportError("q4 shares one 4-bit table between the embedding and the LM head, which needs "
-                          "tied embeddings (every Gemma 3 checkpoint has them)")
 
     t0 = time.perf_counter()
     weights = _load_weights(hf_dir)
@@ -552,14 +616,17 @@ def export_onnx(hf_dir, out_dir, dtypes=("fp32", "q4"), *, overwrite: bool = Fal
     with atomic_output_dir(out) as tmp:
         for dtype in dtypes:
             t = time.perf_counter()
-            model = build_decoder(config, weights, separate_lm_head=(dtype == "q4"))
-            if dtype == "q4":
-                model = quantize_q4(model)
             path = tmp / "onnx" / DTYPE_FILES[dtype]
-            use_external = dtype == "q4" or _weight_bytes(model) > EXTERNAL_DATA_THRESHOLD
-            save_model(model, path, use_external)
-            external[path.name] = use_external
-            del model
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if dtype == "q4":  # small: built in memory, weights saved beside it
+                save_model(build_decoder(config, weights, q4=True), path, external=True)
+                external[path.name] = True
+            elif sum(a.nbytes for a in weights.values()) > EXTERNAL_DATA_THRESHOLD:
+                onnx_save(build_decoder(config, weights, data_file=path.parent / (path.name + "_data")), path)
+                external[path.name] = True
+            else:
+                save_model(build_decoder(config, weights), path, external=False)
+                external[path.name] = False
             timings[dtype] = time.perf_counter() - t
             log(f"{dtype}: {path.relative_to(tmp)} in {timings[dtype]:.1f}s")
         out_config = dict(config)

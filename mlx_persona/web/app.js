@@ -2,7 +2,7 @@
 // the model, the runtime and its WebAssembly binaries are all served from this folder (no CDN).
 //
 // Query parameters: ?dtype=fp32|q4 (default: web.json's default), ?device=wasm|webgpu (default: WebGPU
-// when the browser has an adapter, else WASM).
+// when the browser has an adapter, else WASM), ?threads=N (WASM threads; default: onnxruntime's choice).
 // Test hook: window.__persona = { ready, error, dtype, device, dtypes, send(text, settings), reset(), load(dtype) }.
 
 import {
@@ -21,6 +21,9 @@ env.allowLocalModels = true;
 env.localModelPath = MODEL;
 env.useBrowserCache = false; // always the files on disk: a re-export must not be shadowed by a cache
 env.backends.onnx.wasm.wasmPaths = new URL("./vendor/ort/", location.href).href;
+if (new URLSearchParams(location.search).has("threads")) {
+  env.backends.onnx.wasm.numThreads = Number(new URLSearchParams(location.search).get("threads"));
+}
 
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
