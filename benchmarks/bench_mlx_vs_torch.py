@@ -223,19 +223,23 @@ def prepare_training(model_path: Path, data: Path, job: dict, tmp: Path) -> dict
 
 
 # ------------------------------------------------------------------------------------------ workers
+PEAK_SIZES = (1024, 2048, 3072)  # square matmuls; the best median of 5 is the peak
+QUICK = os.environ.get("BENCH_QUICK") == "1"  # smoke tests: small probes, numbers not meaningful
+
+
 def peak_matmul_mlx(dtype_name: str = "float32") -> float:
     import mlx.core as mx
 
     from mlx_persona.platform import matmul_gflops
 
-    return max(matmul_gflops(n, getattr(mx, dtype_name), trials=5) for n in (1024, 2048, 3072))
+    return max(matmul_gflops(n, getattr(mx, dtype_name), trials=5) for n in ((256,) if QUICK else PEAK_SIZES))
 
 
 def peak_matmul_torch(dtype, device: str = "cpu") -> float:
     import torch
 
     best = 0.0
-    for n in (1024, 2048, 3072):
+    for n in ((256,) if QUICK else PEAK_SIZES):
         a = torch.randn(n, n, device=device).to(dtype)
         b = torch.randn(n, n, device=device).to(dtype)
         a @ b
@@ -263,7 +267,7 @@ def read_bandwidth_mlx() -> float:
     """GB/s of a sum over a 1 GiB fp32 array (a read-bound reduction), median of 5."""
     import mlx.core as mx
 
-    x = mx.full((1 << 28,), 1.0)
+    x = mx.full((1 << (20 if QUICK else 28),), 1.0)
     mx.eval(x)
     times = []
     for _ in range(6):
@@ -276,7 +280,7 @@ def read_bandwidth_mlx() -> float:
 def read_bandwidth_torch(device: str = "cpu") -> float:
     import torch
 
-    x = torch.ones(1 << 28, device=device)
+    x = torch.ones(1 << (20 if QUICK else 28), device=device)
     times = []
     for _ in range(6):
         _sync(device)
@@ -287,7 +291,7 @@ def read_bandwidth_torch(device: str = "cpu") -> float:
 
 
 def worker_train_mlx(job: dict) -> dict:
-    """mlx_persona.train.train on the job's data; observes (never changes) its adapters and batches."""
+    """mlx_persona.train.train on the job's data; saves its initial adapters for the PyTorch run."""
     import mlx_persona  # noqa: F401  (fast BLAS before mlx.core)
     import mlx.core as mx
     import numpy as np
@@ -297,8 +301,7 @@ def worker_train_mlx(job: dict) -> dict:
     from mlx_persona.config import load_config
 
     peak = peak_matmul_mlx("float32")
-    seen = []
-    attach, collate = T.attach_adapters, T.collate
+    attach = T.attach_adapters
 
     def attach_and_save(model, *args, **kwargs):
         out = attach(model, *args, **kwargs)
@@ -306,24 +309,26 @@ def worker_train_mlx(job: dict) -> dict:
         np.savez(job["lora_init"], **init)
         return out
 
-    def collate_and_record(tokens, masks):
-        b = collate(tokens, masks)
-        seen.append([b.n_tokens, b.n_loss])
-        return b
-
-    T.attach_adapters, T.collate = attach_and_save, collate_and_record
+    T.attach_adapters = attach_and_save
     out = Path(job["tmp"]) / "mlx-out"
     cfg = load_config(None, {"model": job["model"], "data": job["data"], "output": str(out), "overwrite": True,
                              "steps": job["steps"], "batch_size": job["batch_size"], "max_seq_len": job["max_seq_len"],
                              "seed": job["seed"], "log_every": 1, "save_every": 0, "eval_every": 0,
                              "progress": False, **job["mlx_overrides"]})
+    wall, cpu = time.perf_counter(), time.process_time()
     summary = T.train(cfg, log=lambda *a, **k: None)
+    cpu_share = (time.process_time() - cpu) / (time.perf_counter() - wall) / os.cpu_count()
+    if not Path(job["lora_init"]).exists():
+        raise RuntimeError("mlx_persona.train no longer calls train.attach_adapters; update this benchmark")
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "loss" in r]
     return {"framework": "mlx_persona", "dtype": "float32", "device": str(mx.default_device()),
             "sec_per_step": [r["sec_per_step"] for r in rows], "loss": [r["loss"] for r in rows],
-            "batches_seen": seen, "peak_memory_gb_mlx": summary["peak_memory_gb"], "max_rss_gb": max_rss_gb(),
-            "peak_matmul_gflops": peak, "trainable_parameters": summary["trainable_parameters"]}
+            "batches_seen": [[round(r["tokens_per_sec"] * r["sec_per_step"]),
+                              round(r["loss_tokens_per_sec"] * r["sec_per_step"])] for r in rows],
+            "peak_memory_gb_mlx": summary["peak_memory_gb"], "max_rss_gb": max_rss_gb(),
+            "peak_matmul_gflops": peak, "trainable_parameters": summary["trainable_parameters"],
+            "cpu_share": cpu_share}
 
 
 def _torch_model(path, dtype_name: str, device: str):
@@ -370,6 +375,7 @@ def worker_train_torch(job: dict) -> dict:
     b1, b2 = o["betas"]
     secs, losses = [], []
     lm = model.base_model.model
+    wall, cpu = time.perf_counter(), time.process_time()
     for s in range(job["steps"]):
         tic = time.perf_counter()
         x = torch.from_numpy(batches[f"{s}_inputs"]).long().to(device)
@@ -401,17 +407,19 @@ def worker_train_torch(job: dict) -> dict:
         losses.append(loss.item())
         _sync(device)
         secs.append(time.perf_counter() - tic)
-    return {"framework": "torch", "dtype": "bfloat16 autocast (fp32 weights)" if autocast else "float32",
+    cpu_share = (time.process_time() - cpu) / (time.perf_counter() - wall) / os.cpu_count()
+    return {"cpu_share": cpu_share, "framework": "torch", "dtype": "bfloat16 autocast (fp32 weights)" if autocast else "float32",
             "device": device, "sec_per_step": secs, "loss": losses, "max_rss_gb": max_rss_gb(),
             "peak_matmul_gflops": peak, "trainable_parameters": sum(p.numel() for p in params),
             "torch_threads": torch.get_num_threads(), "loss_positions": job["torch_loss"]}
 
 
 def worker_generate_mlx(job: dict) -> dict:
+    """mlx-lm's decode loop with mlx_persona's sampler, timed exactly as benchmarks/bench_generate.py does."""
     import mlx_persona  # noqa: F401
     import mlx.core as mx
-    from mlx_lm import stream_generate
 
+    from benchmarks.bench_generate import _time_mlx
     from mlx_persona.models import load_model
     from mlx_persona.sampling import GenerationConfig, make_sampler_and_processors
 
@@ -419,20 +427,17 @@ def worker_generate_mlx(job: dict) -> dict:
     model, tok = load_model(job["model"], dtype="float32")
     cfg = GenerationConfig(max_new_tokens=job["new_tokens"], seed=job["seed"], **PERSONA)
     mx.reset_peak_memory()
+
+    def pair(prompt):
+        return make_sampler_and_processors(cfg, prompt_tokens=prompt, eos_token_ids=job["eos"])
+
+    _time_mlx(model, job["prompts"][0], 8, *pair(job["prompts"][0]))  # warm-up
     runs = []
-    for i, prompt in enumerate([job["prompts"][0]] + job["prompts"]):  # the first is a warm-up
-        mx.random.seed(job["seed"])
-        sampler, procs = make_sampler_and_processors(cfg, prompt_tokens=prompt, eos_token_ids=job["eos"])
-        times = []
-        t0 = time.perf_counter()
-        max_tokens = 8 if i == 0 else job["new_tokens"]
-        for _ in stream_generate(model, tok, prompt, max_tokens=max_tokens, sampler=sampler,
-                                 logits_processors=procs):
-            times.append(time.perf_counter())
-        if i:
-            runs.append({"prompt_tokens": len(prompt), "first_token_sec": times[0] - t0,
-                         "decode_sec": times[-1] - times[0], "new_tokens": len(times)})
-    return {"framework": "mlx_persona (mlx_lm.stream_generate + mlx_persona.sampling)", "dtype": "float32",
+    for prompt in job["prompts"]:
+        prompt_tps, decode_tps = _time_mlx(model, prompt, job["new_tokens"], *pair(prompt))
+        runs.append({"prompt_tokens": len(prompt), "first_token_sec": len(prompt) / prompt_tps,
+                     "decode_tps": decode_tps})
+    return {"framework": "mlx_persona (mlx_lm generate_step + mlx_persona.sampling)", "dtype": "float32",
             "device": str(mx.default_device()), "runs": runs, "peak_memory_gb_mlx": mx.get_peak_memory() / 1e9,
             "max_rss_gb": max_rss_gb(), "read_bandwidth_gbs": bw}
 
@@ -469,8 +474,8 @@ def worker_generate_torch(job: dict) -> dict:
                            pad_token_id=job["pad"], streamer=clock, **PERSONA)
         t = clock.times[1:]  # the first put() is the prompt
         if i:
-            runs.append({"prompt_tokens": len(prompt), "first_token_sec": t[0] - t0, "decode_sec": t[-1] - t[0],
-                         "new_tokens": len(t)})
+            runs.append({"prompt_tokens": len(prompt), "first_token_sec": t[0] - t0,
+                         "decode_tps": (len(t) - 1) / (t[-1] - t[0]), "new_tokens": len(t)})
     return {"framework": "torch (transformers generate)", "dtype": dtype_name, "device": device, "runs": runs,
             "max_rss_gb": max_rss_gb(), "read_bandwidth_gbs": bw, "torch_threads": torch.get_num_threads()}
 
@@ -500,7 +505,7 @@ def summarise_train(r: dict, prep: dict, timed: range, shape: dict, rank: int, h
            "max_rss_gb": r["max_rss_gb"], "peak_matmul_gflops": r["peak_matmul_gflops"],
            "model_tflops_per_step": model_flops / len(secs) / 1e12, "achieved_model_gflops": model_flops / t / 1e9,
            "mfu": model_flops / t / peak, "executed_gflops": executed / t / 1e9, "hfu": executed / t / peak,
-           "trainable_parameters": r["trainable_parameters"], "wall_sec": r["wall_sec"],
+           "trainable_parameters": r["trainable_parameters"], "wall_sec": r["wall_sec"], "cpu_share": r["cpu_share"],
            "load_avg_before": r["load_avg_before"], "load_avg_after": r["load_avg_after"]}
     if "peak_memory_gb_mlx" in r:
         out["peak_memory_gb_mlx"] = r["peak_memory_gb_mlx"]
@@ -525,7 +530,8 @@ def run_train(a, tmp: Path) -> dict:
     mlx_r = run_worker("train_mlx", {**job, "tag": "mlx"}, tmp)
     expected = [[m["n_tokens"], m["n_loss"]] for m in prep["meta"]]
     if mlx_r["batches_seen"] != expected:
-        raise SystemExit("mlx_persona.train visited different batches than the ones prepared for PyTorch")
+        raise SystemExit("mlx_persona.train visited different batches than the ones prepared for PyTorch: "
+                         f"{mlx_r['batches_seen']} != {expected}")
     results["mlx_persona"] = summarise_train(mlx_r, prep, timed, shape, a.rank, "loss")
     for dt in (["float32", "bfloat16"] if a.torch_dtype == "both" else [a.torch_dtype]):
         print(f"train: torch {dt} ...", file=sys.stderr)
@@ -559,21 +565,17 @@ def run_train(a, tmp: Path) -> dict:
 def run_generate(a, tmp: Path) -> dict:
     from mlx_lm.utils import load_tokenizer
 
-    from mlx_persona import data as data_mod
+    from mlx_persona.generation import build_prompt, end_token_ids
 
     model = bench_model(a.preset)
     tok = load_tokenizer(model)
-    hf = tok._tokenizer
     prompts = [json.loads(l)["prompt"] for l in (REPO / "data/bluey/eval_prompts.jsonl").read_text().splitlines()
                if l.strip()][:a.prompts]
     convs = [json.loads(l)["messages"] for l in (REPO / "data/bluey/valid.jsonl").read_text().splitlines() if l.strip()]
     long_conv = max(convs, key=lambda m: sum(len(x["content"]) for x in m)) + [{"role": "user", "content": prompts[0]}]
-    examples = [[{"role": "user", "content": p}] for p in prompts] + [long_conv]
-    ids = [hf(data_mod.render(tok, data_mod.Example(messages=m), add_generation_prompt=True),
-              add_special_tokens=False)["input_ids"] for m in examples]
-    eos = [hf.convert_tokens_to_ids("<eos>"), hf.convert_tokens_to_ids("<end_of_turn>")]
-    job = {"model": str(model), "prompts": ids, "new_tokens": a.new_tokens, "seed": 0, "eos": eos,
-           "pad": hf.convert_tokens_to_ids("<pad>")}
+    ids = [build_prompt(tok, p) for p in prompts] + [build_prompt(tok, long_conv)]
+    job = {"model": str(model), "prompts": ids, "new_tokens": a.new_tokens, "seed": 0,
+           "eos": end_token_ids(tok, model), "pad": tok._tokenizer.pad_token_id or 0}
     shape = model_shape(model)
     results = {}
     print(f"generate: {a.preset}, mlx_persona ...", file=sys.stderr)
@@ -585,19 +587,17 @@ def run_generate(a, tmp: Path) -> dict:
     for k, r in runs.items():
         short, long_ = r["runs"][:n_short], r["runs"][n_short]
         bytes_per = 2 if r["dtype"] == "bfloat16" else 4
-        dec_tok = sum(x["new_tokens"] - 1 for x in r["runs"])
-        dec_sec = sum(x["decode_sec"] for x in r["runs"])
-        ctx = statistics.mean(x["prompt_tokens"] + x["new_tokens"] / 2 for x in r["runs"])
+        decode_tps = statistics.median(x["decode_tps"] for x in r["runs"])
+        ctx = statistics.mean(x["prompt_tokens"] for x in r["runs"]) + a.new_tokens / 2
         per_token = decode_bytes(shape, bytes_per, int(ctx))
-        decode_tps = dec_tok / dec_sec
         results[k] = {"framework": r["framework"], "dtype": r["dtype"], "device": r["device"],
                       "decode_tokens_per_sec": decode_tps,
-                      "prompt_tokens_per_sec_short": sum(x["prompt_tokens"] for x in short)
-                      / sum(x["first_token_sec"] for x in short),
+                      "prompt_tokens_per_sec_short": statistics.median(x["prompt_tokens"] / x["first_token_sec"]
+                                                                       for x in short),
                       "prompt_tokens_per_sec_long": long_["prompt_tokens"] / long_["first_token_sec"],
                       "first_token_sec_short_median": statistics.median(x["first_token_sec"] for x in short),
                       "short_prompt_tokens": [x["prompt_tokens"] for x in short],
-                      "long_prompt_tokens": long_["prompt_tokens"], "new_tokens": [x["new_tokens"] for x in r["runs"]],
+                      "long_prompt_tokens": long_["prompt_tokens"], "runs": r["runs"],
                       "bytes_per_decoded_token": per_token, "decode_bandwidth_gbs": per_token * decode_tps / 1e9,
                       "read_bandwidth_gbs": r["read_bandwidth_gbs"], "max_rss_gb": r["max_rss_gb"],
                       "wall_sec": r["wall_sec"], "load_avg_before": r["load_avg_before"],
@@ -605,6 +605,9 @@ def run_generate(a, tmp: Path) -> dict:
         if "peak_memory_gb_mlx" in r:
             results[k]["peak_memory_gb_mlx"] = r["peak_memory_gb_mlx"]
     return {"preset": a.preset, "settings": PERSONA, "max_new_tokens": a.new_tokens, "results": results,
+            "timing": "prompt tokens/s = prompt tokens / time to the first new token; decode tokens/s = "
+                      "(new tokens - 1) / time from the first to the last new token (as bench_generate.py); "
+                      "medians over the prompts",
             "bytes_formula": "bytes per decoded token = (linear weights + the whole tied LM head V*D) * bytes per "
                              "weight + KV cache read (2 * kv_heads * head_dim * context per layer, window-limited "
                              "on sliding layers) at the mean context; bandwidth = that * decode tokens/s. "
@@ -659,7 +662,8 @@ def train_markdown(t: dict, chart_rel: str | None) -> str:
                      f"{v.get('peak_memory_gb_mlx', float('nan')):.2f} | {v['first_loss']:.4f} | {v['final_loss']:.4f} | "
                      f"{v['peak_matmul_gflops']:.0f} | {v['achieved_model_gflops']:.1f} | {100 * v['mfu']:.1f}% | "
                      f"{v['executed_gflops']:.1f} |")
-    loads = ", ".join(f"{_name(k, v)} {v['load_avg_before'][0]}→{v['load_avg_after'][0]}" for k, v in res.items())
+    loads = ", ".join(f"{_name(k, v)} {v['load_avg_before'][0]}→{v['load_avg_after'][0]} (got "
+                      f"{100 * v['cpu_share']:.0f}% of the cores while training)" for k, v in res.items())
     lines += ["", f"mlx_persona / best PyTorch ({t['best_torch']}) tokens/s: **{t['ratio_tokens_per_sec_vs_best_torch']:.2f}x** "
               f"(target >= 1.0); mlx_persona MFU **{100 * res['mlx_persona']['mfu']:.1f}%** (target >= 40% at gemma-3-270m). "
               f"Loss agreement: " + ", ".join(f"{k} {v:.2g}" for k, v in t["checks"].items()) + ".",
@@ -679,7 +683,7 @@ def generate_markdown(g: dict, chart_rel: str | None) -> str:
              f"({', '.join(f'{k}={v}' for k, v in g['settings'].items())}), up to {g['max_new_tokens']} new tokens, "
              f"batch 1; {len(any_r['short_prompt_tokens'])} eval prompts ({min(any_r['short_prompt_tokens'])}-"
              f"{max(any_r['short_prompt_tokens'])} tokens) + one {any_r['long_prompt_tokens']}-token multi-turn prompt",
-             "", "| framework | device | dtype | decode tokens/s | prompt tokens/s (short) | prompt tokens/s (long) | "
+             "", "| framework | device | dtype | decode tokens/s | prompt tokens/s (short, median) | prompt tokens/s (long) | "
              "first token s (short, median) | weight+KV bytes/token | decode GB/s | read GB/s (1 GiB sum) | "
              "peak RSS GB |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for k, v in res.items():
@@ -688,7 +692,7 @@ def generate_markdown(g: dict, chart_rel: str | None) -> str:
                      f"{v['first_token_sec_short_median']:.3f} | {v['bytes_per_decoded_token'] / 1e6:.0f} MB | "
                      f"{v['decode_bandwidth_gbs']:.1f} | {v['read_bandwidth_gbs']:.1f} | {v['max_rss_gb']:.2f} |")
     loads = ", ".join(f"{_name(k, v)} {v['load_avg_before'][0]}→{v['load_avg_after'][0]}" for k, v in res.items())
-    lines += ["", f"{g['bytes_formula']} 1-min load average before→after: {loads}."]
+    lines += ["", f"{g['timing']}. {g['bytes_formula']} 1-min load average before→after: {loads}."]
     if chart_rel:
         lines += ["", f"![generation chart]({chart_rel})"]
     return "\n".join(lines)
@@ -713,6 +717,7 @@ def main(argv=None):
     p.add_argument("--out", default=str(REPO / "benchmarks" / "out"))
     p.add_argument("--charts", default=str(REPO / "benchmarks" / "charts"))
     p.add_argument("--no-results", action="store_true", help="do not append to benchmarks/RESULTS.md")
+    p.add_argument("--quick", action="store_true", help="tiny peak/bandwidth probes (smoke tests only)")
     p.add_argument("--worker", choices=list(WORKERS), help=argparse.SUPPRESS)
     p.add_argument("--job", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
@@ -721,6 +726,8 @@ def main(argv=None):
         write_json(Path(a.result), WORKERS[a.worker](json.loads(Path(a.job).read_text())))
         return None
 
+    if a.quick:
+        os.environ["BENCH_QUICK"] = "1"  # read by the workers
     command = "python benchmarks/bench_mlx_vs_torch.py " + " ".join(argv if argv is not None else sys.argv[1:])
     out, charts = Path(a.out), Path(a.charts)
     result = {"benchmark": "mlx_persona vs PyTorch", "command": command.strip(), "machine": machine_info(),
@@ -750,6 +757,8 @@ def main(argv=None):
             md.append(generate_markdown(g, _link(png)))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if a.quick:
+            os.environ.pop("BENCH_QUICK", None)
     result["load_avg_end"] = load_avg()
     text = "\n\n".join(md)
     write_json(out / f"bench_mlx_vs_torch_{a.preset}.json", result)

@@ -246,8 +246,9 @@ def mismatch(weights: dict, optimizer_state: dict, weights_like: dict, optimizer
         weights_like: the model's trainable parameters, flat.
         optimizer_like: the freshly initialised optimizer state tree.
     """
-    for what, got, want in (("weights", weights, weights_like),
-                            ("optimizer state", dict(tree_flatten(optimizer_state)), dict(tree_flatten(optimizer_like)))):
+    pairs = (("weights", weights, weights_like),
+             ("optimizer state", dict(tree_flatten(optimizer_state)), dict(tree_flatten(optimizer_like))))
+    for what, got, want in pairs:
         missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
         if missing or extra:
             return (f"its {what} do not match this model ({len(missing)} missing, e.g. {missing[:2]}; "
@@ -263,7 +264,7 @@ def broadcast(found, weights_like: dict, optimizer_like: dict):
     """Rank 0's :func:`load_latest` result, on every rank of a data-parallel run.
 
     Only rank 0 reads the output folder (on several machines the others may not have it). The rest
-    receive it through ``all_sum`` with zeros, which is exact. `weights_like` (flat) and
+    receive it through ``all_sum`` with (negative) zeros, which is exact. `weights_like` (flat) and
     `optimizer_like` (a tree) give the names and shapes, which every rank knows from its own model
     and optimizer; rank 0 has checked that the checkpoint matches them.
 
@@ -273,7 +274,9 @@ def broadcast(found, weights_like: dict, optimizer_like: dict):
     rank = mx.distributed.init().rank()
 
     def share(x):
-        return mx.distributed.all_sum(x if rank == 0 else mx.zeros_like(x))
+        # The others add -0.0: x + (-0.0) == x for every x, including -0.0 (which + 0.0 would turn into 0.0).
+        zero = mx.full(x.shape, -0.0, x.dtype) if mx.issubdtype(x.dtype, mx.floating) else mx.zeros_like(x)
+        return mx.distributed.all_sum(x if rank == 0 else zero)
 
     if not mx.distributed.all_sum(mx.array(int(rank == 0 and found is not None))).item():
         return None

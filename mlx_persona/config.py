@@ -7,6 +7,7 @@ values raise :class:`ConfigError` naming the key, before any model is loaded.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -83,8 +84,16 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         """Checks values that types alone cannot; returns self."""
+        finite = [k for k in ("lora.alpha", "optim.learning_rate", "optim.weight_decay", "optim.eps",
+                              "optim.min_lr_ratio", "optim.max_grad_norm") if not math.isfinite(_get(self, k))]
+        finite += [f"optim.betas[{i}]" for i, b in enumerate(self.optim.betas) if not math.isfinite(b)]
+        if finite:
+            raise ConfigError(f"{finite[0]}: must be a finite number (got {_get(self, finite[0].split('[')[0])!r})")
         checks = [
             (self.method in ("lora", "dora", "full"), "method", "must be lora, dora or full"),
+            (self.output.strip() != "", "output", "must name a folder"),
+            (self.model.strip() != "", "model", "must name a model"),
+            (0 <= self.seed < 2**32, "seed", "must be in [0, 2**32)"),
             (self.on_long in ("truncate", "drop", "error"), "on_long", "must be truncate, drop or error"),
             (self.batch_size >= 1, "batch_size", "must be >= 1"),
             (self.epochs >= 1 or self.steps >= 1, "epochs", "must be >= 1 (or set steps)"),
@@ -98,6 +107,7 @@ class TrainConfig:
             (self.lora.num_layers == -1 or self.lora.num_layers >= 1, "lora.num_layers", "must be -1 or >= 1"),
             (self.optim.learning_rate > 0, "optim.learning_rate", "must be > 0"),
             (self.optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0"),
+            (self.optim.eps > 0, "optim.eps", "must be > 0"),
             (len(self.optim.betas) == 2 and all(0 <= b < 1 for b in self.optim.betas), "optim.betas",
              "must be two numbers in [0, 1)"),
             (self.optim.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0"),

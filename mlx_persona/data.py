@@ -250,6 +250,10 @@ def _parse_line(raw: bytes, source: str, system_ok: bool) -> tuple[Example | Non
         obj = json.loads(line)
     except json.JSONDecodeError as err:
         return None, [f"bad JSON: {err.msg} (column {err.colno})"]
+    except ValueError as err:  # e.g. an integer longer than Python's int-conversion limit
+        return None, [f"bad JSON: {err}"]
+    except RecursionError:
+        return None, ["bad JSON: nested too deeply"]
     if not isinstance(obj, dict):
         return None, [f"expected a JSON object, got {_json_type(obj)}"]
     fmt, problem = _detect_format(obj)
@@ -308,6 +312,10 @@ def _text_field(obj: dict, key: str, where: str = "", optional: bool = False) ->
         return None, f"{where}'{key}' must be a string, got {_json_type(value)}"
     if not value.strip():
         return None, f"{where}'{key}' is empty"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:  # JSON escapes like "\ud800" decode to unpaired surrogates
+        return None, f"{where}'{key}' is not valid Unicode (unpaired surrogate {value[err.start]!r})"
     return value, None
 
 

@@ -184,6 +184,9 @@ def init_model(out: str | Path, preset: str, *, seed: int = 0, overwrite: bool =
             {"preset": preset, "seed": seed, "random_weights": True, "mlx_persona": __version__,
              "tokenizer_data": _data_fingerprint(data_dir)}, indent=2) + "\n")
         if out.exists():
+            if not overwrite:  # another process (e.g. a second rank) built it meanwhile: keep theirs
+                shutil.rmtree(tmp, ignore_errors=True)
+                return out
             shutil.rmtree(out)
         os.replace(tmp, out)
     except BaseException:
@@ -205,7 +208,7 @@ def builtin_path(name: str) -> Path:
     key = f"{base}-{_data_fingerprint(DEFAULT_DATA)}-v{__version__}"
     path = cache_dir() / "models" / key
     if not (path / "config.json").exists():
-        init_model(path, base, overwrite=True)
+        init_model(path, base)
     return path
 
 

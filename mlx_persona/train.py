@@ -13,6 +13,7 @@ PRNG key, so a resumed run computes the same steps, bit for bit, as one that was
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -117,14 +118,27 @@ def _prepare_output(out: Path, cfg: TrainConfig, resume: bool, force: bool) -> N
         if not cfg.overwrite:
             raise TrainingError(f"{out}: already exists and is not empty. Pass --overwrite to replace it, "
                                 "--resume to continue it, or choose another --output.")
+        if not (out / "config.yaml").is_file():  # --overwrite deletes earlier runs, nothing else
+            raise TrainingError(f"{out}: is not the output folder of a run (no config.yaml); refusing to "
+                                "delete it. Choose another --output.")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
 
 
-def _resume(out: Path, model, optimizer, rank: int, size: int, log) -> dict | None:
+def _data_id(ds) -> str:
+    """A fingerprint of the encoded training set (tokens and loss masks): what the batch plan depends on."""
+    h = hashlib.sha256()
+    for tokens, mask in zip(ds.tokens, ds.masks):
+        h.update(np.int64(len(tokens)).tobytes() + tokens.astype(np.int32).tobytes())
+        h.update(mask.astype(np.uint8).tobytes())
+    return h.hexdigest()[:16]
+
+
+def _resume(out: Path, model, optimizer, data_id: str, force: bool, rank: int, size: int, log) -> dict | None:
     """Loads the newest intact checkpoint into the model, the optimizer and the PRNG.
 
-    Rank 0 reads it and checks that it fits this model; other ranks receive it from rank 0.
+    Rank 0 reads it and checks that it fits this model and data (unless `force`); other ranks receive it
+    from rank 0.
 
     Returns:
         The checkpoint's loop state, or None when there is no checkpoint yet (a run stopped before its
@@ -140,6 +154,9 @@ def _resume(out: Path, model, optimizer, rank: int, size: int, log) -> dict | No
         problem = found and ckpt.mismatch(found[1], found[2], weights_like, optimizer.state)
         if problem:
             raise TrainingError(f"{found[0]}: cannot resume from it: {problem}")
+        if found and found[3].get("data") != data_id and not force:
+            raise TrainingError(f"{found[0]}: the training data (its tokens or loss masks) differ from the run "
+                                "being resumed. Use the same data and model, or pass --force to resume anyway.")
     if size > 1:
         found = ckpt.broadcast(found, weights_like, optimizer.state)
     if found is None:
@@ -258,8 +275,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False, log=pr
     if len(train_ds.tokens) < cfg.batch_size:
         raise ConfigError(f"batch_size: {cfg.batch_size} is larger than the {len(train_ds.tokens)} training examples")
 
-    adapter_config = attach_adapters(model, cfg.method, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout,
-                                     cfg.lora.modules, cfg.lora.num_layers)
+    try:
+        adapter_config = attach_adapters(model, cfg.method, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout,
+                                         cfg.lora.modules, cfg.lora.num_layers)
+    except ValueError as e:  # e.g. lora.modules names a layer this model does not have
+        raise ConfigError(str(e)) from None
     adapter_config.update({"model": str(base), "model_spec": cfg.model})
     n_trainable = trainable_parameter_count(model)
     log(f"model: {cfg.model} ({base}); method {cfg.method}; {n_trainable:,} trainable parameters")
@@ -282,9 +302,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False, log=pr
     optimizer.init(model.trainable_parameters())
 
     loop = {"step": 0, "epoch": 0, "batch": 0, "best_val": None, "best_step": None, "bad_evals": 0,
-            "tokens": 0, "loss_tokens": 0, "train_time": 0.0}
+            "stop_reason": "completed", "tokens": 0, "loss_tokens": 0, "train_time": 0.0}
+    data_id = _data_id(train_ds)
     if resume:
-        loop = _resume(out, model, optimizer, rank, size, log) or loop
+        loop = _resume(out, model, optimizer, data_id, force, rank, size, log) or loop
         log(f"resuming at step {loop['step']} of {total_steps} (epoch {loop['epoch']}, batch {loop['batch']})")
         if rank == 0:
             _truncate_metrics(out / "metrics.jsonl", loop["step"])
@@ -326,17 +347,15 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False, log=pr
         if rank != 0:
             return
         weights = dict(tree_flatten(model.trainable_parameters()))
-        saved = {"loop": loop, "rng": ckpt.rng_state(), "config": to_dict(cfg)}
+        saved = {"loop": loop, "rng": ckpt.rng_state(), "config": to_dict(cfg), "data": data_id}
         ckpt.save_checkpoint(out / "checkpoints", loop["step"], weights, optimizer.state, saved)
         keep = {loop["best_step"]} if loop["best_step"] is not None else set()
         ckpt.prune(out / "checkpoints", cfg.keep_checkpoints, keep)
 
-    metrics = open(out / "metrics.jsonl", "a") if rank == 0 else None
-
     def record(row):
-        if metrics:
-            metrics.write(json.dumps(row) + "\n")
-            metrics.flush()
+        if rank == 0:
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
 
     # --- the loop -----------------------------------------------------------------------------------
     model.train()
@@ -344,9 +363,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False, log=pr
     progress.start(loop["step"])
     mx.reset_peak_memory()
     window = {"loss": 0.0, "n": 0, "tokens": 0, "loss_tokens": 0, "time": 0.0}
-    stop_reason = "completed"
+    stop_reason = loop.get("stop_reason", "completed")  # an early-stopped run stays stopped when resumed
     with _StopFlag() as stop:
-        while loop["step"] < total_steps:
+        while loop["step"] < total_steps and stop_reason == "completed":
             tic = time.perf_counter()
             # The global batches of this step's micro-batches, in the epoch's order.
             micro = []
@@ -409,6 +428,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False, log=pr
                     loop["bad_evals"] += 1
                     if cfg.early_stopping_patience and loop["bad_evals"] >= cfg.early_stopping_patience:
                         stop_reason = f"early stopping: no improvement in {loop['bad_evals']} evaluations"
+                        loop["stop_reason"] = stop_reason
             if (cfg.save_every and step % cfg.save_every == 0) or step == total_steps or \
                     stopping or stop_reason != "completed":
                 save_state()
@@ -419,11 +439,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False, log=pr
                                   f"checkpoint saved in {out / 'checkpoints'}. Resume with:\n"
                                   f"  {how} --config {out / 'config.yaml'} --resume",
                                   stop.exit_code or 143)
-            if stop_reason != "completed":
-                break
     progress.close()
-    if metrics:
-        metrics.close()
 
     # --- results ------------------------------------------------------------------------------------
     summary = {

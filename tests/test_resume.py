@@ -64,7 +64,7 @@ def test_checkpoint_holds_the_whole_state(runs):
     # 12 examples in batches of 4: 3 batches per epoch, so step 4 is one batch into epoch 1.
     assert {k: state["loop"][k] for k in ("step", "epoch", "batch")} == {"step": 4, "epoch": 1, "batch": 1}
     assert state["loop"]["best_step"] in (2, 4) and state["loop"]["best_val"] is not None
-    assert len(state["rng"]) == 2 and state["config"]["lora"]["dropout"] == 0.1
+    assert len(state["rng"]) == 2 and state["config"]["lora"]["dropout"] == 0.1 and len(state["data"]) == 16
     opt = mx.load(str(path / "optimizer.safetensors"))
     assert opt["step"].item() == 4  # the schedule position
     assert any(k.endswith(".m") for k in opt) and any(k.endswith(".v") for k in opt)
@@ -135,6 +135,16 @@ def test_changed_config_names_the_keys_and_stops_unless_forced(runs, tmp_path):
     assert not bitwise_equal(runs["ref"] / "adapters.safetensors", out / "adapters.safetensors")
 
 
+def test_changed_training_data_stops_unless_forced(runs, tmp_path):
+    """Same config, but the data the checkpoint was trained on (its fingerprint) is not this data."""
+    out = copy_run(runs["stopped"], tmp_path / "data-changed")
+    path, weights, opt, state = ckpt.load_latest(out / "checkpoints", log=lambda m: None)
+    state["data"] = "0123456789abcdef"
+    ckpt.save_checkpoint(out / "checkpoints", state["loop"]["step"], weights, opt, state)
+    with pytest.raises(TrainingError, match="training data .* differ from the run being resumed"):
+        train(runs["cfg"](out), resume=True, **quiet)
+
+
 def test_resume_without_a_run_or_with_every_checkpoint_damaged_fails_clearly(runs, tmp_path):
     with pytest.raises(TrainingError, match="nothing to resume"):
         train(runs["cfg"](tmp_path / "none"), resume=True, **quiet)
@@ -144,3 +154,14 @@ def test_resume_without_a_run_or_with_every_checkpoint_damaged_fails_clearly(run
     with pytest.raises(TrainingError, match="every checkpoint is damaged"):
         train(runs["cfg"](out), resume=True, **quiet)
     shutil.rmtree(out)
+
+
+def test_an_early_stopped_run_stays_stopped_when_resumed(runs, tmp_path):
+    """Killed after its early-stopping checkpoint but before writing the results: resuming only writes them."""
+    out = copy_run(runs["stopped"], tmp_path / "early")
+    path, weights, opt, state = ckpt.load_latest(out / "checkpoints", log=lambda m: None)
+    state["loop"]["stop_reason"] = "early stopping: no improvement in 1 evaluations"
+    ckpt.save_checkpoint(out / "checkpoints", 4, weights, opt, state)
+    summary = train(runs["cfg"](out), resume=True, **quiet)
+    assert summary["steps"] == 4 and summary["stop_reason"].startswith("early stopping")
+    assert bitwise_equal(path / "weights.safetensors", out / "adapters.safetensors")

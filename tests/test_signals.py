@@ -70,10 +70,9 @@ def _poison_at(calls: int, value: float):
     return poisoned
 
 
-@pytest.mark.parametrize("value", [float("nan"), float("inf")])
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_path, small_data, tmp_path, monkeypatch,
-                                                                  value):
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_path, small_data, tmp_path, monkeypatch):
     out = tmp_path / "run"
+    value = float("nan")
     monkeypatch.setattr(train_mod, "shard_batch", _poison_at(4, value))
     cfg = config(tiny_path, small_data, out, save_every=1, keep_checkpoints=1)
     with pytest.raises(TrainingError) as info:
@@ -89,18 +88,19 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_path, sma
     assert all(np.isfinite(v) for r in metrics(out) for k, v in r.items() if isinstance(v, float))
 
 
-def test_non_finite_gradient_stops_before_the_update(tiny_path, small_data, tmp_path, monkeypatch):
-    """A finite loss with a NaN gradient (injected into the gradient reduction) is caught by the norm check."""
+def test_infinite_gradient_stops_before_the_update(tiny_path, small_data, tmp_path, monkeypatch):
+    """A finite loss with an infinite gradient (injected into the gradient reduction) is caught by the norm
+    check, through the CLI: a clear message, exit code 1, nothing written."""
     out = tmp_path / "run"
-    monkeypatch.setattr(train_mod, "average_gradients", _nan_tree)
+    monkeypatch.setattr(train_mod, "average_gradients", _inf_tree)
     result = CliRunner().invoke(main, ["train", *cli_args(tiny_path, small_data, out, save_every=1)])
     assert result.exit_code == 1, result.output
-    assert "gradient norm became nan at step 1" in result.output
+    assert "gradient norm became inf at step 1" in result.output
     assert "no checkpoint had been written yet" in result.output and "Traceback" not in result.output
     assert ckpt.list_checkpoints(out / "checkpoints") == [] and not (out / "adapters.safetensors").exists()
 
 
-def _nan_tree(tree):
+def _inf_tree(tree):
     from mlx.utils import tree_map
 
-    return tree_map(lambda g: g * mx.array(float("nan"), dtype=g.dtype), tree)
+    return tree_map(lambda g: g + mx.array(float("inf"), dtype=g.dtype), tree)

@@ -1,0 +1,145 @@
+"""Data-parallel training with mx.distributed: two local processes over the ring backend compute what one
+process computes for the same global batch, and only rank 0 writes."""
+
+import json
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+
+from mlx_persona import checkpoint as ckpt
+from mlx_persona.train import train
+from training_runs import REPO, bitwise_equal, cli_args, config, copy_run, metrics, reference_run
+
+LAUNCH = Path(sys.executable).parent / "mlx.launch"
+# Dropout off: the two runs draw different random numbers. 9 examples in batches of 4 make global batches of
+# 4, 4 and 1: the last leaves rank 1 with nothing (it joins with a zero-loss stand-in), the others split 2/2.
+DIST = {"steps": 4, "lora.dropout": 0.0, "eval_every": 2}
+
+
+@pytest.fixture(scope="module")
+def nine(small_data, tmp_path_factory):
+    data = tmp_path_factory.mktemp("nine")
+    lines = (small_data / "train.jsonl").read_text().splitlines()[:9]
+    (data / "train.jsonl").write_text("\n".join(lines) + "\n")
+    shutil.copy(small_data / "valid.jsonl", data / "valid.jsonl")
+    return data
+
+
+def _free_ports(n: int) -> int:
+    """A port p with p..p+n-1 free (the ring backend listens on consecutive ports)."""
+    rng = random.Random(os.getpid())
+    for _ in range(100):
+        start = rng.randrange(20000, 60000)
+        try:
+            socks = []
+            for p in range(start, start + n):
+                s = socket.socket()
+                s.bind(("127.0.0.1", p))
+                socks.append(s)
+            return start
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free ports")
+
+
+def _launch(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    """`mlx.launch -n 2 --backend ring -- python -m mlx_persona.train ARGS` on localhost."""
+    cmd = [str(LAUNCH), "-n", "2", "--backend", "ring", "--starting-port", str(_free_ports(2)), "--",
+           sys.executable, "-m", "mlx_persona.train", *args]
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}  # one BLAS thread per process: they share the cores
+    proc = subprocess.run(cmd, cwd=REPO, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          timeout=timeout)
+    # mlx.launch exits 0 even when a rank fails; it prints a warning naming the rank instead.
+    assert proc.returncode == 0 and "exited with code" not in proc.stderr and "was killed" not in proc.stderr, \
+        proc.stderr[-3000:]
+    return proc
+
+
+def _rel(a: mx.array, b: mx.array) -> float:
+    return (mx.abs(a - b).max() / mx.maximum(mx.abs(b).max(), 1e-12)).item()
+
+
+@pytest.mark.skipif(not LAUNCH.exists(), reason="mlx.launch is not installed next to this Python")
+def test_two_ring_processes_match_one_process(tiny_path, nine, tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist")
+    ref = reference_run(tiny_path, nine, root, **DIST)
+    out = root / "two"
+    proc = _launch(cli_args(tiny_path, nine, out, **DIST))
+    assert (out / "summary.json").exists(), proc.stderr[-3000:]
+    one, two = json.loads((ref / "summary.json").read_text()), json.loads((out / "summary.json").read_text())
+    assert two["steps"] == one["steps"] == 4
+    assert two["tokens"] == one["tokens"] and two["loss_tokens"] == one["loss_tokens"]  # every example, once
+
+    m1, m2 = metrics(ref), metrics(out)
+    assert [(r["step"], "loss" in r) for r in m1] == [(r["step"], "loss" in r) for r in m2]
+    for r1, r2 in zip(m1, m2):
+        for key in ("loss", "val_loss", "grad_norm"):
+            if key in r1:
+                assert r2[key] == pytest.approx(r1[key], rel=1e-4), (key, r1, r2)
+    w1, w2 = mx.load(str(ref / "adapters.safetensors")), mx.load(str(out / "adapters.safetensors"))
+    assert sorted(w1) == sorted(w2)
+    worst = max(_rel(w2[k], w1[k]) for k in w1)
+    print(f"2 processes vs 1: adapters max relative diff {worst:.2e}")
+    assert worst <= 1e-4
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in ref.iterdir())
+
+
+def test_rank_other_than_0_writes_nothing(tiny_path, nine, tmp_path, monkeypatch):
+    """The same run as rank 1 (of a stand-in group of one, so no collectives): nothing is created,
+    including on resume."""
+
+    class Rank1:
+        def rank(self):
+            return 1
+
+        def size(self):
+            return 1
+
+    monkeypatch.setattr(mx.distributed, "init", lambda *a, **k: Rank1())
+    out = tmp_path / "out"
+    cfg = config(tiny_path, nine, out, steps=2, save_every=1, eval_every=1)
+    lines = []
+    summary = train(cfg, log=lines.append)
+    assert summary["steps"] == 2 and lines == []  # rank != 0 does not log either
+    assert not out.exists()
+    train(cfg, resume=True, log=lines.append)
+    assert not out.exists()
+
+
+def test_broadcast_of_a_checkpoint_is_exact_for_one_process(tmp_path):
+    """`checkpoint.broadcast` in a group of one returns what it was given (the all_sum with zeros is exact)."""
+    w = {"a": mx.array([1.5, -2.25]), "b": mx.ones((2, 3), mx.bfloat16)}
+    opt = {"step": mx.array(7, mx.uint64), "learning_rate": mx.array(1e-3), "a": {"m": mx.array([0.1, 0.2])}}
+    found = (tmp_path / "step-00000007", w, opt, {"loop": {"step": 7}, "rng": [1, 2]})
+    path, w2, opt2, state = ckpt.broadcast(found, w, opt)
+    assert path == found[0] and state == found[3]
+    assert all(mx.array_equal(w[k], w2[k]) and w[k].dtype == w2[k].dtype for k in w)
+    assert opt2["step"].item() == 7 and opt2["step"].dtype == mx.uint64
+    assert mx.array_equal(opt2["a"]["m"], opt["a"]["m"])
+    assert ckpt.broadcast(None, w, opt) is None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not LAUNCH.exists(), reason="mlx.launch is not installed next to this Python")
+def test_two_process_resume_is_exact(tiny_path, nine, tmp_path):
+    """With dropout on: every rank seeds the same key and draws as often, so rank 0's saved key is every
+    rank's; rank 0 reads the checkpoint and broadcasts it."""
+    changes = {**DIST, "lora.dropout": 0.1, "save_every": 2}
+    full = tmp_path / "full"
+    _launch(cli_args(tiny_path, nine, full, **changes))
+    cut = copy_run(full, tmp_path / "cut")
+    shutil.rmtree(cut / "checkpoints" / "step-00000004")
+    (cut / "adapters.safetensors").unlink()
+    _launch(cli_args(tiny_path, nine, cut, **changes) + ["--resume"])
+    assert bitwise_equal(full / "adapters.safetensors", cut / "adapters.safetensors")
+    assert [(r["step"], r.get("loss")) for r in metrics(cut)] == [(r["step"], r.get("loss")) for r in metrics(full)]
