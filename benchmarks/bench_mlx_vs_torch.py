@@ -263,6 +263,39 @@ def _sync(device: str) -> None:
         torch.mps.synchronize()
 
 
+EXP_SHAPE = (840, 32768)  # one vocabulary chunk of logits at ~840 loss positions
+
+
+def exp_rate_mlx() -> float:
+    """Million exp()/s over fp32 logits-sized data: the elementwise cost of a softmax over the vocabulary."""
+    import mlx.core as mx
+
+    x = mx.random.normal((64, 1024) if QUICK else EXP_SHAPE)
+    mx.eval(x)
+    mx.eval(mx.exp(x))
+    times = []
+    for _ in range(3):
+        t = time.perf_counter()
+        mx.eval(mx.exp(x))
+        times.append(time.perf_counter() - t)
+    return x.size / statistics.median(times) / 1e6
+
+
+def exp_rate_torch(device: str = "cpu") -> float:
+    import torch
+
+    x = torch.randn(*((64, 1024) if QUICK else EXP_SHAPE), device=device)
+    torch.exp(x)
+    times = []
+    for _ in range(3):
+        _sync(device)
+        t = time.perf_counter()
+        torch.exp(x)
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    return x.numel() / statistics.median(times) / 1e6
+
+
 def read_bandwidth_mlx() -> float:
     """GB/s of a sum over a 1 GiB fp32 array (a read-bound reduction), median of 5."""
     import mlx.core as mx
@@ -301,6 +334,7 @@ def worker_train_mlx(job: dict) -> dict:
     from mlx_persona.config import load_config
 
     peak = peak_matmul_mlx("float32")
+    exp_rate = exp_rate_mlx()
     attach = T.attach_adapters
 
     def attach_and_save(model, *args, **kwargs):
@@ -328,7 +362,7 @@ def worker_train_mlx(job: dict) -> dict:
                               round(r["loss_tokens_per_sec"] * r["sec_per_step"])] for r in rows],
             "peak_memory_gb_mlx": summary["peak_memory_gb"], "max_rss_gb": max_rss_gb(),
             "peak_matmul_gflops": peak, "trainable_parameters": summary["trainable_parameters"],
-            "cpu_share": cpu_share}
+            "cpu_share": cpu_share, "exp_melem_per_sec": exp_rate}
 
 
 def _torch_model(path, dtype_name: str, device: str):
@@ -353,6 +387,7 @@ def worker_train_torch(job: dict) -> dict:
     torch.manual_seed(job["seed"])
     autocast = dtype_name == "bfloat16"
     peak = peak_matmul_torch(torch.bfloat16 if autocast else torch.float32, device)
+    exp_rate = exp_rate_torch(device)  # the loss upcasts logits to fp32 either way
     model = _torch_model(job["model"], "float32", device)
     model.config.use_cache = False
     lcfg = LoraConfig(r=job["rank"], lora_alpha=job["alpha"], lora_dropout=job["dropout"], bias="none",
@@ -408,7 +443,8 @@ def worker_train_torch(job: dict) -> dict:
         _sync(device)
         secs.append(time.perf_counter() - tic)
     cpu_share = (time.process_time() - cpu) / (time.perf_counter() - wall) / os.cpu_count()
-    return {"cpu_share": cpu_share, "framework": "torch", "dtype": "bfloat16 autocast (fp32 weights)" if autocast else "float32",
+    return {"framework": "torch", "dtype": "bfloat16 autocast (fp32 weights)" if autocast else "float32",
+            "cpu_share": cpu_share, "exp_melem_per_sec": exp_rate,
             "device": device, "sec_per_step": secs, "loss": losses, "max_rss_gb": max_rss_gb(),
             "peak_matmul_gflops": peak, "trainable_parameters": sum(p.numel() for p in params),
             "torch_threads": torch.get_num_threads(), "loss_positions": job["torch_loss"]}
@@ -490,9 +526,13 @@ def summarise_train(r: dict, prep: dict, timed: range, shape: dict, rank: int, h
     secs = [r["sec_per_step"][s] for s in timed]
     tokens = sum(m["n_tokens"] for m in meta)
     loss_tokens = sum(m["n_loss"] for m in meta)
-    model_flops = executed = 0
+    model_flops = executed = exps = 0
+    # exp() calls per logit: mlx_persona's fused loss reuses its forward exp for the gradient; torch's
+    # log_softmax takes one in the forward and one more in its backward (exp of the saved output).
+    exps_per_logit = 1 if r["framework"] == "mlx_persona" else 2
     for m in meta:
         head = m["head_positions"] if head_where == "loss" else m["batch"] * m["padded_len"]
+        exps += exps_per_logit * head * shape["vocab"]
         f = train_flops(shape, m["lengths"], m["n_loss"], m["padded_len"], head, "lora", rank)
         model_flops += f["model"]
         executed += f["executed"]
@@ -506,6 +546,8 @@ def summarise_train(r: dict, prep: dict, timed: range, shape: dict, rank: int, h
            "model_tflops_per_step": model_flops / len(secs) / 1e12, "achieved_model_gflops": model_flops / t / 1e9,
            "mfu": model_flops / t / peak, "executed_gflops": executed / t / 1e9, "hfu": executed / t / peak,
            "trainable_parameters": r["trainable_parameters"], "wall_sec": r["wall_sec"], "cpu_share": r["cpu_share"],
+           "exp_melem_per_sec": r["exp_melem_per_sec"],
+           "lm_head_exp_sec_per_step": exps / len(secs) / (r["exp_melem_per_sec"] * 1e6),
            "load_avg_before": r["load_avg_before"], "load_avg_after": r["load_avg_after"]}
     if "peak_memory_gb_mlx" in r:
         out["peak_memory_gb_mlx"] = r["peak_memory_gb_mlx"]
@@ -654,14 +696,15 @@ def train_markdown(t: dict, chart_rel: str | None) -> str:
              f"r{t['rank']} alpha {t['alpha']} on {len(t['modules'])} linear layers of every block, batch "
              f"{t['batch_size']}, {t['examples']} examples x {t['epochs']} epochs, {len(t['timed_steps'])} timed steps",
              "", "| framework | device | dtype | tokens/s (all) | loss tokens/s | s/step (median) | peak RSS GB "
-             "| MLX peak GB | first loss | final loss | peak matmul GFLOP/s | model GFLOP/s | MFU | executed GFLOP/s |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| MLX peak GB | first loss | final loss | peak matmul GFLOP/s | model GFLOP/s | MFU | executed GFLOP/s "
+             "| exp Melem/s | LM-head exp s/step |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for k, v in res.items():
         lines.append(f"| {_name(k, v)} | {v['device']} | {v['dtype']} | {v['tokens_per_sec']:.0f} | "
                      f"{v['loss_tokens_per_sec']:.0f} | {v['median_sec_per_step']:.3f} | {v['max_rss_gb']:.2f} | "
                      f"{v.get('peak_memory_gb_mlx', float('nan')):.2f} | {v['first_loss']:.4f} | {v['final_loss']:.4f} | "
                      f"{v['peak_matmul_gflops']:.0f} | {v['achieved_model_gflops']:.1f} | {100 * v['mfu']:.1f}% | "
-                     f"{v['executed_gflops']:.1f} |")
+                     f"{v['executed_gflops']:.1f} | {v['exp_melem_per_sec']:.0f} | {v['lm_head_exp_sec_per_step']:.2f} |")
     loads = ", ".join(f"{_name(k, v)} {v['load_avg_before'][0]}→{v['load_avg_after'][0]} (got "
                       f"{100 * v['cpu_share']:.0f}% of the cores while training)" for k, v in res.items())
     lines += ["", f"mlx_persona / best PyTorch ({t['best_torch']}) tokens/s: **{t['ratio_tokens_per_sec_vs_best_torch']:.2f}x** "
@@ -670,7 +713,10 @@ def train_markdown(t: dict, chart_rel: str | None) -> str:
               f"1-min load average before→after each run (2 cores, shared machine): {loads}.",
               f"FLOPs: {t['flops_formula']} MFU = model FLOP/s / peak matmul FLOP/s measured in the same process "
               "(same framework and dtype) just before training. Peak RSS = getrusage ru_maxrss of the worker process; "
-              "MLX peak = mx.get_peak_memory() (MLX arrays only)."]
+              "MLX peak = mx.get_peak_memory() (MLX arrays only). LM-head exp s/step = the exp() calls of the softmax "
+              "over the vocabulary (head positions x vocab; one exp per logit for mlx_persona's fused loss, two for torch's "
+              "log_softmax forward and backward) at the exp rate measured in the same process: elementwise work that no "
+              "matmul FLOP count sees."]
     if chart_rel:
         lines += ["", f"![training chart]({chart_rel})"]
     return "\n".join(lines)

@@ -21,7 +21,7 @@ Two measurements:
 2. **gemma-3-270m shape, extrapolated.** 5 epochs at that shape take hours on 2 CPU cores, so a few
    steps of each are timed and the full run is extrapolated (clearly labelled): the original's steps all
    have the same shape (4 x 512), so its time is steps x the median step; mlx_persona's step time is fit
-   as a + b * tokens over timed (post-compile) steps of a short, a median and the longest batch, summed
+   as a + b * tokens over timed (post-compile) steps of the shortest, a median and the longest batches, summed
    over the 190 real batches, plus the measured one-time compile cost per distinct batch shape.
 
 Peak memory is the worker process's max RSS (getrusage ru_maxrss) for both, plus mx.get_peak_memory()
@@ -71,7 +71,8 @@ def prepare(model_path: Path, data: Path, tmp: Path, batch_size: int) -> dict:
     tok = load_tokenizer(model_path)
     train_ex, valid_ex = data_mod.load_splits(data, system_ok=data_mod.template_supports_system(tok))
     texts = [data_mod.render(tok, ex) for ex in train_ex]
-    out = {"texts": texts, "valid": None}
+    lengths = [len(tok._tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+    out = {"texts": texts, "token_lengths": lengths, "valid": None}
     if valid_ex:
         ds = data_mod.prepare_dataset(tok, valid_ex, 512, "truncate")
         arrays = {}
@@ -167,10 +168,11 @@ def worker_original(job: dict) -> dict:
         t = time.perf_counter()
         log["evals"].append({"step": 0, "train_sec": 0.0, "val_loss": val_loss()})
         log["eval_sec"] += time.perf_counter() - t
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.process_time()
     trainer.train()
     wall = time.perf_counter() - t
-    return {**log, "train_wall_sec": wall, "max_rss_gb": max_rss_gb(), "device": device,
+    cpu_share = (time.process_time() - cpu) / wall / os.cpu_count()
+    return {**log, "train_wall_sec": wall, "cpu_share": cpu_share, "max_rss_gb": max_rss_gb(), "device": device,
             "torch_threads": torch.get_num_threads(), "steps": len(log["step_sec"])}
 
 
@@ -201,9 +203,10 @@ def worker_persona(job: dict) -> dict:
         val0 = evaluate_loss(model, data_mod.prepare_dataset(tok, valid_ex, cfg.max_seq_len, cfg.on_long),
                              cfg.batch_size, cfg.loss_chunk)
         del model
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.process_time()
     summary = train(cfg, log=lambda *a, **k: None)
     wall = time.perf_counter() - t
+    cpu_share = (time.process_time() - cpu) / wall / os.cpu_count()
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "loss" in r]
     cum, evals = {}, []
@@ -217,9 +220,10 @@ def worker_persona(job: dict) -> dict:
               if "val_loss" in r]
     return {"step_sec": [r["sec_per_step"] for r in steps], "tokens": [r["tokens_per_sec"] * r["sec_per_step"]
                                                                         for r in steps],
-            "loss": [r["loss"] for r in steps], "evals": evals, "train_wall_sec": wall,
+            "loss": [r["loss"] for r in steps], "evals": evals, "train_wall_sec": wall, "cpu_share": cpu_share,
             "peak_memory_gb_mlx": summary["peak_memory_gb"], "max_rss_gb": max_rss_gb(),
-            "device": str(mx.default_device()), "steps": len(steps), "trainable_parameters": summary["trainable_parameters"]}
+            "device": str(mx.default_device()), "steps": len(steps),
+            "trainable_parameters": summary["trainable_parameters"]}
 
 
 WORKERS = {"original": worker_original, "persona": worker_persona}
@@ -254,13 +258,13 @@ def run_tiny(a, tmp: Path) -> dict:
         "original": {"steps": orig["steps"], "train_sec": o_train, "train_wall_sec": orig["train_wall_sec"],
                      "eval_sec": orig["eval_sec"], "final_val_loss": o_final, "best_val_loss": o_best,
                      "max_rss_gb": orig["max_rss_gb"], "evals": orig["evals"], "device": orig["device"],
-                     "time_to_common_target_sec": time_to(orig["evals"], common),
+                     "time_to_common_target_sec": time_to(orig["evals"], common), "cpu_share": orig["cpu_share"],
                      "load_avg": [orig["load_avg_before"], orig["load_avg_after"]]},
         "mlx_persona": {"steps": ours["steps"], "train_sec": p_train, "train_wall_sec": ours["train_wall_sec"],
                         "final_val_loss": p_final, "best_val_loss": p_best, "max_rss_gb": ours["max_rss_gb"],
                         "peak_memory_gb_mlx": ours["peak_memory_gb_mlx"], "evals": ours["evals"],
                         "device": ours["device"], "time_to_common_target_sec": time_to(ours["evals"], common),
-                        "time_to_original_final_sec": time_to(ours["evals"], o_final),
+                        "time_to_original_final_sec": time_to(ours["evals"], o_final), "cpu_share": ours["cpu_share"],
                         "load_avg": [ours["load_avg_before"], ours["load_avg_after"]]},
         "common_target_val_loss": common, "original_final_val_loss": o_final,
     }
@@ -295,9 +299,13 @@ def run_extrapolated(a, tmp: Path) -> dict:
     last = n_examples - 4 * (steps_per_epoch - 1)  # the last batch of each epoch is smaller
     o_total = a.epochs * ((steps_per_epoch - 1) * o_step + o_step * last / 4)
 
-    # mlx_persona: the shortest, the median and the longest batch, 3 epochs (the first compiles each shape).
-    picks = sorted({0, len(plan) // 2, len(plan) - 1})
+    # mlx_persona: the shortest, the median and the two longest batches (the last holds the remainder),
+    # 3 epochs (the first compiles each shape). Each pick is a run of consecutive examples in length
+    # order, so the subset is cut into exactly these batches again.
+    picks = sorted({0, len(plan) // 2, len(plan) - 2, len(plan) - 1})
     rows = [l for l in (DATA / "train.jsonl").read_text().splitlines() if l.strip()]
+    if n_examples != len(rows):
+        raise SystemExit(f"{DATA}: {len(rows) - n_examples} examples dropped; the subset would not line up")
     sub = tmp / "persona-subset"
     sub.mkdir()
     (sub / "train.jsonl").write_text("".join(rows[i] + "\n" for j in picks for i in plan[j]["idx"]))
@@ -312,25 +320,27 @@ def run_extrapolated(a, tmp: Path) -> dict:
     by_tokens = {}
     for t_, s_ in zip(ours["tokens"], ours["step_sec"]):
         by_tokens.setdefault(int(t_), []).append(s_)
-    compile_cost = statistics.mean(v[0] - statistics.median(v[1:]) for v in by_tokens.values() if len(v) > 1)
+    # First step of a shape minus its later ones; noise can make it negative, and it cannot be.
+    compile_cost = max(0.0, statistics.mean(v[0] - statistics.median(v[1:]) for v in by_tokens.values()
+                                            if len(v) > 1))
     distinct = len({tuple(s["shape"]) for s in plan})
     p_steady = a.epochs * sum(a0 + b * s["tokens"] for s in plan)
     p_total = p_steady + distinct * compile_cost
     # Model FLOPs per epoch of each recipe (see bench_mlx_vs_torch.TRAIN_FLOPS_FORMULA).
     f_ours = sum(train_flops(shape, s["lengths"], s["loss_tokens"], s["shape"][1], s["shape"][2], "lora", 16)["model"]
                  for s in plan)
-    real_tokens = [min(len(t), 512) for t in prep["texts"]]
+    real_tokens = [min(n, 512) for n in prep["token_lengths"]]
     return {
         "preset": a.preset, "epochs": a.epochs, "steps": total_steps,
         "original": {"timed_steps": len(orig["step_sec"]) - 1, "step_sec": orig["step_sec"],
                      "median_step_sec": o_step, "extrapolated_train_sec": o_total, "max_rss_gb": orig["max_rss_gb"],
-                     "tokens_per_step_padded": 2048, "device": orig["device"],
+                     "tokens_per_step_padded": 2048, "device": orig["device"], "cpu_share": orig["cpu_share"],
                      "load_avg": [orig["load_avg_before"], orig["load_avg_after"]]},
         "mlx_persona": {"step_sec": ours["step_sec"], "tokens": ours["tokens"], "fit_sec": [a0, b],
                         "compile_sec_per_shape": compile_cost, "distinct_shapes": distinct,
                         "extrapolated_train_sec": p_total, "max_rss_gb": ours["max_rss_gb"],
                         "peak_memory_gb_mlx": ours["peak_memory_gb_mlx"], "device": ours["device"],
-                        "model_tflops_per_epoch": f_ours / 1e12,
+                        "model_tflops_per_epoch": f_ours / 1e12, "cpu_share": ours["cpu_share"],
                         "load_avg": [ours["load_avg_before"], ours["load_avg_after"]]},
         "ratios": {"train_time_to_finish": o_total / p_total, "peak_rss": orig["max_rss_gb"] / ours["max_rss_gb"]},
         "note": (f"EXTRAPOLATED from {len(orig['step_sec']) - 1} timed original steps and {len(later)} timed "
@@ -338,6 +348,12 @@ def run_extrapolated(a, tmp: Path) -> dict:
                  f"shape, so this compares the time to finish each 5-epoch recipe. The original pads "
                  f"{sum(real_tokens)} real tokens per epoch to {4 * 512 * steps_per_epoch}."),
     }
+
+
+def _load_line(o: dict, p: dict) -> str:
+    return ("1-min load average before→after (2 cores, shared machine) and the share of the cores each got while "
+            f"training: original {o['load_avg'][0][0]}→{o['load_avg'][1][0]}, {100 * o['cpu_share']:.0f}%; "
+            f"mlx_persona {p['load_avg'][0][0]}→{p['load_avg'][1][0]}, {100 * p['cpu_share']:.0f}%.")
 
 
 def markdown(res: dict, chart_rel: str | None) -> str:
@@ -368,8 +384,7 @@ def markdown(res: dict, chart_rel: str | None) -> str:
             f"validation loss ({t['original_final_val_loss']:.4f}): "
             + (f"after {p['time_to_original_final_sec']:.1f} s." if p["time_to_original_final_sec"] is not None
                else "no (random weights: LoRA adapts a random network).")
-            + f" Load average before→after: original {o['load_avg'][0][0]}→{o['load_avg'][1][0]}, "
-              f"mlx_persona {p['load_avg'][0][0]}→{p['load_avg'][1][0]}."]
+            + f" {_load_line(o, p)}"]
     e = res.get("extrapolated")
     if e:
         o, p = e["original"], e["mlx_persona"]
@@ -386,8 +401,7 @@ def markdown(res: dict, chart_rel: str | None) -> str:
             f"{p['extrapolated_train_sec'] / 3600:.2f} h | {p['max_rss_gb']:.2f} | {p['peak_memory_gb_mlx']:.2f} |",
             f"| **original / mlx_persona** | | | **{e['ratios']['train_time_to_finish']:.1f}x** | "
             f"**{e['ratios']['peak_rss']:.2f}x** | |",
-            "", e["note"] + f" Load average before→after: original {o['load_avg'][0][0]}→{o['load_avg'][1][0]}, "
-            f"mlx_persona {p['load_avg'][0][0]}→{p['load_avg'][1][0]}."]
+            "", e["note"] + f" {_load_line(o, p)}"]
     lines += ["", "Original recipe, as assumed where the original is silent: "
               + "; ".join(f"{k}: {v}" for k, v in ORIGINAL.items()) + "."]
     if chart_rel:
