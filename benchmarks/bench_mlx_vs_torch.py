@@ -92,17 +92,30 @@ def torch_device() -> str:
 
 def run_worker(kind: str, job: dict, tmp: Path, script: str = __file__) -> dict:
     """Runs one worker of `script` in a fresh process; returns its JSON result plus wall time and load average."""
-    jp = tmp / f"job-{kind}-{job.get('tag', '')}.json"
-    rp = tmp / f"result-{kind}-{job.get('tag', '')}.json"
-    write_json(jp, job)
-    before = load_avg()
-    t = time.perf_counter()
-    proc = subprocess.run([sys.executable, script, "--worker", kind, "--job", str(jp), "--result", str(rp)],
-                          capture_output=True, text=True)
+    return run_workers([(kind, job)], tmp, script, parallel=False)[0]
+
+
+def run_workers(specs: list[tuple[str, dict]], tmp: Path, script: str = __file__, parallel: bool = False) -> list[dict]:
+    """Runs workers one after another (timings), or all at once (`parallel`: smoke tests, numbers meaningless)."""
+    results, pending = [], []
+    for kind, job in specs:
+        jp = tmp / f"job-{kind}-{job.get('tag', '')}.json"
+        rp = tmp / f"result-{kind}-{job.get('tag', '')}.json"
+        write_json(jp, job)
+        cmd = [sys.executable, script, "--worker", kind, "--job", str(jp), "--result", str(rp)]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        pending.append((kind, rp, proc, load_avg(), time.perf_counter()))
+        if not parallel:
+            results.append(_finish(*pending.pop()))
+    return results + [_finish(*p) for p in pending]
+
+
+def _finish(kind: str, rp: Path, proc, before: list[float], start: float) -> dict:
+    out, err = proc.communicate()
     if proc.returncode != 0:
-        raise SystemExit(f"worker {kind} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+        raise SystemExit(f"worker {kind} failed:\n{out[-2000:]}\n{err[-4000:]}")
     r = json.loads(rp.read_text())
-    r.update(wall_sec=time.perf_counter() - t, load_avg_before=before, load_avg_after=load_avg())
+    r.update(wall_sec=time.perf_counter() - start, load_avg_before=before, load_avg_after=load_avg())
     return r
 
 
@@ -620,11 +633,12 @@ def run_generate(a, tmp: Path) -> dict:
            "eos": end_token_ids(tok, model), "pad": tok._tokenizer.pad_token_id or 0}
     shape = model_shape(model)
     results = {}
-    print(f"generate: {a.preset}, mlx_persona ...", file=sys.stderr)
-    runs = {"mlx_persona": run_worker("generate_mlx", {**job, "tag": "mlx"}, tmp)}
-    for dt in (["float32", "bfloat16"] if a.torch_dtype == "both" else [a.torch_dtype]):
-        print(f"generate: torch {dt} ...", file=sys.stderr)
-        runs[f"torch_{dt}"] = run_worker("generate_torch", {**job, "torch_dtype": dt, "tag": dt}, tmp)
+    print(f"generate: {a.preset}, mlx_persona and torch ...", file=sys.stderr)
+    dtypes = ["float32", "bfloat16"] if a.torch_dtype == "both" else [a.torch_dtype]
+    specs = [("generate_mlx", {**job, "tag": "mlx"})] + [("generate_torch", {**job, "torch_dtype": dt, "tag": dt})
+                                                           for dt in dtypes]
+    done = run_workers(specs, tmp, parallel=a.quick)
+    runs = dict(zip(["mlx_persona"] + [f"torch_{dt}" for dt in dtypes], done))
     n_short = len(prompts)
     for k, r in runs.items():
         short, long_ = r["runs"][:n_short], r["runs"][n_short]
@@ -763,7 +777,8 @@ def main(argv=None):
     p.add_argument("--out", default=str(REPO / "benchmarks" / "out"))
     p.add_argument("--charts", default=str(REPO / "benchmarks" / "charts"))
     p.add_argument("--no-results", action="store_true", help="do not append to benchmarks/RESULTS.md")
-    p.add_argument("--quick", action="store_true", help="tiny peak/bandwidth probes (smoke tests only)")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke tests only: tiny peak/bandwidth probes, independent workers run at once")
     p.add_argument("--worker", choices=list(WORKERS), help=argparse.SUPPRESS)
     p.add_argument("--job", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)

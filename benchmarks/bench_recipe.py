@@ -47,7 +47,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from benchmarks.bench_mlx_vs_torch import (_link, bench_model, chart, load_avg, max_rss_gb, model_shape,  # noqa: E402
-                                           run_worker, torch_device, train_flops)
+                                           run_worker, run_workers, torch_device, train_flops)
 from benchmarks.common import append_results, machine_info, write_json  # noqa: E402
 
 DATA = REPO / "data" / "bluey"
@@ -240,16 +240,15 @@ def time_to(evals: list[dict], target: float) -> float | None:
 def run_tiny(a, tmp: Path) -> dict:
     model = bench_model("tiny")
     prep = prepare(model, DATA, tmp, 4)
-    print("recipe: tiny, original (transformers.Trainer) ...", file=sys.stderr)
-    orig = run_worker("original", {"model": str(model), "texts": prep["texts"], "valid": prep["valid"],
-                                   "epochs": a.epochs, "eval_every": a.eval_every, "seed": 42, "tmp": str(tmp),
-                                   "tag": "tiny", "max_steps": a.max_steps}, tmp, __file__)
-    print("recipe: tiny, mlx_persona default LoRA recipe ...", file=sys.stderr)
+    print("recipe: tiny, original (transformers.Trainer), then mlx_persona's default LoRA recipe ...", file=sys.stderr)
     overrides = {"epochs": a.epochs, "eval_every": a.eval_every}
     if a.max_steps:
         overrides["steps"] = a.max_steps
-    ours = run_worker("persona", {"model": str(model), "data": str(DATA), "config": str(RECIPE), "tmp": str(tmp),
-                                  "tag": "tiny", "overrides": overrides, "eval_at_start": True}, tmp, __file__)
+    orig, ours = run_workers([
+        ("original", {"model": str(model), "texts": prep["texts"], "valid": prep["valid"], "epochs": a.epochs,
+                      "eval_every": a.eval_every, "seed": 42, "tmp": str(tmp), "tag": "tiny", "max_steps": a.max_steps}),
+        ("persona", {"model": str(model), "data": str(DATA), "config": str(RECIPE), "tmp": str(tmp), "tag": "tiny",
+                     "overrides": overrides, "eval_at_start": True})], tmp, __file__, parallel=a.quick)
     o_final, p_final = orig["evals"][-1]["val_loss"], ours["evals"][-1]["val_loss"]
     o_best, p_best = min(e["val_loss"] for e in orig["evals"]), min(e["val_loss"] for e in ours["evals"])
     common = max(o_best, p_best)
@@ -422,6 +421,7 @@ def main(argv=None):
     p.add_argument("--out", default=str(REPO / "benchmarks" / "out"))
     p.add_argument("--charts", default=str(REPO / "benchmarks" / "charts"))
     p.add_argument("--no-results", action="store_true", help="do not append to benchmarks/RESULTS.md")
+    p.add_argument("--quick", action="store_true", help="smoke tests only: the two tiny runs at once")
     p.add_argument("--worker", choices=list(WORKERS), help=argparse.SUPPRESS)
     p.add_argument("--job", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)

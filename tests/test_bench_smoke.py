@@ -43,7 +43,7 @@ def test_mlx_vs_torch_smoke(tmp_path):
 def test_recipe_smoke(tmp_path):
     from benchmarks import bench_recipe as bench
 
-    result = bench.main(["--skip-extrapolate", "--max-steps", "2", "--eval-every", "1", "--no-results",
+    result = bench.main(["--skip-extrapolate", "--max-steps", "2", "--eval-every", "1", "--quick", "--no-results",
                          "--out", str(tmp_path), "--charts", str(tmp_path)])
     tiny = result["tiny"]
     for name in ("original", "mlx_persona"):
