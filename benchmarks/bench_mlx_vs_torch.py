@@ -580,19 +580,29 @@ def run_train(a, tmp: Path) -> dict:
     job.update(steps=prep["steps"], lrs=prep["lrs"], optim=prep["optim"])
     shape = model_shape(model)
     timed = range(prep["steps_per_epoch"] if a.epochs > 1 else 1, prep["steps"])
-    results = {}
-    print(f"train: {a.preset}, {prep['steps']} steps ({len(timed)} timed), mlx_persona ...", file=sys.stderr)
-    mlx_r = run_worker("train_mlx", {**job, "tag": "mlx"}, tmp)
+    dtypes = ["float32", "bfloat16"] if a.torch_dtype == "both" else [a.torch_dtype]
     expected = [[m["n_tokens"], m["n_loss"]] for m in prep["meta"]]
-    if mlx_r["batches_seen"] != expected:
-        raise SystemExit("mlx_persona.train visited different batches than the ones prepared for PyTorch: "
-                         f"{mlx_r['batches_seen']} != {expected}")
-    results["mlx_persona"] = summarise_train(mlx_r, prep, timed, shape, a.rank, "loss")
-    for dt in (["float32", "bfloat16"] if a.torch_dtype == "both" else [a.torch_dtype]):
-        print(f"train: torch {dt} ...", file=sys.stderr)
-        r = run_worker("train_torch", {**job, "torch_dtype": dt, "tag": dt}, tmp)
-        results[f"torch_{dt}"] = summarise_train(r, prep, timed, shape, a.rank,
-                                                 "all" if a.torch_loss == "all" else "loss")
+    trials = {k: [] for k in ["mlx_persona"] + [f"torch_{dt}" for dt in dtypes]}
+    # Trials take turns (mlx, torch, mlx, torch, ...) so that a change in the machine's load hits both.
+    for trial in range(a.trials):
+        print(f"train: {a.preset}, {prep['steps']} steps ({len(timed)} timed), trial {trial + 1} of {a.trials}: "
+              "mlx_persona ...", file=sys.stderr)
+        mlx_r = run_worker("train_mlx", {**job, "tag": "mlx"}, tmp)
+        if mlx_r["batches_seen"] != expected:
+            raise SystemExit("mlx_persona.train visited different batches than the ones prepared for PyTorch: "
+                             f"{mlx_r['batches_seen']} != {expected}")
+        trials["mlx_persona"].append(summarise_train(mlx_r, prep, timed, shape, a.rank, "loss"))
+        for dt in dtypes:
+            print(f"train: torch {dt} ...", file=sys.stderr)
+            r = run_worker("train_torch", {**job, "torch_dtype": dt, "tag": dt}, tmp)
+            trials[f"torch_{dt}"].append(summarise_train(r, prep, timed, shape, a.rank,
+                                                         "all" if a.torch_loss == "all" else "loss"))
+    results = {}
+    for k, runs in trials.items():  # the median trial by tokens/s (the lower one of two)
+        median = sorted(runs, key=lambda v: v["tokens_per_sec"])[(len(runs) - 1) // 2]
+        results[k] = {**median, "trials_tokens_per_sec": [v["tokens_per_sec"] for v in runs]}
+    trial_ratios = [trials["mlx_persona"][i]["tokens_per_sec"]
+                    / max(trials[f"torch_{dt}"][i]["tokens_per_sec"] for dt in dtypes) for i in range(a.trials)]
     torch_runs = [v for k, v in results.items() if k.startswith("torch")]
     best_torch = max(torch_runs, key=lambda v: v["tokens_per_sec"])
     ours = results["mlx_persona"]
@@ -610,7 +620,8 @@ def run_train(a, tmp: Path) -> dict:
             "rank": a.rank, "alpha": a.alpha, "modules": MODULES, "layers": "all", "max_seq_len": a.max_seq_len,
             "steps": prep["steps"], "timed_steps": list(timed), "optimizer": "AdamW " + json.dumps(prep["optim"])
             + ", lr: mlx_persona default warm-up + cosine (torch lr rescaled to undo its bias correction)",
-            "torch_loss_positions": a.torch_loss, "results": results,
+            "torch_loss_positions": a.torch_loss, "results": results, "trials": a.trials,
+            "trial_ratios_tokens_per_sec_vs_best_torch": trial_ratios,
             "ratio_tokens_per_sec_vs_best_torch": ours["tokens_per_sec"] / best_torch["tokens_per_sec"],
             "best_torch": f"{best_torch['framework']} {best_torch['dtype']}", "checks": checks,
             "flops_formula": formula, "shape": {k: v for k, v in shape.items() if k != "layer_types"},
@@ -685,6 +696,7 @@ def chart(path: Path, title: str, panels: list[tuple[str, dict[str, float]]]) ->
         ax.set_xticks(range(len(names)), names, rotation=20, ha="right", fontsize=8)
         ax.set_title(label, fontsize=9)
         ax.bar_label(bars, fmt="%.3g", fontsize=8)
+        ax.margins(y=0.15)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -719,6 +731,12 @@ def train_markdown(t: dict, chart_rel: str | None) -> str:
                      f"{v.get('peak_memory_gb_mlx', float('nan')):.2f} | {v['first_loss']:.4f} | {v['final_loss']:.4f} | "
                      f"{v['peak_matmul_gflops']:.0f} | {v['achieved_model_gflops']:.1f} | {100 * v['mfu']:.1f}% | "
                      f"{v['executed_gflops']:.1f} | {v['exp_melem_per_sec']:.0f} | {v['lm_head_exp_sec_per_step']:.2f} |")
+    if t["trials"] > 1:
+        lines += ["", f"{t['trials']} trials, taking turns; each row is the median trial. tokens/s per trial: "
+                  + "; ".join(f"{_name(k, v)} " + ", ".join(f"{x:.0f}" for x in v["trials_tokens_per_sec"])
+                              for k, v in res.items())
+                  + ". mlx_persona / best PyTorch per trial: "
+                  + ", ".join(f"{x:.2f}x" for x in t["trial_ratios_tokens_per_sec_vs_best_torch"]) + "."]
     loads = ", ".join(f"{_name(k, v)} {v['load_avg_before'][0]}→{v['load_avg_after'][0]} (got "
                       f"{100 * v['cpu_share']:.0f}% of the cores while training)" for k, v in res.items())
     lines += ["", f"mlx_persona / best PyTorch ({t['best_torch']}) tokens/s: **{t['ratio_tokens_per_sec_vs_best_torch']:.2f}x** "
@@ -764,6 +782,8 @@ def main(argv=None):
     p.add_argument("--preset", default="gemma-3-270m", choices=["tiny", "gemma-3-270m", "gemma-3-1b"])
     p.add_argument("--examples", type=int, default=12, help="training examples (one epoch = examples/batch steps)")
     p.add_argument("--epochs", type=int, default=2, help="epoch 1 is the warm-up, the rest are timed")
+    p.add_argument("--trials", type=int, default=1,
+                   help="training runs per framework, taking turns; the median trial is reported")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--alpha", type=float, default=16.0)
