@@ -41,6 +41,19 @@ def test_blas_is_optimized_on_linux():
         assert path is not None and "openblas" in path.lower(), reason
 
 
+def test_openblas_gets_the_cpus_kernels():
+    # OpenBLAS 0.3.21 falls back to its SSE3 "Prescott" kernels on CPUs it does not know (8x slower here).
+    from mlx_persona import platform as plat
+
+    assert plat.openblas_coretype({"avx2", "fma", "sse3"}) == "Haswell"
+    assert plat.openblas_coretype({"avx2", "fma", "avx512f", "avx512bw", "avx512dq", "avx512vl",
+                                   "avx512cd"}) == "SkylakeX"
+    assert plat.openblas_coretype({"sse3"}) is None
+    info = plat.describe()
+    if sys.platform == "linux" and plat.openblas_coretype(plat._cpu_flags()) and info["blas_core"]:
+        assert info["blas_core"].lower() not in ("prescott", "core2", "nehalem", "katmai"), info
+
+
 def test_init_model_writes_a_folder_transformers_and_mlx_lm_load(tmp_path):
     out = tmp_path / "m"
     assert run("init-model", str(out), "--preset", "tiny").exit_code == 0
