@@ -46,7 +46,7 @@ def doctor(size):
     from mlx_persona import platform as plat
 
     info = plat.describe()
-    for key in ("platform", "python", "mlx", "mlx_lm", "device", "metal", "dtype", "blas", "blas_core", "blas_note", "cpu_count"):
+    for key in ("platform", "python", "mlx", "mlx_lm", "device", "metal", "dtype", "blas", "blas_core", "blas_note", "jit", "cpu_count"):
         click.echo(f"{key:>10}: {info.get(key)}")
     gflops = plat.matmul_gflops(size, mx.float32)
     click.echo(f"{'matmul':>10}: {gflops:.1f} GFLOP/s (float32, {size}x{size}, median of 5)")

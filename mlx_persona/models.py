@@ -276,6 +276,7 @@ def load_model(spec: str | Path, adapter_path: str | Path | None = None, dtype: 
     except (ValueError, FileNotFoundError) as e:
         raise ModelError(f"{path}: cannot be loaded by mlx-lm: {e}") from None
     cast_model(model, dtype_from_name(dtype))
+    use_fast_gelu(model)
     if adapter_path is not None:
         from mlx_persona.tuning import load_adapters
 
@@ -283,6 +284,44 @@ def load_model(spec: str | Path, adapter_path: str | Path | None = None, dtype: 
     model.eval()
     mx.eval(model.parameters())
     return model, tokenizer
+
+
+def _gelu_approx(x):
+    # The same function as nn.gelu_approx, 0.5*x*(1 + tanh(u)) == x*sigmoid(2u) with u = sqrt(2/pi)*(x +
+    # 0.044715*x^3), written with products instead of x**3: MLX's CPU backend computes ** with pow() and
+    # tanh with libm one element at a time (~28 Melem/s here), while this fuses into one vectorised
+    # kernel (~1000 Melem/s), forward and backward. Within 5e-7 of nn.gelu_approx; the same on a GPU.
+    import mlx.core as mx
+
+    return x * mx.sigmoid(1.5957691216057308 * x * (1.0 + 0.044715 * x * x))
+
+
+_FAST = {}
+
+
+def use_fast_gelu(model) -> int:
+    """Gives Gemma 3's MLP blocks the fused GELU above (same weights and keys; mlx-lm's class otherwise).
+
+    Returns:
+        The number of MLP blocks changed.
+    """
+    import mlx.core as mx
+
+    if "gelu" not in _FAST:
+        _FAST["gelu"] = mx.compile(_gelu_approx, shapeless=True)
+    gelu = _FAST["gelu"]
+    n = 0
+    for layer in getattr(getattr(model, "model", None), "layers", []):
+        cls = type(getattr(layer, "mlp", None))
+        if (cls.__module__, cls.__name__) != ("mlx_lm.models.gemma3_text", "MLP"):
+            continue
+        if cls not in _FAST:
+            _FAST[cls] = type("MLP", (cls,), {
+                "__call__": lambda self, x: self.down_proj(gelu(self.gate_proj(x)) * self.up_proj(x)),
+                "__doc__": "Gemma 3's MLP with a fused GELU (mlx_persona.models.use_fast_gelu)."})
+        layer.mlp.__class__ = _FAST[cls]
+        n += 1
+    return n
 
 
 def cast_model(model, dtype) -> None:
