@@ -76,8 +76,8 @@ def worker_mlx_persona(a) -> dict:
 def worker_mlx_lm(a) -> dict:
     import types
 
+    import mlx_persona  # noqa: F401  (first: the same BLAS and kernel flags for both trainers)
     import mlx.core as mx
-    import mlx_persona  # noqa: F401  (same BLAS for both)
     import numpy as np
     from mlx_lm import load
     from mlx_lm import lora as mlx_lora

@@ -79,7 +79,7 @@ class TrainConfig:
     keep_checkpoints: int = 2  # the last N, plus the best
     early_stopping_patience: int = 0  # stop after N evaluations without improvement; 0 = off
     log_every: int = 10
-    loss_chunk: int = 32768  # vocabulary chunk of the fused LM-head cross-entropy
+    loss_chunk: int = 8192  # vocabulary chunk of the fused LM-head cross-entropy (memory ~ loss tokens x chunk)
     progress: bool = True
 
     def validate(self) -> "TrainConfig":

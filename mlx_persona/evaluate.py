@@ -278,7 +278,7 @@ def generate_replies(model, tokenizer, end_ids, ctx: _Context, config: Generatio
 
 
 def validation_loss(model, tokenizer, valid_path: str | Path, *, max_seq_len: int = 1024, batch_size: int = 4,
-                    chunk: int = 32768) -> dict:
+                    chunk: int = 8192) -> dict:
     """Token-weighted validation loss (``train.evaluate_loss``) on a JSONL prepared with this tokenizer.
 
     Returns:
