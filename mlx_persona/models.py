@@ -313,6 +313,9 @@ def use_fast_gelu(model) -> int:
     n = 0
     for layer in getattr(getattr(model, "model", None), "layers", []):
         cls = type(getattr(layer, "mlp", None))
+        if cls in _FAST.values():  # already swapped
+            n += 1
+            continue
         if (cls.__module__, cls.__name__) != ("mlx_lm.models.gemma3_text", "MLP"):
             continue
         if cls not in _FAST:

@@ -85,9 +85,28 @@ def openblas_coretype(flags: set[str]) -> str | None:
     return None
 
 
+_SHIM_MARK = "# mlx_persona: MLX's CPU kernels, built for this CPU"
+
+
+def _real_gxx() -> str | None:
+    """The first g++ on the PATH that is not our wrapper (a child process inherits the wrapper's PATH)."""
+    for folder in os.environ.get("PATH", "").split(os.pathsep):
+        candidate = shutil.which("g++", path=folder) if folder else None
+        if not candidate:
+            continue
+        try:
+            with open(candidate, "rb") as f:
+                if _SHIM_MARK.encode() in f.read(256):
+                    continue
+        except OSError:
+            continue
+        return candidate
+    return None
+
+
 def _jit_dir() -> Path:
     """A folder per compiler, flags and CPU: kernels built with -march=native only fit this CPU."""
-    gxx = shutil.which("g++") or ""
+    gxx = _real_gxx() or ""
     try:
         stamp = f"{os.path.realpath(gxx)}:{os.stat(gxx).st_mtime_ns}" if gxx else ""
     except OSError:
@@ -102,7 +121,7 @@ def setup_jit() -> None:
     if os.environ.get("MLX_PERSONA_JIT", "1").lower() in ("0", "off", "no", "false"):
         _state["jit_reason"] = "off (MLX_PERSONA_JIT=0)"
         return
-    gxx = shutil.which("g++")
+    gxx = _real_gxx()
     if gxx is None:
         _state["jit_reason"] = "no g++ on the PATH: MLX does not fuse kernels on the CPU"
         return
@@ -116,13 +135,16 @@ def setup_jit() -> None:
         shim.parent.mkdir(parents=True, exist_ok=True)
         flags = " ".join(JIT_FLAGS)
         tmp = shim.with_name(f"g++.{os.getpid()}.tmp")
-        tmp.write_text(f'#!/bin/sh\n# mlx_persona: MLX\'s CPU kernels, built for this CPU\nexec "{gxx}" {flags} "$@"\n')
+        tmp.write_text(f'#!/bin/sh\n{_SHIM_MARK}\nexec "{gxx}" {flags} "$@"\n')
         tmp.chmod(0o755)
         os.replace(tmp, shim)
-    tempfile.gettempdir()  # Python's temporary files keep the folder they had
-    kernels = Path(tempfile.gettempdir()) / f"mlx_persona-jit-{home.name}"
+    base = Path(tempfile.gettempdir())  # computed now: Python's temporary files keep the folder they had
+    name = f"mlx_persona-jit-{home.name}"
+    kernels = base if base.name == name else base / name  # a child process inherits our TMPDIR
     kernels.mkdir(parents=True, exist_ok=True)
-    os.environ["PATH"] = str(shim.parent) + os.pathsep + os.environ.get("PATH", "")
+    path = os.environ.get("PATH", "")
+    if str(shim.parent) not in path.split(os.pathsep):
+        os.environ["PATH"] = str(shim.parent) + os.pathsep + path
     os.environ["TMPDIR"] = str(kernels)  # MLX's kernel cache: $TMPDIR/mlx/<version>/cpu
     _state["jit"] = str(shim)
     _state["jit_reason"] = f"g++ {' '.join(JIT_FLAGS)}; kernels in {kernels}"

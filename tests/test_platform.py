@@ -1,0 +1,85 @@
+"""The Linux CPU speed set-up: MLX's fused kernels built for this CPU, and the fused GELU."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+from mlx_persona import platform as plat
+
+linux_with_gxx = pytest.mark.skipif(sys.platform != "linux" or plat.jit_status()[0] is None,
+                                    reason="the g++ wrapper is for Linux machines with g++")
+
+
+@linux_with_gxx
+def test_fused_cpu_kernels_are_built_by_the_wrapper_and_stay_exact():
+    shim, reason = plat.jit_status()
+    text = Path(shim).read_text()
+    assert "-march=native" in text and "exec" in text, text
+    kernels = Path(os.environ["TMPDIR"])
+    assert kernels.name.startswith("mlx_persona-jit-"), reason
+    before = set(kernels.rglob("*.so"))
+    x = mx.random.uniform(-30, 30, (1000, 37))  # an odd size: vector body plus a scalar tail
+    c = mx.random.uniform(-1, 1, (1000, 1))
+    k = float(np.float32(np.random.default_rng().uniform(0.5, 1.5)))  # a new constant: a new kernel
+    fused = mx.compile(lambda x, c: mx.exp(x - c) * k + mx.sigmoid(x))
+    out = np.array(fused(x, c))
+    assert set(kernels.rglob("*.so")) - before, "MLX built no kernel under the wrapper's TMPDIR"
+    xn, cn = np.array(x, np.float64), np.array(c, np.float64)
+    ref = np.exp(xn - cn) * k + 1 / (1 + np.exp(-xn))
+    np.testing.assert_allclose(out, ref, rtol=5e-6, atol=1e-30)  # fp32 rounding of x - c, amplified by exp
+    eager = np.array(mx.exp(x - c) * k + mx.sigmoid(x))
+    np.testing.assert_allclose(out, eager, rtol=1e-6, atol=1e-30)
+    # Special values survive the vectorised exp.
+    special = mx.array([float("nan"), float("inf"), -float("inf"), 100.0, -100.0, 0.0])
+    got = np.array(mx.compile(lambda v: mx.exp(v * 1.0))(special))
+    assert np.isnan(got[0]) and got[1] == np.inf and got[2] == 0 and got[3] == np.inf and got[4] == 0
+    assert got[5] == 1
+
+
+@linux_with_gxx
+def test_child_processes_reuse_the_wrapper_and_kernel_folder():
+    code = "import mlx_persona, os; from mlx_persona import platform as p; print(os.environ['TMPDIR']); print(p.jit_status()[0])"
+    tmpdir, shim = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                  check=True).stdout.split()
+    assert tmpdir == os.environ["TMPDIR"]  # not a folder inside it
+    real = Path(shim).read_text().split("exec ")[1].split()[0].strip('"')
+    assert "mlx_persona" not in real and Path(real).exists()  # wraps g++, not another wrapper
+
+
+def test_jit_can_be_turned_off():
+    code = "import mlx_persona, os; from mlx_persona import platform as p; print(p.jit_status())"
+    env = {**os.environ, "MLX_PERSONA_JIT": "0"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
+    assert "None" in out and ("MLX_PERSONA_JIT=0" in out or sys.platform != "linux")
+
+
+def test_fast_gelu_mlp_equals_mlx_lm_s(tiny_path):
+    from mlx_lm.models import gemma3_text
+
+    from mlx_persona.models import load_model, use_fast_gelu
+
+    model, _ = load_model(tiny_path)
+    mlp = model.model.layers[0].mlp
+    assert type(mlp).__name__ == "MLP" and type(mlp) is not gemma3_text.MLP  # load_model swapped it
+    assert isinstance(mlp, gemma3_text.MLP)
+    x = 3 * mx.random.normal((2, 5, model.model.layers[0].mlp.gate_proj.weight.shape[1]))
+    ours = mlp(x)
+    theirs = gemma3_text.MLP.__call__(mlp, x)  # mlx-lm's own: nn.gelu_approx
+    np.testing.assert_allclose(np.array(ours), np.array(theirs), rtol=1e-5, atol=1e-6)
+    g = mx.random.normal((4096,)) * 4
+    ref = nn.gelu_approx(g)
+    assert use_fast_gelu(model) == len(model.model.layers)  # idempotent: swaps again, same class
+    from mlx_persona.models import _gelu_approx
+
+    np.testing.assert_allclose(np.array(_gelu_approx(g)), np.array(ref), atol=1e-6)
+    dg = mx.grad(lambda v: _gelu_approx(v).sum())(g)
+    dref = mx.grad(lambda v: nn.gelu_approx(v).sum())(g)
+    np.testing.assert_allclose(np.array(dg), np.array(dref), atol=1e-5)
