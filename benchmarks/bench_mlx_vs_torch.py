@@ -619,10 +619,12 @@ def run_train(a, tmp: Path) -> dict:
               if k != "mlx_persona"}
     checks.update({f"final_loss_abs_diff_{k}": abs(v["final_loss"] - ours["final_loss"]) for k, v in results.items()
                    if k != "mlx_persona"})
+    from mlx_persona.batching import PAD_LOSS_TO
+
     formula = TRAIN_FLOPS_FORMULA.format(linear_params=shape["linear_params"],
                                          lora_params=lora_params(shape, a.rank),
                                          head=shape["hidden"] * shape["vocab"],
-                                         head_where="loss positions (padded to 64) for mlx_persona, "
+                                         head_where=f"loss positions (padded to a multiple of {PAD_LOSS_TO}) for mlx_persona, "
                                                     + ("every position for torch" if a.torch_loss == "all"
                                                        else "loss positions for torch"))
     return {"preset": a.preset, "examples": a.examples, "epochs": a.epochs, "batch_size": a.batch_size,

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 PAD_LEN_TO = 16  # pad sequence length up to a multiple of this (bounds recompilation of the step)
-PAD_LOSS_TO = 64  # pad the number of loss positions likewise
+PAD_LOSS_TO = 16  # pad the number of loss positions likewise (each one costs a 262k-wide head row)
 
 
 @dataclass
