@@ -296,33 +296,29 @@ def _gelu_approx(x):
     return x * mx.sigmoid(1.5957691216057308 * x * (1.0 + 0.044715 * x * x))
 
 
-_FAST = {}
+_FAST_MLP: dict[type, type] = {}  # mlx-lm's MLP class -> our subclass
 
 
 def use_fast_gelu(model) -> int:
     """Gives Gemma 3's MLP blocks the fused GELU above (same weights and keys; mlx-lm's class otherwise).
 
     Returns:
-        The number of MLP blocks changed.
+        The number of MLP blocks that have it.
     """
     import mlx.core as mx
 
-    if "gelu" not in _FAST:
-        _FAST["gelu"] = mx.compile(_gelu_approx, shapeless=True)
-    gelu = _FAST["gelu"]
     n = 0
     for layer in getattr(getattr(model, "model", None), "layers", []):
         cls = type(getattr(layer, "mlp", None))
-        if cls in _FAST.values():  # already swapped
-            n += 1
-            continue
-        if (cls.__module__, cls.__name__) != ("mlx_lm.models.gemma3_text", "MLP"):
-            continue
-        if cls not in _FAST:
-            _FAST[cls] = type("MLP", (cls,), {
-                "__call__": lambda self, x: self.down_proj(gelu(self.gate_proj(x)) * self.up_proj(x)),
-                "__doc__": "Gemma 3's MLP with a fused GELU (mlx_persona.models.use_fast_gelu)."})
-        layer.mlp.__class__ = _FAST[cls]
+        if cls not in _FAST_MLP.values():
+            if (cls.__module__, cls.__name__) != ("mlx_lm.models.gemma3_text", "MLP"):
+                continue
+            if cls not in _FAST_MLP:
+                gelu = mx.compile(_gelu_approx, shapeless=True)
+                _FAST_MLP[cls] = type("MLP", (cls,), {
+                    "__call__": lambda self, x: self.down_proj(gelu(self.gate_proj(x)) * self.up_proj(x)),
+                    "__doc__": "Gemma 3's MLP with a fused GELU (mlx_persona.models.use_fast_gelu)."})
+            layer.mlp.__class__ = _FAST_MLP[cls]
         n += 1
     return n
 

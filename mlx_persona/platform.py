@@ -24,6 +24,7 @@ Python's own temporary files stay where they were. ``MLX_PERSONA_JIT=0`` turns t
 from __future__ import annotations
 
 import ctypes
+import functools
 import glob
 import hashlib
 import os
@@ -62,15 +63,16 @@ def _find_openblas() -> str | None:
     return found[0] if found else None
 
 
-def _cpu_flags() -> set[str]:
+@functools.lru_cache(maxsize=1)
+def _cpu_flags() -> frozenset[str]:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
+                    return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return set()
+    return frozenset()
 
 
 def openblas_coretype(flags: set[str]) -> str | None:
