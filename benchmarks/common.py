@@ -35,7 +35,8 @@ def append_results(markdown: str, result: dict) -> None:
     m = result.get("machine", {})
     header = (f"\n## {datetime.date.today().isoformat()} · {m.get('platform')} · {m.get('cpu_count')} CPUs · "
               f"device {m.get('device')} · mlx {m.get('mlx')} · mlx-lm {m.get('mlx_lm')}"
-              + (f" · torch {m['torch']}" if "torch" in m else "") + f" · BLAS {m.get('blas')}\n\n"
+              + (f" · torch {m['torch']}" if "torch" in m else "") + f" · BLAS {m.get('blas')}"
+              + (f" ({m['blas_core']} kernels)" if m.get("blas_core") else "") + "\n\n"
               f"`{result.get('command')}`\n\n")
     if not RESULTS.exists():
         RESULTS.write_text("# Benchmark results\n\nAppended by the scripts in this folder; newest last.\n")
