@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets up mlx_persona in ./.venv on a fresh machine. Usage: bash scripts/setup.sh [core|test]
-#   core: the package (mlx, mlx-lm, ...) and, on Linux, OpenBLAS (MLX's bundled BLAS is ~20x slower).
+#   core: the package (mlx, mlx-lm, ...) and, on Linux, OpenBLAS (MLX's bundled BLAS is ~20x slower)
+#         and g++ (MLX compiles its fused CPU kernels with it).
 #   test: also the test extras (torch CPU, onnx, onnxruntime), Chromium and transformers.js for the
 #         browser test.
 set -euo pipefail
@@ -24,6 +25,8 @@ apt_install() {
 }
 
 if [ "$(uname -s)" = Linux ]; then
+  # g++: MLX builds its fused CPU kernels with it at run time (without it, nothing is fused).
+  command -v g++ >/dev/null || apt_install g++
   apt_install libopenblas0-pthread
   [ "$what" = test ] && apt_install chromium
 fi
