@@ -273,7 +273,7 @@ def describe() -> dict:
         "blas": (blas or "bundled reference BLAS (slow)") if sys.platform == "linux" else "Accelerate",
         "blas_note": reason,
         "blas_core": _state.get("core"),
-        "jit": jit_status()[1] if sys.platform == "linux" else "Metal",
+        "jit": jit_status()[1] if sys.platform == "linux" else "not needed (not Linux)",
         "cpu_count": os.cpu_count(),
     }
     try:
