@@ -36,6 +36,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from mlx_persona import bf16_matmul
+
 _BLAS_CANDIDATES = (
     "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0",
     "/usr/lib/aarch64-linux-gnu/openblas-pthread/libopenblas.so.0",
@@ -190,6 +192,12 @@ def setup() -> None:
     if "mlx.core" in sys.modules and not os.environ.get("LD_PRELOAD"):
         _state["reason"] = "mlx.core was imported before mlx_persona; import mlx_persona first"
         return
+    try:
+        if bf16_matmul.setup():  # MLX_PERSONA_MATMUL=bf16: oneMKL takes the place of OpenBLAS
+            _state["blas"], _state["reason"] = bf16_matmul.status()[0], "loaded"
+            return
+    except ValueError as e:  # a bad MLX_PERSONA_MATMUL value: say so, keep the exact path
+        bf16_matmul._state["reason"] = str(e)
     path = _find_openblas()
     if path is None:
         _state["reason"] = (
@@ -273,6 +281,7 @@ def describe() -> dict:
         "blas": (blas or "bundled reference BLAS (slow)") if sys.platform == "linux" else "Accelerate",
         "blas_note": reason,
         "blas_core": _state.get("core"),
+        "precision": bf16_matmul.status()[1] if sys.platform == "linux" else "the dtype's own",
         "jit": jit_status()[1] if sys.platform == "linux" else "not needed (not Linux)",
         "cpu_count": os.cpu_count(),
     }
