@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import platform
 import os
 import resource
 import shutil
@@ -103,7 +104,8 @@ def run_workers(specs: list[tuple[str, dict]], tmp: Path, script: str = __file__
         rp = tmp / f"result-{kind}-{job.get('tag', '')}.json"
         write_json(jp, job)
         cmd = [sys.executable, script, "--worker", kind, "--job", str(jp), "--result", str(rp)]
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        env = {**os.environ, **job["env"]} if job.get("env") else None  # read before mlx_persona is imported
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         pending.append((kind, rp, proc, load_avg(), time.perf_counter()))
         if not parallel:
             results.append(_finish(*pending.pop()))
@@ -237,6 +239,7 @@ def prepare_training(model_path: Path, data: Path, job: dict, tmp: Path) -> dict
 
 # ------------------------------------------------------------------------------------------ workers
 PEAK_SIZES = (1024, 2048, 3072)  # square matmuls; the best median of 5 is the peak
+BF16_MM = " + bf16 matmul inputs"  # MLX_PERSONA_MATMUL=bf16 (oneMKL, AMX); see mlx_persona/bf16_matmul.py
 QUICK = os.environ.get("BENCH_QUICK") == "1"  # smoke tests: small probes, numbers not meaningful
 
 
@@ -349,10 +352,13 @@ def worker_train_mlx(job: dict) -> dict:
     import mlx_persona.train as T
     from mlx_persona.config import load_config
 
+    from mlx_persona import bf16_matmul
     from mlx_persona.platform import dtype_from_name
 
     dtype = str(dtype_from_name(job["mlx_dtype"])).replace("mlx.core.", "")
-    peak = peak_matmul_mlx(dtype)
+    if job.get("env", {}).get(bf16_matmul.ENV) == "bf16" and not bf16_matmul.active():
+        raise RuntimeError(f"bf16 matmuls were asked for but are off: {bf16_matmul.status()[1]}")
+    peak = peak_matmul_mlx(dtype)  # through the same cblas_sgemm as training: the bf16 peak when it is on
     exp_rate = exp_rate_mlx()
     attach = T.attach_adapters
 
@@ -375,6 +381,8 @@ def worker_train_mlx(job: dict) -> dict:
         raise RuntimeError("mlx_persona.train no longer calls train.attach_adapters; update this benchmark")
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "loss" in r]
+    if bf16_matmul.active():
+        dtype += BF16_MM
     return {"framework": "mlx_persona", "dtype": dtype, "device": str(mx.default_device()),
             "sec_per_step": [r["sec_per_step"] for r in rows], "loss": [r["loss"] for r in rows],
             "batches_seen": [[round(r["tokens_per_sec"] * r["sec_per_step"]),
@@ -575,6 +583,18 @@ def summarise_train(r: dict, prep: dict, timed: range, shape: dict, rank: int, h
     return out
 
 
+def mlx_matmul_modes(a) -> list[str]:
+    """Which MLX runs: exact fp32 matmuls, bf16 matmul inputs (oneMKL), or both ('auto': both where possible)."""
+    if a.mlx_matmul != "auto":
+        return ["fp32", "bf16"] if a.mlx_matmul == "both" else [a.mlx_matmul]
+    from mlx_persona import bf16_matmul
+
+    cpu_only = a.mlx_dtype in ("auto", "float32") and torch_device() == "cpu"
+    possible = (sys.platform == "linux" and platform.machine() == "x86_64" and bf16_matmul.find_mkl() is not None
+                and bf16_matmul.cpu_support() != "")
+    return ["fp32", "bf16"] if cpu_only and possible else ["fp32"]
+
+
 def run_train(a, tmp: Path) -> dict:
     model = bench_model(a.preset)
     data = subset(a.examples, tmp / "data")
@@ -590,16 +610,19 @@ def run_train(a, tmp: Path) -> dict:
     timed = range(prep["steps_per_epoch"] if a.epochs > 1 else 1, prep["steps"])
     dtypes = ["float32", "bfloat16"] if a.torch_dtype == "both" else [a.torch_dtype]
     expected = [[m["n_tokens"], m["n_loss"]] for m in prep["meta"]]
-    trials = {k: [] for k in ["mlx_persona"] + [f"torch_{dt}" for dt in dtypes]}
+    mlx_runs = {"fp32": ("mlx_persona", {}), "bf16": ("mlx_persona_bf16mm", {"MLX_PERSONA_MATMUL": "bf16"})}
+    mlx_runs = {k: mlx_runs[k] for k in mlx_matmul_modes(a)}
+    trials = {k: [] for k in [name for name, _ in mlx_runs.values()] + [f"torch_{dt}" for dt in dtypes]}
     # Trials take turns (mlx, torch, mlx, torch, ...) so that a change in the machine's load hits both.
     for trial in range(a.trials):
-        print(f"train: {a.preset}, {prep['steps']} steps ({len(timed)} timed), trial {trial + 1} of {a.trials}: "
-              "mlx_persona ...", file=sys.stderr)
-        mlx_r = run_worker("train_mlx", {**job, "tag": "mlx"}, tmp)
-        if mlx_r["batches_seen"] != expected:
-            raise SystemExit("mlx_persona.train visited different batches than the ones prepared for PyTorch: "
-                             f"{mlx_r['batches_seen']} != {expected}")
-        trials["mlx_persona"].append(summarise_train(mlx_r, prep, timed, shape, a.rank, "loss"))
+        for mode, (name, env) in mlx_runs.items():
+            print(f"train: {a.preset}, {prep['steps']} steps ({len(timed)} timed), trial {trial + 1} of {a.trials}: "
+                  f"mlx_persona, {mode} matmuls ...", file=sys.stderr)
+            mlx_r = run_worker("train_mlx", {**job, "tag": f"mlx-{mode}", "env": env}, tmp)
+            if mlx_r["batches_seen"] != expected:
+                raise SystemExit("mlx_persona.train visited different batches than the ones prepared for PyTorch: "
+                                 f"{mlx_r['batches_seen']} != {expected}")
+            trials[name].append(summarise_train(mlx_r, prep, timed, shape, a.rank, "loss"))
         for dt in dtypes:
             print(f"train: torch {dt} ...", file=sys.stderr)
             r = run_worker("train_torch", {**job, "torch_dtype": dt, "tag": dt}, tmp)
@@ -609,16 +632,27 @@ def run_train(a, tmp: Path) -> dict:
     for k, runs in trials.items():  # the median trial by tokens/s (the lower one of two)
         median = sorted(runs, key=lambda v: v["tokens_per_sec"])[(len(runs) - 1) // 2]
         results[k] = {**median, "trials_tokens_per_sec": [v["tokens_per_sec"] for v in runs]}
-    trial_ratios = [trials["mlx_persona"][i]["tokens_per_sec"]
+    mlx_names = [name for name, _ in mlx_runs.values()]
+    trial_ratios = [max(trials[n][i]["tokens_per_sec"] for n in mlx_names)
                     / max(trials[f"torch_{dt}"][i]["tokens_per_sec"] for dt in dtypes) for i in range(a.trials)]
     torch_runs = [v for k, v in results.items() if k.startswith("torch")]
     best_torch = max(torch_runs, key=lambda v: v["tokens_per_sec"])
-    ours = results["mlx_persona"]
-    same = next((v for v in torch_runs if v["dtype"].split(" ")[0] == ours["dtype"]), None)
-    checks = {f"first_loss_abs_diff_{k}": abs(v["first_loss"] - ours["first_loss"]) for k, v in results.items()
-              if k != "mlx_persona"}
-    checks.update({f"final_loss_abs_diff_{k}": abs(v["final_loss"] - ours["final_loss"]) for k, v in results.items()
-                   if k != "mlx_persona"})
+    best_mlx_key = max(mlx_names, key=lambda n: results[n]["tokens_per_sec"])
+    ours = results[best_mlx_key]
+    ref_key = mlx_names[0]  # loss agreement against the exact (fp32-matmul) run when there is one
+    ref = results[ref_key]
+    # Like against like: MLX fp32 against torch fp32; MLX with bf16 matmul inputs against torch's bf16 autocast.
+    pairs = {}
+    for n in mlx_names:
+        want = "bfloat16" if n.endswith("bf16mm") else results[n]["dtype"].split(" ")[0]
+        peer = results.get(f"torch_{want}")
+        if peer:
+            pairs[f"{n}_vs_torch_{want}"] = results[n]["tokens_per_sec"] / peer["tokens_per_sec"]
+    same = results.get("torch_float32") if "mlx_persona" in results else None
+    checks = {f"first_loss_abs_diff_{k}": abs(v["first_loss"] - ref["first_loss"]) for k, v in results.items()
+              if k != ref_key}
+    checks.update({f"final_loss_abs_diff_{k}": abs(v["final_loss"] - ref["final_loss"]) for k, v in results.items()
+                   if k != ref_key})
     from mlx_persona.batching import PAD_LOSS_TO
 
     formula = TRAIN_FLOPS_FORMULA.format(linear_params=shape["linear_params"],
@@ -635,7 +669,9 @@ def run_train(a, tmp: Path) -> dict:
             "trial_ratios_tokens_per_sec_vs_best_torch": trial_ratios,
             "ratio_tokens_per_sec_vs_best_torch": ours["tokens_per_sec"] / best_torch["tokens_per_sec"],
             "best_torch": f"{best_torch['framework']} {best_torch['dtype']}", "checks": checks,
-            "ratio_tokens_per_sec_vs_same_dtype_torch": same and ours["tokens_per_sec"] / same["tokens_per_sec"],
+            "best_mlx": best_mlx_key, "ratios_like_for_like": pairs,
+            "ratio_tokens_per_sec_vs_same_dtype_torch": same and results["mlx_persona"]["tokens_per_sec"]
+            / same["tokens_per_sec"],
             "flops_formula": formula, "shape": {k: v for k, v in shape.items() if k != "layer_types"},
             "targets": {"mlx_vs_torch_tokens_per_sec": ">= 1.0", "mfu_gemma-3-270m": ">= 0.40"}}
 
@@ -726,6 +762,8 @@ def _link(png: Path) -> str:
 
 def _name(k: str, v: dict) -> str:
     short = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+    if k == "mlx_persona_bf16mm":
+        return "mlx_persona fp32+bf16mm"
     return f"mlx_persona {short.get(v['dtype'], v['dtype'])}" if k == "mlx_persona" else f"torch {v['dtype'].split(' ')[0]}"
 
 
@@ -748,17 +786,20 @@ def train_markdown(t: dict, chart_rel: str | None) -> str:
         lines += ["", f"{t['trials']} trials, taking turns; each row is the median trial. tokens/s per trial: "
                   + "; ".join(f"{_name(k, v)} " + ", ".join(f"{x:.0f}" for x in v["trials_tokens_per_sec"])
                               for k, v in res.items())
-                  + ". mlx_persona / best PyTorch per trial: "
+                  + ". best mlx_persona / best PyTorch per trial: "
                   + ", ".join(f"{x:.2f}x" for x in t["trial_ratios_tokens_per_sec_vs_best_torch"]) + "."]
     loads = ", ".join(f"{_name(k, v)} {v['load_avg_before'][0]}→{v['load_avg_after'][0]} (got "
                       f"{100 * v['cpu_share']:.0f}% of the cores while training)" for k, v in res.items())
-    where = f"{os.cpu_count()} cores, shared machine" if "cpu" in res["mlx_persona"]["device"].lower() else "host CPU"
-    lines += ["", f"mlx_persona / best PyTorch ({t['best_torch']}) tokens/s: **{t['ratio_tokens_per_sec_vs_best_torch']:.2f}x** "
-              f"(target >= 1.0)"
-              + (f"; against PyTorch in the same dtype ({res['mlx_persona']['dtype']}): "
-                 f"**{t['ratio_tokens_per_sec_vs_same_dtype_torch']:.2f}x**"
-                 if t.get("ratio_tokens_per_sec_vs_same_dtype_torch") else "")
-              + f"; mlx_persona MFU **{100 * res['mlx_persona']['mfu']:.1f}%** (target >= 40% at gemma-3-270m). "
+    best = t.get("best_mlx", "mlx_persona")
+    mlx_keys = [k for k in res if k.startswith("mlx_persona")]
+    where = f"{os.cpu_count()} cores, shared machine" if "cpu" in res[best]["device"].lower() else "host CPU"
+    like = "; ".join(f"{_name(k.split('_vs_')[0], res[k.split('_vs_')[0]])} / torch {k.split('_vs_torch_')[1]}: "
+                     f"**{v:.2f}x**" for k, v in t.get("ratios_like_for_like", {}).items())
+    lines += ["", f"best mlx_persona ({_name(best, res[best])}) / best PyTorch ({t['best_torch']}) tokens/s: "
+              f"**{t['ratio_tokens_per_sec_vs_best_torch']:.2f}x** (target >= 1.0)"
+              + (f"; like for like: {like}" if like else "")
+              + "; MFU " + ", ".join(f"{_name(k, res[k])} **{100 * res[k]['mfu']:.1f}%**" for k in mlx_keys)
+              + " (target >= 40% at gemma-3-270m). "
               f"Loss agreement: " + ", ".join(f"{k} {v:.2g}" for k, v in t["checks"].items()) + ".",
               f"1-min load average before→after each run ({where}): {loads}.",
               f"FLOPs: {t['flops_formula']} MFU = model FLOP/s / peak matmul FLOP/s measured in the same process "
@@ -808,6 +849,10 @@ def main(argv=None):
     p.add_argument("--max-seq-len", type=int, default=512)
     p.add_argument("--mlx-dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="auto: float32 on the CPU backend, bfloat16 on a GPU (Metal or CUDA)")
+    p.add_argument("--mlx-matmul", choices=["auto", "fp32", "bf16", "both"], default="auto",
+                   help="MLX training runs with exact fp32 matmuls, with bf16 matmul inputs (MLX_PERSONA_MATMUL=bf16, "
+                        "oneMKL; x86-64 Linux), or both; auto: both where the CPU has AMX or AVX512-BF16 and oneMKL "
+                        "is installed, else fp32")
     p.add_argument("--torch-dtype", choices=["float32", "bfloat16", "both"], default="both",
                    help="bfloat16 = autocast with fp32 weights in training, bf16 weights in generation")
     p.add_argument("--torch-loss", choices=["all", "loss"], default="all",
@@ -841,7 +886,7 @@ def main(argv=None):
             result["train"] = t
             png = charts / f"mlx_vs_torch_train_{a.preset}.png"
             res = t["results"]
-            chart(png, f"LoRA training, {a.preset}, {res['mlx_persona']['device']}", [
+            chart(png, f"LoRA training, {a.preset}, {next(iter(res.values()))['device']}", [
                 ("tokens/s (all tokens)", {_name(k, v): v["tokens_per_sec"] for k, v in res.items()}),
                 ("peak RSS GB", {_name(k, v): v["max_rss_gb"] for k, v in res.items()}),
                 ("MFU %", {_name(k, v): 100 * v["mfu"] for k, v in res.items()})])

@@ -24,10 +24,14 @@ def test_mlx_vs_torch_smoke(tmp_path):
                          "--prompts", "1", "--new-tokens", "4", "--quick", "--no-results",
                          "--out", str(tmp_path), "--charts", str(tmp_path)])
     train = result["train"]["results"]
-    assert set(train) == {"mlx_persona", "torch_float32"}
+    with_bf16 = bench.mlx_matmul_modes(bench.argparse.Namespace(mlx_matmul="auto", mlx_dtype="auto")) == ["fp32", "bf16"]
+    assert set(train) == {"mlx_persona", "torch_float32"} | ({"mlx_persona_bf16mm"} if with_bf16 else set())
     # Same model, batches and initial adapters: the same first loss, and after one update still close.
     assert abs(train["torch_float32"]["first_loss"] - train["mlx_persona"]["first_loss"]) < 1e-4
     assert abs(train["torch_float32"]["final_loss"] - train["mlx_persona"]["final_loss"]) < 1e-3
+    if with_bf16:  # bf16 matmul inputs: the same work, a little less exact
+        assert train["mlx_persona_bf16mm"]["dtype"] == "float32" + bench.BF16_MM
+        assert abs(train["mlx_persona_bf16mm"]["first_loss"] - train["mlx_persona"]["first_loss"]) < 2e-2
     for r in train.values():
         assert r["tokens_per_sec"] > 0 and r["mfu"] > 0 and r["max_rss_gb"] > 0
     gen = result["generate"]["results"]
