@@ -2,8 +2,8 @@
 # Sets up mlx_persona in ./.venv on a fresh machine. Usage: bash scripts/setup.sh [core|test]
 #   core: the package (mlx, mlx-lm, ...) and, on Linux, OpenBLAS (MLX's bundled BLAS is ~20x slower)
 #         and g++ (MLX compiles its fused CPU kernels with it).
-#   test: also the test extras (torch CPU, onnx, onnxruntime), Chromium and transformers.js for the
-#         browser test.
+#   test: also the test extras (torch CPU, onnx, onnxruntime, peft, and oneMKL on x86-64 Linux for
+#         MLX_PERSONA_MATMUL=bf16), Chromium and transformers.js for the browser test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 what="${1:-core}"
