@@ -130,3 +130,16 @@ def test_off_by_default_and_a_bad_value_is_reported():
     proc = subprocess.run([sys.executable, "-m", "mlx_persona", "doctor", "--size", "256"], capture_output=True,
                           text=True, env=env, timeout=300)
     assert proc.returncode == 0 and "warning: MLX_PERSONA_MATMUL is set" in proc.stderr, proc.stderr
+
+
+def test_training_run_says_it_used_bf16_matmuls(tiny_path, small_data, tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, bf16_matmul.ENV: "bf16"}
+    proc = subprocess.run([sys.executable, "-m", "mlx_persona.train", "--model", str(tiny_path), "--data",
+                           str(small_data), "-o", str(out), "--steps", "4", "--batch-size", "4", "--no-progress",
+                           "--set", "eval_every=0", "--set", "save_every=0"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "matmuls: bf16 inputs, fp32 accumulate" in proc.stdout + proc.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["matmul_inputs"] == "bfloat16" and summary["steps"] == 4
