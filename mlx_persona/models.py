@@ -277,6 +277,7 @@ def load_model(spec: str | Path, adapter_path: str | Path | None = None, dtype: 
         raise ModelError(f"{path}: cannot be loaded by mlx-lm: {e}") from None
     cast_model(model, dtype_from_name(dtype))
     use_fast_gelu(model)
+    use_cpu_attention()
     if adapter_path is not None:
         from mlx_persona.tuning import load_adapters
 
@@ -321,6 +322,60 @@ def use_fast_gelu(model) -> int:
             layer.mlp.__class__ = _FAST_MLP[cls]
         n += 1
     return n
+
+
+def _composite_attention(queries, keys, values, scale, mask):
+    """Softmax attention from MLX ops, for float32 on the CPU (the same math as mx.fast's).
+
+    On the CPU, ``mx.fast.scaled_dot_product_attention`` runs its softmax in a kernel built for the
+    baseline x86-64 with a scalar exp (~50 Melem/s here); written out, the exp fuses into a kernel built
+    for this CPU (platform.setup_jit) and the grouped queries share one matmul per key head:
+    gemma-3-270m shape, 4 x 96 tokens, 4.9 -> 2.0 ms per layer forward, 8.7 -> 6.0 with the backward.
+    """
+    import mlx.core as mx
+
+    b, h, n, d = queries.shape
+    kv, s_len = keys.shape[1], keys.shape[2]
+    groups = h // kv
+    q = (queries * scale).reshape(b, kv, groups * n, d)  # query heads of one key head, one after another
+    scores = (q @ keys.swapaxes(-1, -2)).reshape(b, kv, groups, n, s_len)
+    if isinstance(mask, str):  # "causal"; the queries are the last n of the s_len positions
+        allowed = mx.arange(s_len)[None] <= mx.arange(n)[:, None] + (s_len - n)
+        scores = mx.where(allowed, scores, -1e30)
+    elif mask is not None:
+        if mask.ndim == 4:  # [B or 1, heads or 1, n, s]: heads become (key head, group)
+            mask = mask.reshape(mask.shape[0], -1 if mask.shape[1] == 1 else kv,
+                                1 if mask.shape[1] == 1 else groups, n, s_len)
+        scores = mx.where(mask, scores, -1e30) if mask.dtype == mx.bool_ else scores + mask
+    scores = scores - mx.stop_gradient(scores.max(axis=-1, keepdims=True))
+    e = mx.exp(scores)
+    p = (e / e.sum(axis=-1, keepdims=True)).reshape(b, kv, groups * n, s_len)
+    return (p @ values).reshape(b, h, n, d)
+
+
+_ORIGINAL_SDPA: dict = {}
+
+
+def use_cpu_attention() -> None:
+    """Routes Gemma 3's float32 attention over more than one query on the CPU to the one above.
+
+    mlx-lm's Gemma 3 calls ``scaled_dot_product_attention`` from its module; the replacement hands
+    everything else (GPU, bf16, decoding one token, quantized caches, sinks) to mlx-lm's own function.
+    """
+    import mlx.core as mx
+    import mlx_lm.models.gemma3_text as gemma3
+
+    if "gemma3" in _ORIGINAL_SDPA:
+        return
+    original = _ORIGINAL_SDPA["gemma3"] = gemma3.scaled_dot_product_attention
+
+    def scaled_dot_product_attention(queries, keys, values, cache, scale, mask, sinks=None):
+        if (sinks is None and not hasattr(cache, "bits") and queries.dtype == mx.float32 and queries.shape[2] > 1
+                and mx.default_device() == mx.cpu):
+            return _composite_attention(queries, keys, values, scale, mask)
+        return original(queries, keys, values, cache, scale, mask, sinks)
+
+    gemma3.scaled_dot_product_attention = scaled_dot_product_attention
 
 
 def cast_model(model, dtype) -> None:

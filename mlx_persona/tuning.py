@@ -112,6 +112,19 @@ def lm_head_weight(model):
     return head.weight
 
 
+def _rows(x, op):
+    """`op` ("max" or "sum") over the last axis of a [N, C] array.
+
+    MLX's CPU backend reduces a contiguous last axis one element at a time, but a middle axis with
+    vector loads across the contiguous rows: reducing [N, C/128, 128] over axis 1 and then the 128 is
+    3-4x faster at C = 8192 (4.4 -> 1.0 ms for max) and gives the same max, and a sum in another order.
+    """
+    n, c = x.shape
+    if c % 128 == 0 and c > 128:
+        x = getattr(x.reshape(n, c // 128, 128), op)(axis=1)
+    return getattr(x, op)(axis=-1)
+
+
 def _ce_forward(h, w, targets, chunk):
     """One pass over the vocabulary: per-token loss, d(loss)/dh, and log-sum-exp.
 
@@ -127,10 +140,10 @@ def _ce_forward(h, w, targets, chunk):
     for start in range(0, vocab, chunk):
         wc = w[start:start + chunk]
         logits = (h @ wc.T).astype(mx.float32)
-        m_new = mx.maximum(m, logits.max(axis=-1))
+        m_new = mx.maximum(m, _rows(logits, "max"))
         rescale = mx.exp(m - m_new)
         p = mx.exp(logits - m_new[:, None])
-        s = s * rescale + p.sum(axis=-1)
+        s = s * rescale + _rows(p, "sum")
         acc = acc * rescale[:, None] + (p.astype(w.dtype) @ wc).astype(mx.float32)
         # The next chunk starts only when this one is finished, so that its logits and p are freed
         # before the next are made. Left alone, MLX evaluates the whole `s` chain (every chunk's p)

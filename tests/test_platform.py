@@ -83,3 +83,47 @@ def test_fast_gelu_mlp_equals_mlx_lm_s(tiny_path):
     dg = mx.grad(lambda v: _gelu_approx(v).sum())(g)
     dref = mx.grad(lambda v: nn.gelu_approx(v).sum())(g)
     np.testing.assert_allclose(np.array(dg), np.array(dref), atol=1e-5)
+
+
+@pytest.mark.parametrize("heads,kv_heads,n,s,mask", [
+    (4, 1, 7, 7, "causal"), (4, 2, 5, 9, "causal"),  # queries after a cache: the last n of s positions
+    (4, 4, 6, 6, None), (4, 1, 8, 8, "window"), (4, 2, 8, 8, "additive"), (4, 2, 8, 8, "per-head")])
+def test_cpu_attention_matches_mlx_fast_attention(heads, kv_heads, n, s, mask):
+    from mlx_persona.models import _composite_attention
+
+    mx.random.seed(1)
+    q, k, v = (mx.random.normal((2, heads, n, 32)), mx.random.normal((2, kv_heads, s, 32)),
+               mx.random.normal((2, kv_heads, s, 32)))
+    window = (mx.arange(s)[None] <= mx.arange(n)[:, None]) & (mx.arange(s)[None] > mx.arange(n)[:, None] - 3)
+    mask = {"window": window, "additive": mx.where(window, 0.0, -1e9),
+            "per-head": mx.broadcast_to(window[None, None], (2, heads, n, s))}.get(mask, mask)
+
+    def grads(fn):
+        return mx.grad(lambda q, k, v: (fn(q, k, v) * mx.cos(v.sum())).sum(), argnums=(0, 1, 2))(q, k, v)
+
+    fast = lambda q, k, v: mx.fast.scaled_dot_product_attention(q, k, v, scale=0.2, mask=mask)  # noqa: E731
+    ours = lambda q, k, v: _composite_attention(q, k, v, 0.2, mask)  # noqa: E731
+    np.testing.assert_allclose(np.array(ours(q, k, v)), np.array(fast(q, k, v)), rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads(ours), grads(fast)):
+        np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-4, atol=1e-5)
+
+
+def test_gemma_uses_the_cpu_attention_only_where_it_applies():
+    import mlx_lm.models.gemma3_text as gemma3
+
+    from mlx_persona import models
+
+    models.use_cpu_attention()
+    sdpa = gemma3.scaled_dot_product_attention
+    assert sdpa is not models._ORIGINAL_SDPA["gemma3"]
+    q, k = mx.random.normal((1, 4, 3, 16)), mx.random.normal((1, 1, 3, 16))
+    calls = []
+    saved = models._composite_attention
+    models._composite_attention = lambda *a: calls.append("ours") or a[0]
+    try:
+        sdpa(q, k, k, None, 0.25, "causal")
+        sdpa(q[:, :, :1], k, k, None, 0.25, None)  # decoding one token: mlx-lm's
+        sdpa(q.astype(mx.bfloat16), k.astype(mx.bfloat16), k.astype(mx.bfloat16), None, 0.25, "causal")
+    finally:
+        models._composite_attention = saved
+    assert calls == ["ours"]

@@ -30,8 +30,10 @@ def _metrics(out):
 @pytest.fixture(scope="module")
 def lora_run(tiny_path, small_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "lora"
+    # lr 3e-3: at 1e-2 this 12-example run is chaotic (Adam turns 1e-6 differences in the numerics into a
+    # different loss curve after a few steps), so "the loss went down" would test the rounding.
     result = _run(["train", "--model", str(tiny_path), "--data", str(small_data), "-o", str(out),
-                   "--steps", "12", "--batch-size", "4", "--learning-rate", "1e-2", "--no-progress",
+                   "--steps", "12", "--batch-size", "4", "--learning-rate", "3e-3", "--no-progress",
                    "--set", "log_every=2", "--set", "eval_every=6", "--set", "save_every=6",
                    "--set", "lora.rank=4"])
     assert result.exit_code == 0, result.output
