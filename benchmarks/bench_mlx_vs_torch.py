@@ -239,7 +239,7 @@ def prepare_training(model_path: Path, data: Path, job: dict, tmp: Path) -> dict
 
 # ------------------------------------------------------------------------------------------ workers
 PEAK_SIZES = (1024, 2048, 3072)  # square matmuls; the best median of 5 is the peak
-BF16_MM = " + bf16 matmul inputs"  # MLX_PERSONA_MATMUL=bf16 (oneMKL, AMX); see mlx_persona/bf16_matmul.py
+BF16_MM = " + bf16 matmul inputs"  # MLX_PERSONA_MATMUL=bf16 (oneMKL, AMX); see mlx_persona/sgemm.py
 QUICK = os.environ.get("BENCH_QUICK") == "1"  # smoke tests: small probes, numbers not meaningful
 
 
@@ -352,12 +352,12 @@ def worker_train_mlx(job: dict) -> dict:
     import mlx_persona.train as T
     from mlx_persona.config import load_config
 
-    from mlx_persona import bf16_matmul
+    from mlx_persona import sgemm
     from mlx_persona.platform import dtype_from_name
 
     dtype = str(dtype_from_name(job["mlx_dtype"])).replace("mlx.core.", "")
-    if job.get("env", {}).get(bf16_matmul.ENV) == "bf16" and not bf16_matmul.active():
-        raise RuntimeError(f"bf16 matmuls were asked for but are off: {bf16_matmul.status()[1]}")
+    if job.get("env", {}).get(sgemm.ENV) == "bf16" and not sgemm.bf16_active():
+        raise RuntimeError(f"bf16 matmuls were asked for but are off: {sgemm.bf16_status()}")
     peak = peak_matmul_mlx(dtype)  # through the same cblas_sgemm as training: the bf16 peak when it is on
     exp_rate = exp_rate_mlx()
     attach = T.attach_adapters
@@ -381,7 +381,7 @@ def worker_train_mlx(job: dict) -> dict:
         raise RuntimeError("mlx_persona.train no longer calls train.attach_adapters; update this benchmark")
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "loss" in r]
-    if bf16_matmul.active():
+    if sgemm.bf16_active():
         dtype += BF16_MM
     return {"framework": "mlx_persona", "dtype": dtype, "device": str(mx.default_device()),
             "sec_per_step": [r["sec_per_step"] for r in rows], "loss": [r["loss"] for r in rows],
@@ -587,11 +587,11 @@ def mlx_matmul_modes(a) -> list[str]:
     """Which MLX runs: exact fp32 matmuls, bf16 matmul inputs (oneMKL), or both ('auto': both where possible)."""
     if a.mlx_matmul != "auto":
         return ["fp32", "bf16"] if a.mlx_matmul == "both" else [a.mlx_matmul]
-    from mlx_persona import bf16_matmul
+    from mlx_persona import sgemm
 
     cpu_only = a.mlx_dtype in ("auto", "float32") and torch_device() == "cpu"
-    possible = (sys.platform == "linux" and platform.machine() == "x86_64" and bf16_matmul.find_mkl() is not None
-                and bf16_matmul.cpu_support() != "")
+    possible = (sys.platform == "linux" and platform.machine() == "x86_64" and sgemm.find_mkl() is not None
+                and sgemm.cpu_support() != "")
     return ["fp32", "bf16"] if cpu_only and possible else ["fp32"]
 
 

@@ -45,18 +45,17 @@ def doctor(size):
     """Show the backend, device and dtype in use, and measure fp32 matmul GFLOP/s."""
     import mlx.core as mx
 
-    from mlx_persona import bf16_matmul
+    from mlx_persona import sgemm
     from mlx_persona import platform as plat
 
     info = plat.describe()
-    for key in ("platform", "python", "mlx", "mlx_lm", "device", "metal", "dtype", "blas", "blas_core", "blas_note", "precision", "jit", "cpu_count"):
+    for key in ("platform", "python", "mlx", "mlx_lm", "device", "metal", "dtype", "blas", "blas_core", "blas_note", "sgemm", "precision", "jit", "cpu_count"):
         click.echo(f"{key:>10}: {info.get(key)}")
     gflops = plat.matmul_gflops(size, mx.float32)
-    inputs = ", bf16 inputs" if bf16_matmul.active() else ""
+    inputs = ", bf16 inputs" if sgemm.bf16_active() else ""
     click.echo(f"{'matmul':>10}: {gflops:.1f} GFLOP/s (float32{inputs}, {size}x{size}, median of 5)")
-    if os.environ.get(bf16_matmul.ENV) and not bf16_matmul.active() and info["platform"].startswith("Linux"):
-        click.echo(f"   warning: {bf16_matmul.ENV} is set but matmuls are exact float32: "
-                   f"{bf16_matmul.status()[1]}", err=True)
+    if os.environ.get(sgemm.ENV) and not sgemm.bf16_active() and info["platform"].startswith("Linux"):
+        click.echo(f"   warning: {sgemm.ENV} is set but matmuls are exact float32: {sgemm.bf16_status()}", err=True)
     if info["platform"].startswith("Linux") and plat.blas_status()[0] is None:
         click.echo("   warning: MLX is using its bundled reference BLAS, which is slow. "
                    "Install OpenBLAS: sudo apt-get install libopenblas0-pthread", err=True)

@@ -36,7 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from mlx_persona import bf16_matmul
+from mlx_persona import sgemm
 
 _BLAS_CANDIDATES = (
     "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0",
@@ -192,23 +192,20 @@ def setup() -> None:
     if "mlx.core" in sys.modules and not os.environ.get("LD_PRELOAD"):
         _state["reason"] = "mlx.core was imported before mlx_persona; import mlx_persona first"
         return
-    try:
-        if bf16_matmul.setup():  # MLX_PERSONA_MATMUL=bf16: oneMKL takes the place of OpenBLAS
-            _state["blas"], _state["reason"] = bf16_matmul.status()[0], "loaded"
-            return
-    except ValueError as e:  # a bad MLX_PERSONA_MATMUL value: say so, keep the exact path
-        bf16_matmul._state["reason"] = str(e)
-    path = _find_openblas()
+    openblas = _find_openblas()
+    path, bf16 = sgemm.choose_blas(openblas)  # oneMKL in OpenBLAS's place for MLX_PERSONA_MATMUL=bf16
     if path is None:
         _state["reason"] = (
             "OpenBLAS not found: install it (Debian/Ubuntu: apt-get install libopenblas0-pthread) "
             "or set MLX_PERSONA_BLAS=/path/to/libopenblas.so"
         )
         return
-    if platform.machine() in ("x86_64", "AMD64") and not os.environ.get("OPENBLAS_CORETYPE"):
+    if (path == openblas and platform.machine() in ("x86_64", "AMD64")
+            and not os.environ.get("OPENBLAS_CORETYPE")):
         core = openblas_coretype(_cpu_flags())
         if core:  # read by OpenBLAS when it loads
             os.environ["OPENBLAS_CORETYPE"] = core
+    sgemm.setup(path, bf16)  # MLX's cblas_sgemm: our layer in front of the BLAS, when it builds
     try:
         lib = ctypes.CDLL(path, mode=os.RTLD_GLOBAL)
     except OSError as e:
@@ -281,7 +278,8 @@ def describe() -> dict:
         "blas": (blas or "bundled reference BLAS (slow)") if sys.platform == "linux" else "Accelerate",
         "blas_note": reason,
         "blas_core": _state.get("core"),
-        "precision": bf16_matmul.status()[1] if sys.platform == "linux" else "the dtype's own",
+        "sgemm": sgemm.status() if sys.platform == "linux" else "the BLAS's own",
+        "precision": sgemm.bf16_status() if sys.platform == "linux" else "the dtype's own",
         "jit": jit_status()[1] if sys.platform == "linux" else "not needed (not Linux)",
         "cpu_count": os.cpu_count(),
     }

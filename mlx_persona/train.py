@@ -33,9 +33,9 @@ import yaml
 from mlx.nn.utils import average_gradients
 from mlx.utils import tree_flatten, tree_map
 
-from mlx_persona import bf16_matmul
 from mlx_persona import checkpoint as ckpt
 from mlx_persona import data as data_mod
+from mlx_persona import sgemm
 from mlx_persona.batching import batch_plan, collate, epoch_order, shard_batch
 from mlx_persona.config import ConfigError, TrainConfig, config_diff, to_dict
 from mlx_persona.models import load_model, resolve_model
@@ -284,7 +284,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False, log=pr
     adapter_config.update({"model": str(base), "model_spec": cfg.model})
     n_trainable = trainable_parameter_count(model)
     log(f"model: {cfg.model} ({base}); method {cfg.method}; {n_trainable:,} trainable parameters"
-        + (f"; matmuls: {bf16_matmul.status()[1]}" if bf16_matmul.active() else ""))
+        + (f"; matmuls: {sgemm.bf16_status()}" if sgemm.bf16_active() else ""))
     if cfg.grad_checkpoint:
         from mlx_lm.tuner.trainer import grad_checkpoint
 
@@ -451,7 +451,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False, log=pr
         "tokens_per_sec": loop["tokens"] / max(loop["train_time"], 1e-9),
         "peak_memory_gb": mx.get_peak_memory() / 1e9, "trainable_parameters": n_trainable,
         "best_val_loss": loop["best_val"], "best_step": loop["best_step"], "data": train_ds.report,
-        "matmul_inputs": "bfloat16" if bf16_matmul.active() else "exact",  # MLX_PERSONA_MATMUL
+        "matmul_inputs": "bfloat16" if sgemm.bf16_active() else "exact",  # MLX_PERSONA_MATMUL
     }
     if rank == 0:
         _save_result(model, cfg, adapter_config, base, out)

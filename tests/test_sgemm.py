@@ -1,4 +1,5 @@
-"""MLX_PERSONA_MATMUL=bf16: MLX's float32 matmuls with bfloat16 inputs through oneMKL (x86-64 Linux).
+"""MLX's cblas_sgemm layer (mlx_persona/sgemm.py): matrix-vector products to sgemv, and
+MLX_PERSONA_MATMUL=bf16 (bfloat16 inputs through oneMKL, x86-64 Linux).
 
 Each check runs in a child process, because the BLAS is chosen when mlx_persona is first imported.
 The oracle for the rounding is PyTorch's float32 -> bfloat16 conversion (round to nearest even); the
@@ -16,17 +17,18 @@ import textwrap
 
 import pytest
 
-from mlx_persona import bf16_matmul
+from mlx_persona import sgemm
 
-pytestmark = pytest.mark.skipif(
-    sys.platform != "linux" or platform.machine() != "x86_64" or bf16_matmul.find_mkl() is None,
+linux = pytest.mark.skipif(sys.platform != "linux", reason="the sgemm layer is for Linux")
+needs_mkl = pytest.mark.skipif(
+    sys.platform != "linux" or platform.machine() != "x86_64" or sgemm.find_mkl() is None,
     reason="bf16 matmuls need x86-64 Linux and oneMKL (pip install mkl; the test extra installs it)")
 
 
 def _child(code: str, mode: str | None = "bf16") -> dict:
-    env = {k: v for k, v in os.environ.items() if k != bf16_matmul.ENV}
+    env = {k: v for k, v in os.environ.items() if k != sgemm.ENV}
     if mode is not None:
-        env[bf16_matmul.ENV] = mode
+        env[sgemm.ENV] = mode
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -36,7 +38,7 @@ def _child(code: str, mode: str | None = "bf16") -> dict:
 CHECK = """
 import json
 import mlx_persona
-from mlx_persona import bf16_matmul
+from mlx_persona import sgemm
 import mlx.core as mx, numpy as np, torch
 
 def bf16(a):  # the oracle's rounding: PyTorch's float32 -> bfloat16
@@ -57,25 +59,26 @@ cases = {
     "batched": (mx.array(rng.standard_normal((3, 64, 256)).astype(np.float32)),
                 mx.array(rng.standard_normal((3, 256, 128)).astype(np.float32))),
 }
-out = {"active": bf16_matmul.active(), "status": bf16_matmul.status()[1]}
+out = {"active": sgemm.bf16_active(), "status": sgemm.bf16_status()}
 for name, (a, b) in cases.items():
-    before = bf16_matmul.counts()[1]
+    before = sgemm.counts()["bf16"]
     got = a @ b
     mx.eval(got)
-    out[name] = {"bf16_calls": bf16_matmul.counts()[1] - before,
+    out[name] = {"bf16_calls": sgemm.counts()["bf16"] - before,
                  "vs_bf16_oracle": err(got, bf16(a) @ bf16(b)),
                  "vs_exact": err(got, np.array(a, np.float64) @ np.array(b, np.float64))}
 thin_a, thin_b = big, mx.array(rng.standard_normal((700, 8)).astype(np.float32))   # a LoRA-sized product
-before = bf16_matmul.counts()
+before = sgemm.counts()
 got = thin_a @ thin_b
 mx.eval(got)
-after = bf16_matmul.counts()
-out["thin"] = {"exact_calls": after[0] - before[0], "bf16_calls": after[1] - before[1],
+after = sgemm.counts()
+out["thin"] = {"exact_calls": after["sgemm"] - before["sgemm"], "bf16_calls": after["bf16"] - before["bf16"],
                "vs_exact": err(got, np.array(thin_a, np.float64) @ np.array(thin_b, np.float64))}
 print(json.dumps(out))
 """
 
 
+@needs_mkl
 def test_large_products_round_inputs_to_bf16_and_accumulate_in_fp32():
     r = _child(CHECK)
     assert r["active"], r["status"]
@@ -94,7 +97,7 @@ def test_large_products_round_inputs_to_bf16_and_accumulate_in_fp32():
 GRAD = """
 import json
 import mlx_persona
-from mlx_persona import bf16_matmul
+from mlx_persona import sgemm
 import mlx.core as mx, mlx.nn as nn, numpy as np
 mx.random.seed(0)
 layer = nn.Linear(512, 1024)
@@ -103,11 +106,12 @@ def loss(model, x):
     return (model(x) ** 2).mean()
 value, grads = nn.value_and_grad(layer, loss)(layer, x)
 mx.eval(value, grads)
-print(json.dumps({"active": bf16_matmul.active(), "loss": value.item(),
+print(json.dumps({"active": sgemm.bf16_active(), "loss": value.item(),
                   "grad": np.array(grads["weight"]).ravel()[:4096].tolist()}))
 """
 
 
+@needs_mkl
 def test_training_gradients_stay_close_to_fp32():
     fast, exact = _child(GRAD), _child(GRAD, mode=None)
     assert fast["active"] and not exact["active"]
@@ -119,22 +123,24 @@ def test_training_gradients_stay_close_to_fp32():
     assert np.abs(g - ge).max() / np.abs(ge).max() < 2e-2
 
 
+@needs_mkl
 def test_off_by_default_and_a_bad_value_is_reported():
-    code = ("import json, mlx_persona; from mlx_persona import bf16_matmul, platform as p; "
-            "print(json.dumps([bf16_matmul.active(), bf16_matmul.status()[1], p.blas_status()[1]]))")
+    code = ("import json, mlx_persona; from mlx_persona import sgemm, platform as p; "
+            "print(json.dumps([sgemm.bf16_active(), sgemm.bf16_status(), p.blas_status()[1]]))")
     active, reason, blas = _child(code, mode=None)
     assert not active and "MLX_PERSONA_MATMUL=bf16" in reason and blas == "loaded"
     active, reason, blas = _child(code, mode="fp16")
     assert not active and "'fp16'" in reason and "fp32" in reason and blas == "loaded"  # exact path kept
-    env = {**os.environ, bf16_matmul.ENV: "fp16"}
+    env = {**os.environ, sgemm.ENV: "fp16"}
     proc = subprocess.run([sys.executable, "-m", "mlx_persona", "doctor", "--size", "256"], capture_output=True,
                           text=True, env=env, timeout=300)
     assert proc.returncode == 0 and "warning: MLX_PERSONA_MATMUL is set" in proc.stderr, proc.stderr
 
 
+@needs_mkl
 def test_training_run_says_it_used_bf16_matmuls(tiny_path, small_data, tmp_path):
     out = tmp_path / "run"
-    env = {**os.environ, bf16_matmul.ENV: "bf16"}
+    env = {**os.environ, sgemm.ENV: "bf16"}
     proc = subprocess.run([sys.executable, "-m", "mlx_persona.train", "--model", str(tiny_path), "--data",
                            str(small_data), "-o", str(out), "--steps", "4", "--batch-size", "4", "--no-progress",
                            "--set", "eval_every=0", "--set", "save_every=0"],
@@ -143,3 +149,55 @@ def test_training_run_says_it_used_bf16_matmuls(tiny_path, small_data, tmp_path)
     assert "matmuls: bf16 inputs, fp32 accumulate" in proc.stdout + proc.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert summary["matmul_inputs"] == "bfloat16" and summary["steps"] == 4
+
+
+GEMV = """
+import json
+import mlx_persona
+from mlx_persona import sgemm
+import mlx.core as mx, numpy as np
+rng = np.random.default_rng(0)
+def arr(*shape):
+    return mx.array(rng.standard_normal(shape).astype(np.float32))
+w, x, big = arr(300, 64), arr(1, 64), arr(64, 300)
+cases = {   # every way MLX can hand sgemm a product with one row or one column
+    "row @ W.T": (x, w.T), "row @ W": (x, big), "W @ col": (w, x.T), "W.T @ col": (big.T, x.T),
+    "col.T @ W": (x.T.T, big), "strided row": (w[3:4, :], big), "strided col": (w, big[:, 5:6]),
+    "row of a strided W": (x, big[:, ::2]), "dot": (x, x.T), "batched rows": (arr(3, 1, 64), arr(3, 64, 40)),
+    "decode head": (arr(1, 1, 64), arr(5000, 64).T),
+}
+out = {"active": sgemm.active(), "status": sgemm.status()}
+for name, (a, b) in cases.items():
+    before = sgemm.counts()["sgemv"]
+    got = a @ b
+    mx.eval(got)
+    ref = np.array(a, np.float64) @ np.array(b, np.float64)
+    out[name] = {"sgemv": sgemm.counts()["sgemv"] - before,
+                 "err": float(np.abs(np.array(got, np.float64) - ref).max() / np.abs(ref).max())}
+print(json.dumps(out))
+"""
+
+
+@linux
+@pytest.mark.parametrize("mode", [None, "bf16"])
+def test_matrix_vector_products_go_to_sgemv_and_stay_exact(mode):
+    if mode == "bf16" and (platform.machine() != "x86_64" or sgemm.find_mkl() is None):
+        pytest.skip("needs oneMKL")
+    r = _child(GEMV, mode=mode)
+    if not r["active"]:
+        pytest.skip(f"the sgemm layer is not loaded here: {r['status']}")
+    for name, case in r.items():
+        if isinstance(case, dict):
+            assert case["sgemv"] >= 1, (name, case)
+            assert case["err"] < 2e-6, (name, case)
+
+
+@linux
+def test_the_layer_can_be_turned_off():
+    code = ("import json, mlx_persona, mlx.core as mx; from mlx_persona import sgemm; "
+            "a = mx.ones((1, 8)) @ mx.ones((8, 4)); "
+            "print(json.dumps([sgemm.active(), sgemm.status(), sgemm.counts()['sgemv'], a.tolist()]))")
+    env_off = {**os.environ, "MLX_PERSONA_SGEMM": "0"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env_off, timeout=300)
+    active, reason, calls, value = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert not active and "MLX_PERSONA_SGEMM=0" in reason and calls == 0 and value == [[8.0] * 4]

@@ -1,12 +1,18 @@
-/* cblas_sgemm with bfloat16 inputs and float32 accumulation, for MLX's CPU backend.
+/* The cblas_sgemm that MLX's CPU backend calls on Linux: matrix-vector products to sgemv, and opt-in
+ * bfloat16 inputs for large products.
  *
- * MLX sends every float32 matmul on the CPU to cblas_sgemm. Loaded with RTLD_GLOBAL before mlx.core,
- * this library's cblas_sgemm is the one MLX binds to (see mlx_persona/bf16_matmul.py). Large products
- * have their inputs rounded to bfloat16 (round to nearest even) and go to oneMKL's
- * cblas_gemm_bf16bf16f32, which runs on the CPU's AMX tiles (or AVX512-BF16) and accumulates and writes
- * float32: the same numerics as PyTorch's bf16 autocast of a matmul, but with a float32 result. Small
- * or thin products (LoRA's rank-r matmuls, decoding's matrix-vector products) stay exact: oneMKL's
- * cblas_sgemm. Everything that is not a matmul is untouched and stays float32.
+ * MLX sends every float32 matmul on the CPU to cblas_sgemm. Loaded with RTLD_GLOBAL before the BLAS
+ * and before mlx.core, this library's cblas_sgemm is the one MLX binds to (mlx_persona/sgemm.py); it
+ * forwards to the BLAS it was bound to (OpenBLAS, or oneMKL for bf16):
+ *
+ * - m == 1 or n == 1 (decoding one token: every linear layer and the LM head) goes to cblas_sgemv.
+ *   OpenBLAS 0.3.21 (Debian 12) runs such an sgemm through its full GEMM path, packing the whole weight
+ *   matrix: 10 GB/s against sgemv's 28 GB/s for Gemma's 262144 x 640 head. Same products, exact.
+ * - With bf16 on (MLX_PERSONA_MATMUL=bf16, oneMKL), large products have their inputs rounded to
+ *   bfloat16 (round to nearest even) and go to oneMKL's cblas_gemm_bf16bf16f32, which runs on the
+ *   CPU's AMX tiles (or AVX512-BF16) and accumulates and writes float32: the numerics of PyTorch's bf16
+ *   autocast of a matmul, with a float32 result. Small or thin products (LoRA's rank-r matmuls) stay
+ *   exact. Everything that is not a matmul is untouched and stays float32.
  *
  * MLX can call this from several stream threads at once: the conversion buffers are per thread.
  */
@@ -20,35 +26,44 @@
 
 typedef void (*sgemm_fn)(int, int, int, int, int, int, float, const float *, int, const float *, int,
                          float, float *, int);
+typedef void (*sgemv_fn)(int, int, int, int, float, const float *, int, const float *, int, float, float *,
+                         int);
 typedef void (*bf16gemm_fn)(int, int, int, int, int, int, float, const uint16_t *, int,
                             const uint16_t *, int, float, float *, int);
 
-enum { ROW_MAJOR = 101, NO_TRANS = 111 };
+enum { ROW_MAJOR = 101, NO_TRANS = 111, TRANS = 112 };
 
 static sgemm_fn exact_sgemm;
+static sgemv_fn exact_sgemv;
 static bf16gemm_fn bf16_gemm;
-static int enabled;
+static int gemv_on = 1;
+static int enabled; /* bf16 inputs */
 static double min_work = 4194304.0; /* m*n*k below this: exact */
 static int min_dim = 32;            /* any of m, n, k below this: exact */
-static long counts[2];              /* [exact calls, bf16 calls]; racy, for tests and doctor only */
+static long counts[3]; /* [exact sgemm, bf16, sgemv] calls; racy, for tests and doctor only */
 
-/* Binds to oneMKL at `path` (loaded RTLD_GLOBAL so that LAPACK and the rest resolve to it too).
-   Returns 0, or 1 if it cannot be loaded, 2 if a symbol is missing. */
+/* Binds to the BLAS at `path` (loaded locally here; mlx_persona/sgemm.py then makes this library and
+   then the BLAS global, in that order). Returns 0, or 1 if it cannot be loaded, 2 if it has no
+   cblas_sgemm or cblas_sgemv. oneMKL also gives the bf16 gemm; mlxp_has_bf16 says whether it did. */
 int mlxp_bind(const char *path) {
-  void *h = dlopen(path, RTLD_NOW | RTLD_GLOBAL);
+  void *h = dlopen(path, RTLD_NOW | RTLD_LOCAL);
   if (!h) return 1;
   exact_sgemm = (sgemm_fn)dlsym(h, "cblas_sgemm");
+  exact_sgemv = (sgemv_fn)dlsym(h, "cblas_sgemv");
   bf16_gemm = (bf16gemm_fn)dlsym(h, "cblas_gemm_bf16bf16f32");
-  return (exact_sgemm && bf16_gemm) ? 0 : 2;
+  return (exact_sgemm && exact_sgemv) ? 0 : 2;
 }
 
-void mlxp_configure(int on, double work, int dim) {
-  enabled = on;
+int mlxp_has_bf16(void) { return bf16_gemm != 0; }
+
+void mlxp_configure(int bf16, double work, int dim, int gemv) {
+  enabled = bf16 && bf16_gemm;
   min_work = work;
   min_dim = dim;
+  gemv_on = gemv;
 }
 
-long mlxp_count(int which) { return counts[which & 1]; }
+long mlxp_count(int which) { return which >= 0 && which < 3 ? counts[which] : -1; }
 
 static inline uint16_t to_bf16(float f) {
   uint32_t u;
@@ -90,6 +105,23 @@ static __thread size_t scratch_len;
 
 void cblas_sgemm(int order, int ta, int tb, int m, int n, int k, float alpha, const float *a, int lda,
                  const float *b, int ldb, float beta, float *c, int ldc) {
+  if (gemv_on && order == ROW_MAJOR && (m == 1 || n == 1) && k > 0) {
+    counts[2]++;
+    if (m == 1) { /* c (1 x n) = a (1 x k) op(B): c^T = op(B)^T a^T */
+      int incx = ta == NO_TRANS ? 1 : lda;
+      if (tb == NO_TRANS) /* B is k x n */
+        exact_sgemv(ROW_MAJOR, TRANS, k, n, alpha, b, ldb, a, incx, beta, c, 1);
+      else /* B is n x k */
+        exact_sgemv(ROW_MAJOR, NO_TRANS, n, k, alpha, b, ldb, a, incx, beta, c, 1);
+    } else { /* c (m x 1, ldc apart) = op(A) b (k x 1) */
+      int incx = tb == NO_TRANS ? ldb : 1;
+      if (ta == NO_TRANS) /* A is m x k */
+        exact_sgemv(ROW_MAJOR, NO_TRANS, m, k, alpha, a, lda, b, incx, beta, c, ldc);
+      else /* A is k x m */
+        exact_sgemv(ROW_MAJOR, TRANS, k, m, alpha, a, lda, b, incx, beta, c, ldc);
+    }
+    return;
+  }
   if (!enabled || (double)m * n * k < min_work || m < min_dim || n < min_dim || k < min_dim) {
     counts[0]++;
     exact_sgemm(order, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);

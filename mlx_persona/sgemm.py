@@ -1,0 +1,198 @@
+"""The ``cblas_sgemm`` MLX's CPU backend calls on Linux: matrix-vector products to ``sgemv``, and opt-in
+bf16 inputs for large products (``MLX_PERSONA_MATMUL=bf16``).
+
+MLX's CPU backend sends every float32 matmul to ``cblas_sgemm``, whichever BLAS the process loaded.
+:func:`setup` (called by ``platform.setup`` before ``mlx.core`` is imported) builds ``native/sgemm.c``
+with ``gcc`` into the cache and loads it with ``RTLD_GLOBAL`` *before* the BLAS, so that MLX's calls
+land in it; it forwards to the BLAS:
+
+- **m == 1 or n == 1 -> cblas_sgemv.** Decoding one token is all matrix-vector products. Debian's
+  OpenBLAS 0.3.21 runs them through its full GEMM path, packing the whole weight matrix each call:
+  10 GB/s for Gemma's 262144 x 640 head against 28 GB/s with ``sgemv``. Exact (only the order of the
+  additions differs). ``MLX_PERSONA_SGEMM=0`` loads the BLAS without this layer.
+- **bf16 inputs, opt-in.** Recent Intel CPUs multiply bfloat16 with AMX tiles at several times their
+  float32 rate; PyTorch reaches them with ``torch.autocast("cpu", torch.bfloat16)``. MLX's own bf16
+  matmul on the CPU is a plain loop (~6 GFLOP/s here). With ``MLX_PERSONA_MATMUL=bf16`` the layer binds
+  to oneMKL instead of OpenBLAS and rounds the inputs of large products to bf16 for oneMKL's
+  ``cblas_gemm_bf16bf16f32`` (float32 accumulation and output). Weights, activations, gradients,
+  optimizer state and every non-matmul op stay float32; small and thin products (LoRA's rank-r
+  matmuls) stay exact. Relative error ~1e-3 per product, as with autocast. Off by default.
+
+Why not an MLX extension: a custom primitive needs MLX's C++ headers, nanobind and CMake at install
+time and a vjp of its own; a ``cblas_sgemm`` needs one C file and the compiler MLX's JIT already uses.
+oneMKL comes from PyPI (``pip install mkl``; the ``test``, ``bench`` and ``cpu-bf16`` extras have it).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import glob
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ENV = "MLX_PERSONA_MATMUL"
+SOURCE = Path(__file__).parent / "native" / "sgemm.c"
+# Products with m*n*k below MIN_WORK, or any side below MIN_DIM, stay exact float32 in bf16 mode.
+MIN_WORK = 1 << 21
+MIN_DIM = 32
+CFLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared")
+
+_state = {"lib": None, "blas": None, "bf16": False, "reason": "not set up",
+          "bf16_reason": "off (set MLX_PERSONA_MATMUL=bf16 to turn it on)"}
+
+
+def requested_bf16() -> bool:
+    value = os.environ.get(ENV, "").strip().lower()
+    if value in ("", "fp32", "float32", "0", "off", "exact"):
+        return False
+    if value in ("bf16", "bfloat16", "1", "on"):
+        return True
+    raise ValueError(f"{ENV}={value!r}: use fp32 (the default) or bf16")
+
+
+def find_mkl() -> str | None:
+    """oneMKL's single dynamic library: $MLX_PERSONA_MKL, pip's (``<prefix>/lib``), or a system one."""
+    override = os.environ.get("MLX_PERSONA_MKL")
+    if override:
+        return override
+    prefixes = [sys.prefix, sys.base_prefix, os.path.expanduser("~/.local")]
+    patterns = [os.path.join(p, "lib", "libmkl_rt.so*") for p in prefixes]
+    patterns += ["/opt/intel/oneapi/mkl/latest/lib/libmkl_rt.so*", "/usr/lib/x86_64-linux-gnu/libmkl_rt.so*"]
+    for pattern in patterns:
+        found = sorted(glob.glob(pattern), key=len)
+        if found:
+            return found[0]
+    return None
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_support() -> str:
+    """What the CPU multiplies bfloat16 with: 'AMX', 'AVX512-BF16', or '' (oneMKL emulates it, slowly)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        flags = []
+    if "amx_bf16" in flags:
+        return "AMX"
+    if "avx512_bf16" in flags:
+        return "AVX512-BF16"
+    return ""
+
+
+def _build(cc: str) -> Path:
+    """Compiles the layer once per source, compiler and CPU into the cache; returns the library."""
+    src = SOURCE.read_bytes()
+    try:
+        stamp = f"{os.path.realpath(cc)}:{os.stat(cc).st_mtime_ns}"
+    except OSError:
+        stamp = cc
+    key = hashlib.sha256(repr((src, stamp, CFLAGS, cpu_support(), platform.machine())).encode()).hexdigest()[:12]
+    cache = Path(os.environ.get("MLX_PERSONA_CACHE", Path.home() / ".cache" / "mlx_persona"))
+    lib = cache / "sgemm" / key / "libmlxp_sgemm.so"
+    if lib.exists():
+        return lib
+    lib.parent.mkdir(parents=True, exist_ok=True)
+    tmp = lib.with_name(f"{lib.name}.{os.getpid()}.tmp")
+    proc = subprocess.run([cc, *CFLAGS, str(SOURCE), "-o", str(tmp), "-ldl"], capture_output=True, text=True,
+                          timeout=120)
+    if proc.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        raise OSError((proc.stderr.strip().splitlines() or ["compile failed"])[-1])
+    os.replace(tmp, lib)
+    return lib
+
+
+def choose_blas(openblas: str | None) -> tuple[str | None, bool]:
+    """(the BLAS to bind, whether bf16 inputs can be on): oneMKL when bf16 is asked for and possible."""
+    try:
+        want = requested_bf16()
+    except ValueError as e:
+        _state["bf16_reason"] = str(e)
+        return openblas, False
+    if not want:
+        return openblas, False
+    if platform.machine() not in ("x86_64", "AMD64"):
+        _state["bf16_reason"] = "not x86-64 (on a Mac, MLX runs bf16 on the GPU itself)"
+        return openblas, False
+    mkl = find_mkl()
+    if mkl is None:
+        _state["bf16_reason"] = "oneMKL not found: pip install mkl (or set MLX_PERSONA_MKL=/path/to/libmkl_rt.so)"
+        return openblas, False
+    if os.environ.get("MLX_PERSONA_SGEMM", "1").lower() in ("0", "off", "no", "false"):
+        _state["bf16_reason"] = "needs the sgemm layer, which MLX_PERSONA_SGEMM=0 turns off"
+        return openblas, False
+    os.environ.setdefault("MKL_THREADING_LAYER", "GNU")  # the same OpenMP runtime as the layer's conversions
+    return mkl, True
+
+
+def setup(blas: str, bf16: bool) -> bool:
+    """Puts the layer in front of `blas` (a path); True if MLX's sgemm calls will go through it.
+
+    The layer binds to `blas` while it is still local to the process; only then is it made global, so
+    that it is never the ``cblas_sgemm`` MLX finds without a BLAS behind it. The caller loads `blas`
+    with ``RTLD_GLOBAL`` afterwards either way (after the layer, so that the layer comes first). Must
+    run before ``mlx.core`` is imported.
+    """
+    if _state["lib"] is not None:
+        return True
+    if os.environ.get("MLX_PERSONA_SGEMM", "1").lower() in ("0", "off", "no", "false"):
+        _state["reason"] = "off (MLX_PERSONA_SGEMM=0)"
+        return False
+    cc = shutil.which("gcc") or shutil.which("cc")
+    if cc is None:
+        _state["reason"] = "no C compiler (gcc): MLX calls the BLAS's cblas_sgemm directly"
+        if bf16:
+            _state["bf16_reason"] = "needs gcc to build the sgemm layer"
+        return False
+    try:
+        path = _build(cc)
+        lib = ctypes.CDLL(str(path), mode=os.RTLD_LOCAL)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        _state["reason"] = f"could not build or load the sgemm layer: {e}"
+        return False
+    lib.mlxp_bind.argtypes = [ctypes.c_char_p]
+    lib.mlxp_configure.argtypes = [ctypes.c_int, ctypes.c_double, ctypes.c_int, ctypes.c_int]
+    lib.mlxp_count.restype = ctypes.c_long
+    rc = lib.mlxp_bind(blas.encode())
+    if rc != 0:
+        _state["reason"] = f"{blas} {'cannot be loaded' if rc == 1 else 'has no cblas_sgemm or cblas_sgemv'}"
+        return False
+    ctypes.CDLL(str(path), mode=os.RTLD_GLOBAL | getattr(os, "RTLD_NOLOAD", 0))  # now global, before the BLAS
+    if bf16 and not lib.mlxp_has_bf16():
+        _state["bf16_reason"] = f"{blas} has no cblas_gemm_bf16bf16f32"
+        bf16 = False
+    lib.mlxp_configure(int(bf16), float(MIN_WORK), MIN_DIM, 1)
+    _state.update(lib=lib, blas=blas, bf16=bf16, reason="matrix-vector products to sgemv")
+    if bf16:
+        _state["bf16_reason"] = f"bf16 inputs, fp32 accumulate: oneMKL ({cpu_support() or 'emulated'})"
+    return True
+
+
+def active() -> bool:
+    """Whether MLX's cblas_sgemm calls go through this layer."""
+    return _state["lib"] is not None
+
+
+def bf16_active() -> bool:
+    return bool(_state["bf16"])
+
+
+def status() -> str:
+    return _state["reason"]
+
+
+def bf16_status() -> str:
+    return _state["bf16_reason"]
+
+
+def counts() -> dict:
+    """Calls since start: exact sgemm, bf16 and sgemv (zeros when the layer is not loaded)."""
+    lib = _state["lib"]
+    return {k: (lib.mlxp_count(i) if lib is not None else 0) for i, k in enumerate(("sgemm", "bf16", "sgemv"))}
