@@ -21,6 +21,7 @@ import tempfile
 from pathlib import Path
 
 from mlx_persona import __version__
+from mlx_persona.platform import cache_dir  # noqa: F401  (also imported from here by callers)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO_ROOT / "data" / "bluey"
@@ -195,10 +196,6 @@ def init_model(out: str | Path, preset: str, *, seed: int = 0, overwrite: bool =
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("MLX_PERSONA_CACHE", Path.home() / ".cache" / "mlx_persona"))
 
 
 def builtin_path(name: str) -> Path:

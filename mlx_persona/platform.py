@@ -65,8 +65,22 @@ def _find_openblas() -> str | None:
     return found[0] if found else None
 
 
+def cache_dir() -> Path:
+    """Where mlx_persona keeps what it builds: models, kernels, libraries ($MLX_PERSONA_CACHE)."""
+    return Path(os.environ.get("MLX_PERSONA_CACHE", Path.home() / ".cache" / "mlx_persona"))
+
+
+def file_stamp(path: str) -> str:
+    """A file's real path and modification time: part of a cache key for what a tool builds."""
+    try:
+        return f"{os.path.realpath(path)}:{os.stat(path).st_mtime_ns}"
+    except OSError:
+        return path
+
+
 @functools.lru_cache(maxsize=1)
-def _cpu_flags() -> frozenset[str]:
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -110,14 +124,10 @@ def _real_gxx() -> str | None:
 
 def _jit_dir() -> Path:
     """A folder per compiler, flags and CPU: kernels built with -march=native only fit this CPU."""
-    gxx = _real_gxx() or ""
-    try:
-        stamp = f"{os.path.realpath(gxx)}:{os.stat(gxx).st_mtime_ns}" if gxx else ""
-    except OSError:
-        stamp = gxx
-    key = hashlib.sha256(repr((stamp, JIT_FLAGS, sorted(_cpu_flags()), platform.machine())).encode()).hexdigest()[:12]
-    cache = Path(os.environ.get("MLX_PERSONA_CACHE", Path.home() / ".cache" / "mlx_persona"))
-    return cache / "jit" / key
+    gxx = _real_gxx()
+    stamp = file_stamp(gxx) if gxx else ""
+    key = hashlib.sha256(repr((stamp, JIT_FLAGS, sorted(cpu_flags()), platform.machine())).encode()).hexdigest()[:12]
+    return cache_dir() / "jit" / key
 
 
 def setup_jit() -> None:
@@ -202,7 +212,7 @@ def setup() -> None:
         return
     if (path == openblas and platform.machine() in ("x86_64", "AMD64")
             and not os.environ.get("OPENBLAS_CORETYPE")):
-        core = openblas_coretype(_cpu_flags())
+        core = openblas_coretype(cpu_flags())
         if core:  # read by OpenBLAS when it loads
             os.environ["OPENBLAS_CORETYPE"] = core
     sgemm.setup(path, bf16)  # MLX's cblas_sgemm: our layer in front of the BLAS, when it builds

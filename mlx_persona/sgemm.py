@@ -26,7 +26,6 @@ oneMKL comes from PyPI (``pip install mkl``; the ``test``, ``bench`` and ``cpu-b
 from __future__ import annotations
 
 import ctypes
-import functools
 import glob
 import hashlib
 import os
@@ -43,7 +42,7 @@ MIN_WORK = 1 << 21
 MIN_DIM = 32
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared")
 
-_state = {"lib": None, "blas": None, "bf16": False, "reason": "not set up",
+_state = {"lib": None, "bf16": False, "reason": "not set up",
           "bf16_reason": "off (set MLX_PERSONA_MATMUL=bf16 to turn it on)"}
 
 
@@ -54,6 +53,10 @@ def requested_bf16() -> bool:
     if value in ("bf16", "bfloat16", "1", "on"):
         return True
     raise ValueError(f"{ENV}={value!r}: use fp32 (the default) or bf16")
+
+
+def _layer_off() -> bool:
+    return os.environ.get("MLX_PERSONA_SGEMM", "1").lower() in ("0", "off", "no", "false")
 
 
 def find_mkl() -> str | None:
@@ -71,14 +74,11 @@ def find_mkl() -> str | None:
     return None
 
 
-@functools.lru_cache(maxsize=1)
 def cpu_support() -> str:
     """What the CPU multiplies bfloat16 with: 'AMX', 'AVX512-BF16', or '' (oneMKL emulates it, slowly)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        flags = []
+    from mlx_persona.platform import cpu_flags  # platform imports this module
+
+    flags = cpu_flags()
     if "amx_bf16" in flags:
         return "AMX"
     if "avx512_bf16" in flags:
@@ -88,14 +88,11 @@ def cpu_support() -> str:
 
 def _build(cc: str) -> Path:
     """Compiles the layer once per source, compiler and CPU into the cache; returns the library."""
-    src = SOURCE.read_bytes()
-    try:
-        stamp = f"{os.path.realpath(cc)}:{os.stat(cc).st_mtime_ns}"
-    except OSError:
-        stamp = cc
-    key = hashlib.sha256(repr((src, stamp, CFLAGS, cpu_support(), platform.machine())).encode()).hexdigest()[:12]
-    cache = Path(os.environ.get("MLX_PERSONA_CACHE", Path.home() / ".cache" / "mlx_persona"))
-    lib = cache / "sgemm" / key / "libmlxp_sgemm.so"
+    from mlx_persona.platform import cache_dir, file_stamp  # platform imports this module
+
+    key = hashlib.sha256(repr((SOURCE.read_bytes(), file_stamp(cc), CFLAGS, cpu_support(),
+                               platform.machine())).encode()).hexdigest()[:12]
+    lib = cache_dir() / "sgemm" / key / "libmlxp_sgemm.so"
     if lib.exists():
         return lib
     lib.parent.mkdir(parents=True, exist_ok=True)
@@ -125,7 +122,7 @@ def choose_blas(openblas: str | None) -> tuple[str | None, bool]:
     if mkl is None:
         _state["bf16_reason"] = "oneMKL not found: pip install mkl (or set MLX_PERSONA_MKL=/path/to/libmkl_rt.so)"
         return openblas, False
-    if os.environ.get("MLX_PERSONA_SGEMM", "1").lower() in ("0", "off", "no", "false"):
+    if _layer_off():
         _state["bf16_reason"] = "needs the sgemm layer, which MLX_PERSONA_SGEMM=0 turns off"
         return openblas, False
     os.environ.setdefault("MKL_THREADING_LAYER", "GNU")  # the same OpenMP runtime as the layer's conversions
@@ -142,7 +139,7 @@ def setup(blas: str, bf16: bool) -> bool:
     """
     if _state["lib"] is not None:
         return True
-    if os.environ.get("MLX_PERSONA_SGEMM", "1").lower() in ("0", "off", "no", "false"):
+    if _layer_off():
         _state["reason"] = "off (MLX_PERSONA_SGEMM=0)"
         return False
     cc = shutil.which("gcc") or shutil.which("cc")
@@ -158,7 +155,7 @@ def setup(blas: str, bf16: bool) -> bool:
         _state["reason"] = f"could not build or load the sgemm layer: {e}"
         return False
     lib.mlxp_bind.argtypes = [ctypes.c_char_p]
-    lib.mlxp_configure.argtypes = [ctypes.c_int, ctypes.c_double, ctypes.c_int, ctypes.c_int]
+    lib.mlxp_configure.argtypes = [ctypes.c_int, ctypes.c_double, ctypes.c_int]
     lib.mlxp_count.restype = ctypes.c_long
     rc = lib.mlxp_bind(blas.encode())
     if rc != 0:
@@ -168,8 +165,8 @@ def setup(blas: str, bf16: bool) -> bool:
     if bf16 and not lib.mlxp_has_bf16():
         _state["bf16_reason"] = f"{blas} has no cblas_gemm_bf16bf16f32"
         bf16 = False
-    lib.mlxp_configure(int(bf16), float(MIN_WORK), MIN_DIM, 1)
-    _state.update(lib=lib, blas=blas, bf16=bf16, reason="matrix-vector products to sgemv")
+    lib.mlxp_configure(int(bf16), float(MIN_WORK), MIN_DIM)
+    _state.update(lib=lib, bf16=bf16, reason="matrix-vector products to sgemv")
     if bf16:
         _state["bf16_reason"] = f"bf16 inputs, fp32 accumulate: oneMKL ({cpu_support() or 'emulated'})"
     return True

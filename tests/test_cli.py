@@ -50,7 +50,7 @@ def test_openblas_gets_the_cpus_kernels():
                                    "avx512cd"}) == "SkylakeX"
     assert plat.openblas_coretype({"sse3"}) is None
     info = plat.describe()
-    if sys.platform == "linux" and plat.openblas_coretype(plat._cpu_flags()) and info["blas_core"]:
+    if sys.platform == "linux" and plat.openblas_coretype(plat.cpu_flags()) and info["blas_core"]:
         assert info["blas_core"].lower() not in ("prescott", "core2", "nehalem", "katmai"), info
 
 

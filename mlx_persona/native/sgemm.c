@@ -36,7 +36,6 @@ enum { ROW_MAJOR = 101, NO_TRANS = 111, TRANS = 112 };
 static sgemm_fn exact_sgemm;
 static sgemv_fn exact_sgemv;
 static bf16gemm_fn bf16_gemm;
-static int gemv_on = 1;
 static int enabled; /* bf16 inputs */
 static double min_work = 4194304.0; /* m*n*k below this: exact */
 static int min_dim = 32;            /* any of m, n, k below this: exact */
@@ -56,11 +55,10 @@ int mlxp_bind(const char *path) {
 
 int mlxp_has_bf16(void) { return bf16_gemm != 0; }
 
-void mlxp_configure(int bf16, double work, int dim, int gemv) {
+void mlxp_configure(int bf16, double work, int dim) {
   enabled = bf16 && bf16_gemm;
   min_work = work;
   min_dim = dim;
-  gemv_on = gemv;
 }
 
 long mlxp_count(int which) { return which >= 0 && which < 3 ? counts[which] : -1; }
@@ -105,7 +103,7 @@ static __thread size_t scratch_len;
 
 void cblas_sgemm(int order, int ta, int tb, int m, int n, int k, float alpha, const float *a, int lda,
                  const float *b, int ldb, float beta, float *c, int ldc) {
-  if (gemv_on && order == ROW_MAJOR && (m == 1 || n == 1) && k > 0) {
+  if (order == ROW_MAJOR && (m == 1 || n == 1) && k > 0) {
     counts[2]++;
     if (m == 1) { /* c (1 x n) = a (1 x k) op(B): c^T = op(B)^T a^T */
       int incx = ta == NO_TRANS ? 1 : lda;
