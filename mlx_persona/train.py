@@ -72,6 +72,33 @@ def build_schedule(cfg: TrainConfig, total_steps: int):
     return optim.join_schedules([ramp, decay], [warmup])
 
 
+def global_norm(grads) -> mx.array:
+    """The L2 norm of all gradients together (float32), as ``torch.nn.utils.clip_grad_norm_`` computes it."""
+    return mx.sqrt(sum((g.astype(mx.float32) ** 2).sum() for _, g in tree_flatten(grads)))
+
+
+def clip_by_global_norm(grads, norm: mx.array, max_norm: float):
+    """Scales `grads` by ``min(max_norm / (norm + 1e-6), 1)`` (torch's rule); ``max_norm <= 0``: unchanged."""
+    if max_norm <= 0:
+        return grads
+    scale = mx.minimum(max_norm / (norm + 1e-6), 1.0)
+    return tree_map(lambda g: g * scale.astype(g.dtype), grads)
+
+
+def track_validation(loop: dict, val: float, step: int, patience: int) -> tuple[bool, bool]:
+    """Records a validation loss in the loop state.
+
+    Returns:
+        (improved: this is the best so far, so ``best/`` should be written; stop: `patience` > 0
+        evaluations in a row have not improved on the best).
+    """
+    if loop["best_val"] is None or val < loop["best_val"]:
+        loop["best_val"], loop["best_step"], loop["bad_evals"] = val, step, 0
+        return True, False
+    loop["bad_evals"] += 1
+    return False, bool(patience) and loop["bad_evals"] >= patience
+
+
 class _StopFlag:
     """SIGINT/SIGTERM ask the loop to save at the next step boundary; a second SIGINT exits at once."""
 
@@ -326,15 +353,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False, log=pr
     @mx.compile
     def reduce_grads(grads):
         grads = average_gradients(grads)  # the identity for one process
-        norm = mx.sqrt(sum((g.astype(mx.float32) ** 2).sum() for _, g in tree_flatten(grads)))
-        return grads, norm
+        return grads, global_norm(grads)
 
     @partial(mx.compile, inputs=state, outputs=state)
     def apply_update(grads, norm):
-        if cfg.optim.max_grad_norm > 0:
-            scale = mx.minimum(cfg.optim.max_grad_norm / (norm + 1e-6), 1.0)
-            grads = tree_map(lambda g: g * scale.astype(g.dtype), grads)
-        optimizer.update(model, grads)
+        optimizer.update(model, clip_by_global_norm(grads, norm, cfg.optim.max_grad_norm))
 
     def sum_over_ranks(values: list[float]) -> list[float]:
         return mx.distributed.all_sum(mx.array(values)).tolist() if size > 1 else values
@@ -422,15 +445,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False, log=pr
                 val = run_eval()
                 record({"step": step, "val_loss": val, "val_ppl": math.exp(min(val, 50))})
                 progress.note(f"step {step}: val_loss {val:.4f}")
-                if loop["best_val"] is None or val < loop["best_val"]:
-                    loop["best_val"], loop["best_step"], loop["bad_evals"] = val, step, 0
-                    if rank == 0:
-                        _save_result(model, cfg, adapter_config, base, out / "best")
-                else:
-                    loop["bad_evals"] += 1
-                    if cfg.early_stopping_patience and loop["bad_evals"] >= cfg.early_stopping_patience:
-                        stop_reason = f"early stopping: no improvement in {loop['bad_evals']} evaluations"
-                        loop["stop_reason"] = stop_reason
+                improved, stop_now = track_validation(loop, val, step, cfg.early_stopping_patience)
+                if improved and rank == 0:
+                    _save_result(model, cfg, adapter_config, base, out / "best")
+                if stop_now:
+                    stop_reason = f"early stopping: no improvement in {loop['bad_evals']} evaluations"
+                    loop["stop_reason"] = stop_reason
             if (cfg.save_every and step % cfg.save_every == 0) or step == total_steps or \
                     stopping or stop_reason != "completed":
                 save_state()
