@@ -61,11 +61,27 @@ def test_init_model_writes_a_folder_transformers_and_mlx_lm_load(tmp_path):
     assert cfg["model_type"] == "gemma3_text"
     tok_cfg = json.loads((out / "tokenizer_config.json").read_text())
     assert "<start_of_turn>" in tok_cfg["chat_template"]
+    import mlx.core as mx
+    import numpy as np
+    import torch
     from mlx_lm import load
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    load(str(out))
-    AutoModelForCausalLM.from_pretrained(str(out))
+    # Both load every weight and compute the same model: equal token ids and equal logits.
+    model, tok = load(str(out))
+    hf, info = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32, output_loading_info=True)
+    assert not any(info.values()), info  # no missing, unexpected or mismatched weights
+    text = tok.apply_chat_template([{"role": "user", "content": "Hi Bluey! Shall we play keepy uppy?"}],
+                                   add_generation_prompt=True, tokenize=False)
+    ids = tok.encode(text, add_special_tokens=False)
+    assert AutoTokenizer.from_pretrained(str(out)).encode(text, add_special_tokens=False) == ids and len(ids) > 10
+    ours = np.array(model(mx.array([ids]))[0])
+    with torch.no_grad():
+        theirs = hf(torch.tensor([ids])).logits[0].numpy()
+    print(f"init-model: mlx-lm vs transformers max logit diff {np.abs(ours - theirs).max():.2e} "
+          f"(largest |logit| {np.abs(theirs).max():.2f})")
+    assert np.abs(theirs).max() > 0.1  # random weights, not zeros
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-5)  # measured 6.3e-7
     again = run("init-model", str(out), "--preset", "tiny")
     assert again.exit_code == 1 and "already exists" in again.output
 

@@ -15,7 +15,7 @@ import pytest
 
 from mlx_persona import checkpoint as ckpt
 from mlx_persona.train import train
-from training_runs import REPO, bitwise_equal, cli_args, config, copy_run, metrics, reference_run
+from training_runs import REPO, bitwise_equal, cli_args, config, metrics, reference_run
 
 LAUNCH = Path(sys.executable).parent / "mlx.launch"
 # Dropout off: the two runs draw different random numbers. 9 examples in batches of 4 make global batches of
@@ -52,10 +52,11 @@ def _free_ports(n: int) -> int:
     raise RuntimeError("no free ports")
 
 
-def _launch(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
-    """`mlx.launch -n 2 --backend ring -- python -m mlx_persona.train ARGS` on localhost."""
+def _launch(args: list[str], timeout: int = 300, python=("-m", "mlx_persona.train")) -> subprocess.CompletedProcess:
+    """`mlx.launch -n 2 --backend ring -- python -m mlx_persona.train ARGS` (or `python PYTHON... ARGS`) on
+    localhost."""
     cmd = [str(LAUNCH), "-n", "2", "--backend", "ring", "--starting-port", str(_free_ports(2)), "--",
-           sys.executable, "-m", "mlx_persona.train", *args]
+           sys.executable, *python, *args]
     env = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}  # one BLAS thread per process: they share the cores
     proc = subprocess.run(cmd, cwd=REPO, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
                           timeout=timeout)
@@ -129,17 +130,38 @@ def test_broadcast_of_a_checkpoint_is_exact_for_one_process(tmp_path):
     assert ckpt.broadcast(None, w, opt) is None
 
 
-@pytest.mark.slow
+# Both runs in one launch: each rank process starts once (importing mlx-lm and transformers is most of a
+# rank's time here), trains the full run, then rank 0 cuts a copy back to its step-2 checkpoint and both
+# resume it, as `mlx-persona train --resume` does. train() builds everything afresh from the config and the
+# checkpoint, so what the first run left in the process cannot stand in for what the checkpoint restores.
+TWICE = r"""
+import shutil, sys
+from pathlib import Path
+import mlx.core as mx
+from mlx_persona.cli import main
+full, cut, n = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+args = sys.argv[4:4 + n]
+main(["train", *args, "-o", str(full)], standalone_mode=False)
+group = mx.distributed.init()
+if group.rank() == 0:
+    shutil.copytree(full, cut)
+    shutil.rmtree(cut / "checkpoints" / "step-00000004")
+    (cut / "adapters.safetensors").unlink()
+mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group))  # the copy is there for every rank
+main(["train", *args, "-o", str(cut), "--resume"], standalone_mode=False)
+"""
+
+
 @pytest.mark.skipif(not LAUNCH.exists(), reason="mlx.launch is not installed next to this Python")
 def test_two_process_resume_is_exact(tiny_path, nine, tmp_path):
     """With dropout on: every rank seeds the same key and draws as often, so rank 0's saved key is every
     rank's; rank 0 reads the checkpoint and broadcasts it."""
     changes = {**DIST, "lora.dropout": 0.1, "save_every": 2}
-    full = tmp_path / "full"
-    _launch(cli_args(tiny_path, nine, full, **changes))
-    cut = copy_run(full, tmp_path / "cut")
-    shutil.rmtree(cut / "checkpoints" / "step-00000004")
-    (cut / "adapters.safetensors").unlink()
-    _launch(cli_args(tiny_path, nine, cut, **changes) + ["--resume"])
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    args = cli_args(tiny_path, nine, tmp_path / "unused", **changes)
+    i = args.index("-o")
+    args = args[:i] + args[i + 2:]
+    proc = _launch([str(full), str(cut), str(len(args)), *args], python=["-c", TWICE])
+    assert "resuming at step 2" in proc.stdout + proc.stderr, proc.stdout[-3000:]
     assert bitwise_equal(full / "adapters.safetensors", cut / "adapters.safetensors")
     assert [(r["step"], r.get("loss")) for r in metrics(cut)] == [(r["step"], r.get("loss")) for r in metrics(full)]

@@ -24,14 +24,16 @@ MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 PROMPT = [{"role": "user", "content": "Bingo wants to play shops with Bluey but Bluey is busy building a "
                                       "cubby house out of cushions. What should they do?"}]
 STEPS = 30  # decode steps after the prompt: the sliding window (16) is crossed many times
+REPLY = ("Hooray! Bingo can run the shop inside the cubby house, and I'll be the customer who buys all the "
+         "cushions back. Then we swap, and Dad can be the delivery truck!")
 
 
 def make_adapter(base: Path, out: Path, seed: int = 3) -> Path:
     """A LoRA adapter with random lora_b, so that the fused model differs from the base."""
+    mx.random.seed(seed)  # before attach_adapters, which draws lora_a: the same adapter every run
     model, _ = load_model(str(base))
     cfg = attach_adapters(model, "lora", rank=4, alpha=8.0, modules=MODULES)
     cfg["model"] = str(base)
-    mx.random.seed(seed)
     for _, m in model.named_modules():
         if hasattr(m, "lora_b"):
             m.lora_b = 0.05 * mx.random.normal(m.lora_b.shape)
@@ -53,6 +55,13 @@ def exported(tiny_path, tmp_path_factory):
 
 def prompt_ids(tokenizer) -> list[int]:
     text = tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True, tokenize=False)
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def reply_ids(tokenizer) -> list[int]:
+    """The prompt and a whole Bluey reply: 88 varied tokens (greedy decoding of the random tiny model soon
+    repeats one token, which would make next-token agreement easy)."""
+    text = tokenizer.apply_chat_template(PROMPT + [{"role": "assistant", "content": REPLY}], tokenize=False)
     return tokenizer.encode(text, add_special_tokens=False)
 
 
@@ -221,14 +230,85 @@ def test_left_padded_batch_equals_single_rows(exported):
     np.testing.assert_allclose(step[1, -1], single[0, -1], atol=1e-4)
 
 
-def test_q4_loads_and_runs(exported):
+@pytest.fixture(scope="module")
+def q4_tables(exported) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Every 4-bit table of the q4 graph de-quantized in numpy from the documented layout (uint8
+    [out, in / 32, 16], low nibble first, zero point 8, one fp32 scale per block): HF weight name ->
+    (weights [out, in], nibble - 8 [out, blocks, 32], scales [out, blocks, 1])."""
+    from onnx import numpy_helper
+
+    out, _, _ = exported
+    q4 = onnx.load(str(out / "onnx" / "model_q4.onnx"))
+    tables = {t.name: numpy_helper.to_array(t) for t in q4.graph.initializer}
+    result = {}
+    for name in (n.removesuffix(".weight_Q4") for n in tables if n.endswith(".weight_Q4")):
+        packed, scales = tables[f"{name}.weight_Q4"], tables[f"{name}.weight_scales"]
+        rows, blocks, half = packed.shape
+        q = np.stack([packed & 15, packed >> 4], axis=-1).reshape(rows, blocks, 2 * half).astype(np.float32) - 8
+        scales = scales.reshape(rows, blocks, 1)
+        result["model.embed_tokens.weight" if name == "lm_head" else f"{name}.weight"] = (
+            (q * scales).reshape(rows, -1), q, scales)
+    assert len(result) == 7 * 4 + 1  # the tied embedding / LM head table included
+    return result
+
+
+def test_q4_tables_round_the_fp32_weights(exported, q4_tables):
+    """Symmetric 4-bit per block of 32: scale = the block's largest |w| / 8, every weight rounded to the
+    nearest step, except the far sign's end, which clips from +8 to +7 steps."""
+    from safetensors.numpy import load_file
+
+    out, _, _ = exported
+    fp32 = load_file(Path(json.loads((out / "mlx_persona.json").read_text())["onnx"]["source"]) / "model.safetensors")
+    clipped = total = 0
+    for name, (_, q, scales) in q4_tables.items():
+        w = fp32[name]
+        blocks = np.zeros(q.shape, np.float32).reshape(len(w), -1)
+        blocks[:, :w.shape[1]] = w  # the last block zero-padded (none at this size)
+        blocks = blocks.reshape(q.shape)
+        np.testing.assert_allclose(8 * np.abs(scales), np.abs(blocks).max(-1, keepdims=True), rtol=1e-6, err_msg=name)
+        steps = np.abs(q * scales - blocks) / np.abs(scales)
+        assert (steps[q != 7] <= 0.5 + 1e-5).all(), name
+        assert (steps[q == 7] <= 1 + 1e-5).all(), name
+        clipped += int((steps > 0.5 + 1e-5).sum())
+        total += steps.size
+    assert clipped < 0.01 * total  # measured 1703 of 327680
+
+
+def test_q4_graph_equals_mlx_on_its_4bit_weights(exported, q4_tables):
+    """Apart from the quantization, the q4 graph computes the model exactly: through the cache, and in one
+    pass over a varied sequence."""
+    out, _, tokenizer = exported
+    model, _ = load_model(json.loads((out / "mlx_persona.json").read_text())["onnx"]["source"])
+    model.load_weights([(name, mx.array(w)) for name, (w, _, _) in q4_tables.items()], strict=False)
+    dec = OnnxDecoder(out / "onnx" / "model_q4.onnx", json.loads((out / "config.json").read_text()))
+    errors, mlx_tokens, onnx_tokens = run_both(dec, model, prompt_ids(tokenizer), STEPS)
+    ids = reply_ids(tokenizer)
+    n = len(ids)
+    got, _ = dec([ids], np.ones((1, n)), [np.arange(1, n + 1)], dec.empty_cache())
+    whole = float(np.abs(got[0] - np.array(model(mx.array([ids]))[0])).max())
+    print(f"q4 vs MLX on the de-quantized weights: max logit error {max(errors):.2e} through the cache, "
+          f"{whole:.2e} over {n} tokens")
+    # Measured 8.8e-7 and 1.2e-6 (logits ~0.5-0.8; 1.5e-6 with other OpenBLAS kernels); the graph reading
+    # the layers' scales 5% too large gives 1.2e-2.
+    assert max(errors) < 1e-4 and whole < 1e-4
+    assert onnx_tokens == mlx_tokens
+
+
+def test_q4_stays_close_to_fp32(exported):
+    """The 4-bit error itself, against the fp32 MLX model, on every position of a prompt and reply."""
     out, model, tokenizer = exported
     dec = OnnxDecoder(out / "onnx" / "model_q4.onnx", json.loads((out / "config.json").read_text()))
-    errors, mlx_tokens, onnx_tokens = run_both(dec, model, prompt_ids(tokenizer), 24)
-    agree = sum(a == b for a, b in zip(mlx_tokens, onnx_tokens))
-    # Random tiny weights are the worst case for 4-bit: reported, not asserted.
-    print(f"q4: max logit error {max(errors):.3f}, greedy agreement with MLX {agree}/{len(mlx_tokens)}")
-    assert all(np.isfinite(errors))
+    ids = reply_ids(tokenizer)
+    n = len(ids)
+    got = dec([ids], np.ones((1, n)), [np.arange(1, n + 1)], dec.empty_cache())[0][0]
+    ref = np.array(model(mx.array([ids]))[0])
+    rel = float(np.abs(got - ref).max() / np.abs(ref).max())
+    agree = int((got.argmax(-1) == ref.argmax(-1)).sum())
+    print(f"q4 vs fp32: max logit error {rel:.3f} of the largest |logit|, next-token agreement {agree}/{n}")
+    # Random tiny weights are the worst case for 4 bits; the adapter's seed is fixed, so these are too.
+    # Measured 0.605 and 38/88 (chance: 1/2048); nibbles swapped give 1.58 and 0/88.
+    assert rel < 1.0
+    assert agree >= 19
 
 
 def test_output_folder_rules(exported, tmp_path):

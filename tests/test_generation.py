@@ -2,7 +2,7 @@
 
 import json
 
-import numpy as np
+import mlx.core as mx
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -64,17 +64,46 @@ def test_min_new_tokens_suppresses_every_end_id(tiny, tiny_path):
     assert all(t < 50 for t in result.tokens[:8])
 
 
+def greedy_reference(model, ids: list[int], n: int, end_ids=()) -> tuple[list[int], bool]:
+    """Plain argmax decoding, the whole sequence re-run at every step (no cache, no logits processors):
+    the tokens before the first end id, and whether one came."""
+    out: list[int] = []
+    for _ in range(n):
+        token = int(mx.argmax(model(mx.array([ids + out]))[0, -1]).item())
+        if token in end_ids:
+            return out, True
+        out.append(token)
+    return out, False
+
+
 def test_stop_reasons_and_stats(tiny):
     model, tok = tiny
+    ids = build_prompt(tok, "Hello!")
+    ends = end_token_ids(tok)  # generate's default end ids
+    # At max_new_tokens, or on an end id (not part of the reply): the reference says which.
     r = generate(model, tok, "Hello!", GenerationConfig(temperature=0.0, max_new_tokens=5))
-    assert r.stop_reason in ("length", "end_token") and r.generated_tokens <= 5
-    assert r.prompt_tokens > 0 and r.prompt_tps > 0
-    text = generate(model, tok, "Hello!", GenerationConfig(temperature=0.0, max_new_tokens=40,
-                                                           min_new_tokens=40)).text
+    want, ended = greedy_reference(model, ids, 5, ends)
+    assert r.tokens == want and r.generated_tokens == len(want)
+    assert r.stop_reason == ("end_token" if ended else "length")
+    reply = lambda tokens: tok.decode(tokens).lstrip(" ")  # noqa: E731  (streaming drops the leading space)
+    assert r.text == reply(want)
+    assert r.prompt_tokens == len(ids) and r.prompt_tps > 0 and (r.decode_tps > 0 or len(want) < 2)
+    full = generate(model, tok, "Hello!", GenerationConfig(temperature=0.0, max_new_tokens=40, min_new_tokens=40))
+    assert full.stop_reason == "length" and full.generated_tokens == 40
+    assert full.tokens[:len(want)] == want
+    # An end id the model does produce: the reply is the tokens before its first appearance.
+    k = next(i for i, t in enumerate(full.tokens) if i >= 2 and t not in full.tokens[:i])
+    ended = generate(model, tok, "Hello!", GenerationConfig(temperature=0.0, max_new_tokens=40),
+                     end_ids=[full.tokens[k]])
+    assert ended.stop_reason == "end_token" and ended.tokens == full.tokens[:k] and ended.generated_tokens == k
+    # A stop string: the text up to it, the tokens up to the one that completed it.
+    text = full.text
     stop = text[3:6]
     cut = generate(model, tok, "Hello!", GenerationConfig(temperature=0.0, max_new_tokens=40, min_new_tokens=40,
                                                           stop=[stop]))
     assert cut.stop_reason == "stop_string" and cut.text == text[:text.find(stop)]
+    n = len(cut.tokens)
+    assert cut.tokens == full.tokens[:n] and stop in reply(full.tokens[:n]) and stop not in reply(full.tokens[:n - 1])
 
 
 def test_seeded_sampling_is_reproducible(tiny):
@@ -88,9 +117,15 @@ def test_seeded_sampling_is_reproducible(tiny):
     assert a.tokens == b.tokens and a.tokens != c.tokens
 
 
-def test_top_level_generate_takes_a_spec(tiny_path):
-    r = mlx_persona.generate(str(tiny_path), "Hi!", GenerationConfig(temperature=0.0, max_new_tokens=4))
-    assert r.generated_tokens <= 4 and isinstance(r.text, str)
+def test_top_level_generate_takes_a_spec(tiny, tiny_path):
+    """A model spec (a folder or builtin:NAME) is loaded and gives what the loaded model gives."""
+    model, tok = tiny
+    cfg = GenerationConfig(temperature=0.0, max_new_tokens=4)
+    want = generate(model, tok, "Hi!", cfg)
+    assert want.tokens == greedy_reference(model, build_prompt(tok, "Hi!"), 4, end_token_ids(tok))[0]
+    for spec in (str(tiny_path), "builtin:tiny"):
+        r = mlx_persona.generate(spec, "Hi!", cfg)
+        assert (r.tokens, r.text, r.stop_reason) == (want.tokens, want.text, want.stop_reason), spec
 
 
 def test_chat_pipe_mode_one_reply_per_line(tiny):

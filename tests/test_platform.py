@@ -54,11 +54,27 @@ def test_child_processes_reuse_the_wrapper_and_kernel_folder():
     assert "mlx_persona" not in real and Path(real).exists()  # wraps g++, not another wrapper
 
 
-def test_jit_can_be_turned_off():
-    code = "import mlx_persona, os; from mlx_persona import platform as p; print(p.jit_status())"
-    env = {**os.environ, "MLX_PERSONA_JIT": "0"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
-    assert "None" in out and ("MLX_PERSONA_JIT=0" in out or sys.platform != "linux")
+def test_jit_can_be_turned_off(tmp_path):
+    """With MLX_PERSONA_JIT=0 the PATH and TMPDIR a process was given stay as they were, so MLX runs the
+    plain g++ and caches its kernels in its usual $TMPDIR/mlx."""
+    import json
+    import shutil
+
+    shim = plat.jit_status()[0]
+    path = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep)
+                           if not shim or Path(p) != Path(shim).parent)  # this process's wrapper taken off
+    env = {**os.environ, "MLX_PERSONA_JIT": "0", "PATH": path, "TMPDIR": str(tmp_path)}
+    code = ("import json, os, shutil, mlx_persona; import mlx.core as mx; from mlx_persona import platform as p\n"
+            "x = mx.random.uniform(shape=(64,)); mx.eval(mx.compile(lambda v: mx.exp(v) * 1.2345 + mx.sigmoid(v))(x))\n"
+            "print(json.dumps([p.jit_status(), os.environ['PATH'], os.environ['TMPDIR'], shutil.which('g++')]))")
+    status, child_path, tmpdir, gxx = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True,
+                                                                 text=True, check=True, env=env).stdout)
+    assert status[0] is None and (status[1] == "off (MLX_PERSONA_JIT=0)" or sys.platform != "linux"), status
+    assert (child_path, tmpdir) == (path, str(tmp_path))
+    assert gxx == shutil.which("g++", path=path)
+    if sys.platform == "linux" and gxx:  # MLX fused the kernel with the plain g++, into its own cache
+        assert list((tmp_path / "mlx").rglob("*.so")), sorted(tmp_path.rglob("*"))
+        assert not list(tmp_path.glob("mlx_persona-jit-*"))
 
 
 def test_fast_gelu_mlp_equals_mlx_lm_s(tiny_path):

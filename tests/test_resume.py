@@ -63,7 +63,12 @@ def test_checkpoint_holds_the_whole_state(runs):
     state = json.loads((path / "state.json").read_text())
     # 12 examples in batches of 4: 3 batches per epoch, so step 4 is one batch into epoch 1.
     assert {k: state["loop"][k] for k in ("step", "epoch", "batch")} == {"step": 4, "epoch": 1, "batch": 1}
-    assert state["loop"]["best_step"] in (2, 4) and state["loop"]["best_val"] is not None
+    # The best validation so far is the lowest val_loss the run logged up to step 4 (the first, on a tie).
+    vals = {r["step"]: r["val_loss"] for r in metrics(runs["stopped"]) if "val_loss" in r}
+    assert sorted(vals) == [2, 4]
+    best = min(vals, key=lambda step: (vals[step], step))
+    assert (state["loop"]["best_step"], state["loop"]["best_val"]) == (best, vals[best])
+    assert state["loop"]["bad_evals"] == (0 if best == 4 else 1)
     assert len(state["rng"]) == 2 and state["config"]["lora"]["dropout"] == 0.1 and len(state["data"]) == 16
     opt = mx.load(str(path / "optimizer.safetensors"))
     assert opt["step"].item() == 4  # the schedule position

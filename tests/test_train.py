@@ -1,6 +1,7 @@
 """End-to-end training: the CLI, the files written, what changes, and that plain mlx-lm loads the result."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -72,12 +73,46 @@ def test_adapters_changed_and_base_did_not(lora_run, tiny_path):
             assert mx.array_equal(w, base_w[plain]), name
 
 
+def _mlx_lm_generate(model, prompt, n, adapter=None) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "mlx_lm", "generate", "--model", str(model), "--prompt", prompt,
+           "--max-tokens", str(n), "--temp", "0"] + (["--adapter-path", str(adapter)] if adapter else [])
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _mlx_lm_output(proc: subprocess.Popen) -> tuple[str, int, int]:
+    """The reply, prompt tokens and generated tokens `mlx_lm generate` printed."""
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    _, text, stats = out.split("==========\n")  # ==========\nTEXT\n==========\nPrompt: ...
+    prompt = int(re.search(r"^Prompt: (\d+) tokens", stats, re.M).group(1))
+    generated = int(re.search(r"^Generation: (\d+) tokens", stats, re.M).group(1))
+    return text.removesuffix("\n"), prompt, generated
+
+
 def test_plain_mlx_lm_loads_the_adapters(lora_run, tiny_path):
-    cmd = [sys.executable, "-m", "mlx_lm", "generate", "--model", str(tiny_path), "--adapter-path", str(lora_run),
-           "--prompt", "Hi Bluey!", "--max-tokens", "5", "--temp", "0"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert "Generation:" in proc.stdout or "tokens-per-sec" in proc.stdout
+    """`python -m mlx_lm generate --adapter-path RUN --temp 0` replies with exactly our greedy reply, and
+    without the adapter it replies differently (so the adapter was applied)."""
+    from mlx_persona.generation import build_prompt, end_token_ids, generate
+    from mlx_persona.models import load_model
+    from mlx_persona.sampling import GenerationConfig
+
+    message, n = "Hi Bluey!", 16
+    procs = [_mlx_lm_generate(tiny_path, message, n, lora_run), _mlx_lm_generate(tiny_path, message, n)]
+    cfg = GenerationConfig(temperature=0.0, max_new_tokens=n)
+    ours = []
+    for adapter in (lora_run, None):
+        model, tok = load_model(tiny_path, adapter_path=adapter)
+        # mlx-lm's CLI renders the message with the chat template and encodes it without special tokens
+        # (the template writes <bos>), as build_prompt does.
+        ids = build_prompt(tok, message)
+        ours.append((ids, generate(model, tok, ids, cfg, end_ids=end_token_ids(tok, tiny_path))))
+    (ids, tuned), (_, base) = ours
+    assert tuned.tokens != base.tokens
+    for proc, mine in zip(procs, (tuned, base)):
+        text, prompt_tokens, generated = _mlx_lm_output(proc)
+        assert prompt_tokens == len(ids)
+        assert (text, generated) == (mine.text, mine.generated_tokens + (mine.stop_reason == "end_token"))
+    assert tuned.text != base.text
 
 
 def test_existing_output_is_not_overwritten(lora_run, tiny_path, small_data):

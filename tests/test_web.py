@@ -1,7 +1,8 @@
 """The browser path end to end: export -> `mlx-persona web` -> transformers.js in headless Chromium.
 
 Needs Debian's `chromium` and `npm ci` in mlx_persona/web (transformers.js + playwright-core); skipped
-with the reason when either is missing. Screenshots go to test-artifacts/ (MLX_PERSONA_TEST_ARTIFACTS).
+with the reason when either is missing (failed instead under CI=true). Screenshots go to test-artifacts/
+(MLX_PERSONA_TEST_ARTIFACTS).
 """
 
 from __future__ import annotations
@@ -35,10 +36,11 @@ MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 MESSAGE = "Hi Bluey! What's your favourite game to play with Bingo?"
 GREEDY = {"do_sample": False, "max_new_tokens": 16, "min_new_tokens": 0, "repetition_penalty": 1.0}
 
-needs_js = pytest.mark.skipif(not (node_modules() / "@huggingface" / "transformers" / "dist").is_dir(),
-                              reason=f"transformers.js not installed: run `npm ci` in {PAGE_DIR}")
-needs_browser = pytest.mark.skipif(
-    not (Path(CHROMIUM).exists() and shutil.which("node") and (node_modules() / "playwright-core").is_dir()),
+# Skipped when missing, failed instead under CI=true (conftest.need).
+needs_js = pytest.mark.needs((node_modules() / "@huggingface" / "transformers" / "dist").is_dir(),
+                             reason=f"transformers.js not installed: run `npm ci` in {PAGE_DIR}")
+needs_browser = pytest.mark.needs(
+    bool(Path(CHROMIUM).exists() and shutil.which("node") and (node_modules() / "playwright-core").is_dir()),
     reason="needs /usr/bin/chromium (apt-get install chromium), node and playwright-core "
            f"(`npm ci` in {PAGE_DIR})")
 
