@@ -173,10 +173,25 @@ def test_resave_survives_an_old_copy_that_cannot_be_deleted(tmp_path, monkeypatc
 
     monkeypatch.setattr(os, "rmdir", rmdir)  # the old copy's folder stays behind
     path = _save(root, 3, value=9.0)
+    _save(root, 4)
+    ckpt.prune(root, 1, set())  # step 3 is pruned, but neither it nor the leftover can go: no error either
+    assert _names(root) == [".del-step-00000003", "step-00000004"]
     monkeypatch.undo()
-    assert mx.load(str(path / "weights.safetensors"))["w"].tolist() == [9.0, 2.0] and ckpt.verify(path) is None
     ckpt.prune(root, 5, set())
-    assert _names(root) == ["step-00000003"]
+    assert _names(root) == ["step-00000004"]
+    path = _save(root, 3, value=9.0)
+    assert mx.load(str(path / "weights.safetensors"))["w"].tolist() == [9.0, 2.0] and ckpt.verify(path) is None
+
+
+def test_json_files_are_indented_by_two_with_a_final_newline(tmp_path):
+    ckpt.write_json_atomic(tmp_path / "s.json", {"a": [1], "b": "c"})
+    assert (tmp_path / "s.json").read_text() == '{\n  "a": [\n    1\n  ],\n  "b": "c"\n}\n'
+    assert not list(tmp_path.glob(".*.tmp"))
+    path = _save(tmp_path / "ck", 6)
+    manifest = (path / "manifest.json").read_text()
+    assert manifest == json.dumps(json.loads(manifest), indent=2) + "\n" and manifest.startswith('{\n  "step": 6,')
+    state = (path / "state.json").read_text()
+    assert state == json.dumps({"loop": {"step": 6}, "rng": [0, 6]}, indent=2) + "\n"
 
 
 def test_mismatch_messages(tmp_path):

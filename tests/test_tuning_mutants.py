@@ -54,6 +54,9 @@ def test_rows_takes_the_blocked_path_for_multiples_of_128(op):
     x = mx.random.normal((3, 256))
     two_step = getattr(getattr(x.reshape(3, 2, 128), op)(axis=1), op)(axis=-1)
     assert np.array_equal(np.array(_rows(x, op)), np.array(two_step))
+    big = mx.random.normal((2, 16384))  # a loss_chunk of 16384: 128 blocks of 128
+    want = getattr(getattr(big.reshape(2, 128, 128), op)(axis=1), op)(axis=-1)
+    assert np.array_equal(np.array(_rows(big, op)), np.array(want))
     for c in (128, 200):
         y = mx.random.normal((3, c))
         assert np.array_equal(np.array(_rows(y, op)), np.array(getattr(y, op)(axis=-1)))
@@ -98,22 +101,37 @@ def _untie(model, kind):
     model.tie_word_embeddings = False
 
 
-@pytest.mark.parametrize("head", ["tied", "tied-quantized", "untied", "untied-quantized", "untied-lora"])
+HEADS = ["tied", "tied-quantized", "untied", "untied-quantized", "untied-lora", "tied-quantized-spare-head",
+         "unflagged-quantized-spare-head"]
+
+
+@pytest.mark.parametrize("head", HEADS)
 def test_loss_fn_equals_the_models_own_logits_for_every_head(tiny_path, head):
+    """A quantized embedding with a spare `lm_head` beside it: tied (or without the flag, which counts as
+    tied, as in `lm_head_weight`) means the embedding is the head, whatever else the model holds."""
     model, tok = load_model(tiny_path)
     mx.random.seed(5)
-    if head == "tied-quantized":
+    if head.startswith(("tied-quantized", "unflagged")):
         nn.quantize(model, group_size=32, bits=8)
-    elif head.startswith("untied"):
+    if head.startswith("untied"):
         _untie(model, head.split("-")[1] if "-" in head else "plain")
-    assert (lm_head_weight(model) is None) == (head in ("tied-quantized", "untied-quantized", "untied-lora"))
+    if head.endswith("spare-head"):
+        _untie(model, "plain")
+        model.tie_word_embeddings = True
+        if head.startswith("unflagged"):
+            del model.tie_word_embeddings
+    assert (lm_head_weight(model) is None) == (head not in ("tied", "untied"))
     ids = tok.encode("Bingo and Bluey play keepy uppy with Dad in the garden.")
     x, y = mx.array([ids[:-1], ids[1:]]), mx.array([ids[1:], ids[2:] + ids[:1]])
     L = x.shape[1]
     positions = mx.array([1, 4, L + 2, L + 7, 0], dtype=mx.int32)
     weights = mx.array([1.0, 1.0, 1.0, 1.0, 0.0])
     loss, n = loss_fn(model, x, y, positions, weights, mx.array(8.0), chunk=512)
-    logits = model(x).reshape(-1, model.model.embed_tokens.weight.shape[0])
+    if head.startswith("unflagged"):  # Gemma's __call__ reads the flag; the tied head by hand
+        logits = model.model.embed_tokens.as_linear(model.model(x))
+    else:
+        logits = model(x)
+    logits = logits.reshape(-1, logits.shape[-1])
     per_token = nn.losses.cross_entropy(logits.astype(mx.float32), y.reshape(-1))
     want = per_token[mx.array([1, 4, L + 2, L + 7])].sum().item() / 8.0
     assert n.item() == 4.0
