@@ -31,8 +31,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from benchmarks.common import append_results, machine_info, write_json  # noqa: E402
 from benchmarks.bench_train import bench_model, make_data  # noqa: E402
+from benchmarks.common import append_results, machine_info, write_json  # noqa: E402
 
 
 def free_port(n: int) -> int:
@@ -84,8 +84,9 @@ def run(n: int, a, data: Path, out: Path) -> dict:
 
 
 def max_rel_diff(a: Path, b: Path) -> float:
-    import mlx_persona  # noqa: F401  (fast BLAS before mlx.core, as machine_info reports it)
     import mlx.core as mx
+
+    import mlx_persona  # noqa: F401  (fast BLAS before mlx.core, as machine_info reports it)
 
     wa, wb = mx.load(str(a)), mx.load(str(b))
     return max((mx.abs(wa[k] - wb[k]).max() / mx.maximum(mx.abs(wa[k]).max(), 1e-12)).item() for k in wa)

@@ -35,7 +35,8 @@ Q4_LIMIT_MB = 300  # the 270M q4 folder must fit (DESIGN: the browser download)
 
 def bench_model(preset: str) -> Path:
     import mlx_persona  # noqa: F401
-    from mlx_persona.models import cache_dir, init_model
+    from mlx_persona.models import init_model
+    from mlx_persona.paths import cache_dir
 
     path = cache_dir() / "bench" / f"{preset}-fp32"
     if not (path / "config.json").exists():

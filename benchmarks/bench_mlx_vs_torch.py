@@ -2,7 +2,7 @@
 
 Training: the same model folder (random weights of a real Gemma 3 shape, fp32 on disk, loaded by
 mlx-lm and by ``transformers.AutoModelForCausalLM``), the same examples, batches and loss masks (made
-once with ``mlx_persona.data`` + ``mlx_persona.batching``, in the order ``mlx_persona.train`` visits
+once with ``mlx_persona.data`` + ``mlx_persona.tuner.batching``, in the order ``mlx_persona.train`` visits
 them), the same LoRA rank/alpha/modules/layers and *initial LoRA weights* (copied from MLX to peft),
 the same AdamW, learning-rate schedule and gradient clipping. MLX's AdamW has no bias correction; the
 PyTorch learning rate is multiplied by ``(1 - b1^t) / sqrt(1 - b2^t)`` so both take the same steps.
@@ -30,8 +30,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import os
+import platform
 import resource
 import shutil
 import statistics
@@ -63,7 +63,8 @@ def max_rss_gb() -> float:
 def bench_model(preset: str) -> Path:
     """The shared fp32 model folder of `preset` (random weights), built once."""
     import mlx_persona  # noqa: F401
-    from mlx_persona.models import cache_dir, init_model
+    from mlx_persona.models import init_model
+    from mlx_persona.paths import cache_dir
 
     path = cache_dir() / "bench" / f"{preset}-fp32"
     if not (path / "config.json").exists():
@@ -209,9 +210,9 @@ def prepare_training(model_path: Path, data: Path, job: dict, tmp: Path) -> dict
     from mlx_lm.utils import load_tokenizer
 
     from mlx_persona import data as data_mod
-    from mlx_persona.batching import batch_plan, collate, epoch_order
-    from mlx_persona.config import load_config
-    from mlx_persona.train import build_schedule
+    from mlx_persona.tuner.batching import batch_plan, collate, epoch_order
+    from mlx_persona.tuner.config import load_config
+    from mlx_persona.tuner.trainer import build_schedule
 
     tok = load_tokenizer(model_path)
     train_ex, _ = data_mod.load_splits(data, system_ok=data_mod.template_supports_system(tok))
@@ -246,7 +247,7 @@ QUICK = os.environ.get("BENCH_QUICK") == "1"  # smoke tests: small probes, numbe
 def peak_matmul_mlx(dtype_name: str = "float32") -> float:
     import mlx.core as mx
 
-    from mlx_persona.platform import matmul_gflops
+    from mlx_persona.backend import matmul_gflops
 
     return max(matmul_gflops(n, getattr(mx, dtype_name), trials=5) for n in ((256,) if QUICK else PEAK_SIZES))
 
@@ -343,17 +344,15 @@ def read_bandwidth_torch(device: str = "cpu") -> float:
 
 
 def worker_train_mlx(job: dict) -> dict:
-    """mlx_persona.train.train on the job's data; saves its initial adapters for the PyTorch run."""
-    import mlx_persona  # noqa: F401  (fast BLAS before mlx.core)
+    """mlx_persona.tuner.trainer.train on the job's data; saves its initial adapters for the PyTorch run."""
     import mlx.core as mx
     import numpy as np
     from mlx.utils import tree_flatten
 
+    import mlx_persona  # noqa: F401  (fast BLAS before mlx.core)
     import mlx_persona.train as T
-    from mlx_persona.config import load_config
-
-    from mlx_persona import sgemm
-    from mlx_persona.platform import dtype_from_name
+    from mlx_persona.backend import dtype_from_name, sgemm
+    from mlx_persona.tuner.config import load_config
 
     dtype = str(dtype_from_name(job["mlx_dtype"])).replace("mlx.core.", "")
     if job.get("env", {}).get(sgemm.ENV) == "bf16" and not sgemm.bf16_active():
@@ -479,13 +478,13 @@ def worker_train_torch(job: dict) -> dict:
 
 def worker_generate_mlx(job: dict) -> dict:
     """mlx-lm's decode loop with mlx_persona's sampler, timed exactly as benchmarks/bench_generate.py does."""
-    import mlx_persona  # noqa: F401
     import mlx.core as mx
+    from mlx.utils import tree_flatten
 
+    import mlx_persona  # noqa: F401
     from benchmarks.bench_generate import _time_mlx
     from mlx_persona.models import load_model
     from mlx_persona.sampling import GenerationConfig, make_sampler_and_processors
-    from mlx.utils import tree_flatten
 
     bw = read_bandwidth_mlx()
     model, tok = load_model(job["model"], dtype=job["mlx_dtype"])
@@ -587,7 +586,7 @@ def mlx_matmul_modes(a) -> list[str]:
     """Which MLX runs: exact fp32 matmuls, bf16 matmul inputs (oneMKL), or both ('auto': both where possible)."""
     if a.mlx_matmul != "auto":
         return ["fp32", "bf16"] if a.mlx_matmul == "both" else [a.mlx_matmul]
-    from mlx_persona import sgemm
+    from mlx_persona.backend import sgemm
 
     cpu_only = a.mlx_dtype in ("auto", "float32") and torch_device() == "cpu"
     possible = (sys.platform == "linux" and platform.machine() == "x86_64" and sgemm.find_mkl() is not None
@@ -653,7 +652,7 @@ def run_train(a, tmp: Path) -> dict:
               if k != ref_key}
     checks.update({f"final_loss_abs_diff_{k}": abs(v["final_loss"] - ref["final_loss"]) for k, v in results.items()
                    if k != ref_key})
-    from mlx_persona.batching import PAD_LOSS_TO
+    from mlx_persona.tuner.batching import PAD_LOSS_TO
 
     formula = TRAIN_FLOPS_FORMULA.format(linear_params=shape["linear_params"],
                                          lora_params=lora_params(shape, a.rank),

@@ -37,8 +37,8 @@ import argparse
 import json
 import math
 import os
-import statistics
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -46,8 +46,18 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from benchmarks.bench_mlx_vs_torch import (_link, bench_model, chart, load_avg, max_rss_gb, model_shape,  # noqa: E402
-                                           run_worker, run_workers, torch_device, train_flops)
+from benchmarks.bench_mlx_vs_torch import (  # noqa: E402
+    _link,
+    bench_model,
+    chart,
+    load_avg,
+    max_rss_gb,
+    model_shape,
+    run_worker,
+    run_workers,
+    torch_device,
+    train_flops,
+)
 from benchmarks.common import append_results, machine_info, write_json  # noqa: E402
 
 DATA = REPO / "data" / "bluey"
@@ -66,7 +76,7 @@ def prepare(model_path: Path, data: Path, tmp: Path, batch_size: int) -> dict:
     from mlx_lm.utils import load_tokenizer
 
     from mlx_persona import data as data_mod
-    from mlx_persona.batching import batch_plan, collate
+    from mlx_persona.tuner.batching import batch_plan, collate
 
     tok = load_tokenizer(model_path)
     train_ex, valid_ex = data_mod.load_splits(data, system_ok=data_mod.template_supports_system(tok))
@@ -91,7 +101,7 @@ def persona_plan(model_path: Path, data: Path, cfg) -> list[dict]:
     from mlx_lm.utils import load_tokenizer
 
     from mlx_persona import data as data_mod
-    from mlx_persona.batching import batch_plan, collate
+    from mlx_persona.tuner.batching import batch_plan, collate
 
     tok = load_tokenizer(model_path)
     train_ex, _ = data_mod.load_splits(data, system_ok=data_mod.template_supports_system(tok))
@@ -111,8 +121,14 @@ def worker_original(job: dict) -> dict:
     import numpy as np
     import torch
     import torch.nn.functional as F
-    from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForLanguageModeling, Trainer,
-                              TrainerCallback, TrainingArguments)
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        DataCollatorForLanguageModeling,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
 
     torch.set_num_threads(os.cpu_count())
     device = torch_device()
@@ -177,12 +193,12 @@ def worker_original(job: dict) -> dict:
 
 
 def worker_persona(job: dict) -> dict:
-    """mlx_persona.train.train with the default LoRA recipe (configs/bluey-270m-pt.yaml) on another model."""
-    import mlx_persona  # noqa: F401
+    """mlx_persona.tuner.trainer.train with the default LoRA recipe (configs/bluey-270m-pt.yaml) on another model."""
     import mlx.core as mx
 
-    from mlx_persona.config import load_config
-    from mlx_persona.train import train
+    import mlx_persona  # noqa: F401
+    from mlx_persona.tuner.config import load_config
+    from mlx_persona.tuner.trainer import train
 
     out = Path(job["tmp"]) / f"persona-out-{job['tag']}"
     cfg = load_config(job["config"], {"model": job["model"], "data": job["data"], "output": str(out),
@@ -192,8 +208,8 @@ def worker_persona(job: dict) -> dict:
         # Step-0 validation loss with the same function train() uses (not part of the timing).
         from mlx_persona import data as data_mod
         from mlx_persona.models import load_model
-        from mlx_persona.train import evaluate_loss
-        from mlx_persona.tuning import attach_adapters
+        from mlx_persona.tuner.adapters import attach_adapters
+        from mlx_persona.tuner.trainer import evaluate_loss
 
         model, tok = load_model(cfg.model, dtype=cfg.dtype)
         _, valid_ex = data_mod.load_splits(cfg.data, system_ok=data_mod.template_supports_system(tok))
@@ -278,7 +294,7 @@ def run_extrapolated(a, tmp: Path) -> dict:
     """A few timed steps of each recipe at `a.preset`, extrapolated to 5 epochs over data/bluey."""
     import numpy as np
 
-    from mlx_persona.config import load_config
+    from mlx_persona.tuner.config import load_config
 
     model = bench_model(a.preset)
     shape = model_shape(model)

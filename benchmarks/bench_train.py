@@ -40,7 +40,8 @@ def make_data(n: int, dst: Path) -> Path:
 
 def bench_model(preset: str) -> Path:
     import mlx_persona  # noqa: F401
-    from mlx_persona.models import cache_dir, init_model
+    from mlx_persona.models import init_model
+    from mlx_persona.paths import cache_dir
 
     path = cache_dir() / "bench" / f"{preset}-fp32"
     if not (path / "config.json").exists():
@@ -51,8 +52,8 @@ def bench_model(preset: str) -> Path:
 # ------------------------------------------------------------------------------------------ workers
 def worker_mlx_persona(a) -> dict:
     import mlx_persona  # noqa: F401
-    from mlx_persona.config import load_config
-    from mlx_persona.train import train
+    from mlx_persona.tuner.config import load_config
+    from mlx_persona.tuner.trainer import train
 
     out = Path(a.tmp) / "persona-out"
     (Path(a.data) / "valid.jsonl").rename(Path(a.data) / "valid.hold")  # no evaluation in the timing
@@ -76,13 +77,14 @@ def worker_mlx_persona(a) -> dict:
 def worker_mlx_lm(a) -> dict:
     import types
 
-    import mlx_persona  # noqa: F401  (first: the same BLAS and kernel flags for both trainers)
     import mlx.core as mx
     import numpy as np
     from mlx_lm import load
     from mlx_lm import lora as mlx_lora
-    from mlx_lm.tuner.datasets import load_dataset
     from mlx_lm.tuner.callbacks import TrainingCallback
+    from mlx_lm.tuner.datasets import load_dataset
+
+    import mlx_persona  # noqa: F401  (first: the same BLAS and kernel flags for both trainers)
 
     rows = []
 

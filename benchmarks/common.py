@@ -12,7 +12,7 @@ RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
 def machine_info() -> dict:
     import mlx_persona  # noqa: F401  (fast BLAS first)
-    from mlx_persona.platform import describe
+    from mlx_persona.backend import describe
 
     info = describe()
     info["processor"] = platform.processor() or platform.machine()

@@ -6,7 +6,7 @@
     print(result.text, result.stop_reason, result.decode_tps)
 """
 
-from mlx_persona import platform as _platform
+from mlx_persona import backend as _platform
 
 # Must run before anything imports mlx.core (see platform.py).
 _platform.setup()

@@ -30,12 +30,13 @@ def _fail(message: str, code: int = 1):
 
 def _user_errors():
     """Exception types that are the user's to fix (bad data, config, model spec)."""
-    from mlx_persona.config import ConfigError
     from mlx_persona.data import DataError
+    from mlx_persona.eval.persona import PersonaError
     from mlx_persona.models import ModelError
-    from mlx_persona.persona import PersonaError
+    from mlx_persona.outputs import OutputError
+    from mlx_persona.tuner.config import ConfigError
 
-    return (ConfigError, DataError, ModelError, PersonaError, FileNotFoundError)
+    return (ConfigError, DataError, ModelError, OutputError, PersonaError, FileNotFoundError)
 
 
 # ---------------------------------------------------------------------------------------------- doctor
@@ -45,8 +46,8 @@ def doctor(size):
     """Show the backend, device and dtype in use, and measure fp32 matmul GFLOP/s."""
     import mlx.core as mx
 
-    from mlx_persona import sgemm
-    from mlx_persona import platform as plat
+    from mlx_persona import backend as plat
+    from mlx_persona.backend import sgemm
 
     info = plat.describe()
     for key in ("platform", "python", "mlx", "mlx_lm", "device", "metal", "dtype", "blas", "blas_core", "blas_note", "sgemm", "precision", "jit", "cpu_count"):
@@ -154,9 +155,9 @@ def data_stats(path, model, as_json):
 def train(config_path, model, data, output, method, steps, epochs, batch_size, learning_rate, rank, seed,
           max_seq_len, grad_checkpoint, sets, overwrite, resume, force, no_progress):
     """Fine-tune a model on chat data (LoRA, DoRA or full)."""
-    from mlx_persona.config import load_config
-    from mlx_persona.train import TrainingError
-    from mlx_persona.train import train as run
+    from mlx_persona.tuner.config import load_config
+    from mlx_persona.tuner.trainer import TrainingError
+    from mlx_persona.tuner.trainer import train as run
 
     overrides = {"model": model, "data": data, "output": output, "method": method, "steps": steps,
                  "epochs": epochs, "batch_size": batch_size, "optim.learning_rate": learning_rate,
@@ -230,7 +231,7 @@ def export_onnx_cmd(hf_dir, out, dtypes, overwrite):
 @click.option("--no-serve", is_flag=True, help="Only copy the page and runtime into WEB_DIR.")
 def web(web_dir, port, no_serve):
     """Put the chat page next to an ONNX export and serve it on 127.0.0.1 (runs in the browser)."""
-    from mlx_persona.web import WebError, install_page, serve
+    from mlx_persona.export.web import WebError, install_page, serve
 
     try:
         install_page(web_dir)
@@ -287,7 +288,7 @@ def make_generation_config(preset, **settings):
 def _persona_system(system, persona):
     if system or not persona:
         return system
-    from mlx_persona.persona import load_persona
+    from mlx_persona.eval.persona import load_persona
 
     return load_persona(persona).system_prompt
 
@@ -352,8 +353,8 @@ def chat(model, adapter, system, persona, preset, **settings):
 
 # ---------------------------------------------------------------------------------------------- eval
 def _eval_errors():
-    from mlx_persona.evaluate import EvalError
-    from mlx_persona.persona import PersonaError
+    from mlx_persona.eval.evaluate import EvalError
+    from mlx_persona.eval.persona import PersonaError
 
     return _user_errors() + (EvalError, PersonaError)
 
@@ -410,7 +411,7 @@ def eval_options(f):
 
 def _make_eval_run(models, prompts, limit, seeds, seed, persona_card, persona_system, train_data, valid, no_valid,
                    early_tokens):
-    from mlx_persona.evaluate import EvalOptions, check_names, parse_model_arg
+    from mlx_persona.eval.evaluate import EvalOptions, check_names, parse_model_arg
 
     if seeds is not None and seed is not None:
         _fail("give --seeds (several) or --seed (one), not both")
@@ -435,7 +436,7 @@ def _make_eval_run(models, prompts, limit, seeds, seed, persona_card, persona_sy
 def eval_cmd(models, prompts, limit, seeds, persona_card, persona_system, train_data, valid, no_valid, early_tokens,
              out, overwrite, preset, seed, **settings):
     """Run a prompt set through one or more models and write a persona report (md, html, jsonl, plots)."""
-    from mlx_persona.evaluate import evaluate
+    from mlx_persona.eval.evaluate import evaluate
 
     config = make_generation_config(preset, **settings)
     try:
@@ -458,8 +459,8 @@ def eval_cmd(models, prompts, limit, seeds, persona_card, persona_system, train_
 def sweep(models, prompts, limit, seeds, persona_card, persona_system, train_data, valid, no_valid, early_tokens,
           out, overwrite, grid, preset, seed, **settings):
     """Reply length, truncation and persona metrics for every combination of generation settings."""
-    from mlx_persona.evaluate import parse_grid
-    from mlx_persona.evaluate import sweep as run
+    from mlx_persona.eval.evaluate import parse_grid
+    from mlx_persona.eval.evaluate import sweep as run
 
     config = make_generation_config(preset, **settings)
     try:
@@ -485,8 +486,8 @@ def sweep(models, prompts, limit, seeds, persona_card, persona_system, train_dat
 @click.option("--seeds", help="Comma-separated seeds (overrides the recipe).")
 def compare(recipe, out, overwrite, retrain, limit, seeds):
     """Train (or reuse) and evaluate the variants of a recipe (configs/compare-*.yaml) in one report."""
-    from mlx_persona.evaluate import compare as run
-    from mlx_persona.train import TrainingError
+    from mlx_persona.eval.evaluate import compare as run
+    from mlx_persona.tuner.trainer import TrainingError
 
     try:
         result = run(recipe, out=out, overwrite=overwrite, retrain=retrain, limit=limit,

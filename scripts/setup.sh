@@ -40,8 +40,8 @@ else
   python -m pip install -q -e .
 fi
 
-if [ "$what" = test ] && [ -f mlx_persona/web/package.json ]; then
+if [ "$what" = test ] && [ -f mlx_persona/export/web/package.json ]; then
   command -v npm >/dev/null || apt_install nodejs npm
-  (cd mlx_persona/web && npm ci --silent --no-audit --no-fund)
+  (cd mlx_persona/export/web && npm ci --silent --no-audit --no-fund)
 fi
 echo "setup ($what): done. Activate with: . .venv/bin/activate" >&2

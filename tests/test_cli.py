@@ -34,7 +34,7 @@ def test_doctor_reports_backend_and_measured_gflops():
 
 
 def test_blas_is_optimized_on_linux():
-    from mlx_persona import platform as plat
+    from mlx_persona import backend as plat
 
     if sys.platform == "linux":
         path, reason = plat.blas_status()
@@ -43,7 +43,7 @@ def test_blas_is_optimized_on_linux():
 
 def test_openblas_gets_the_cpus_kernels():
     # OpenBLAS 0.3.21 falls back to its SSE3 "Prescott" kernels on CPUs it does not know (8x slower here).
-    from mlx_persona import platform as plat
+    from mlx_persona import backend as plat
 
     assert plat.openblas_coretype({"avx2", "fma", "sse3"}) == "Haswell"
     assert plat.openblas_coretype({"avx2", "fma", "avx512f", "avx512bw", "avx512dq", "avx512vl",

@@ -2,7 +2,13 @@ from pathlib import Path
 
 import pytest
 
-from mlx_persona.config import ConfigError, TrainConfig, config_diff, load_config, to_dict
+from mlx_persona.tuner.config import (
+    ConfigError,
+    TrainConfig,
+    config_diff,
+    load_config,
+    to_dict,
+)
 
 # Training configs (compare-*.yaml are evaluation recipes, tested in test_evaluate.py).
 CONFIGS = sorted(p for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")

@@ -5,9 +5,16 @@ import random
 import time
 
 import pytest
+from training_runs import (
+    bitwise_equal,
+    cli_args,
+    copy_run,
+    metrics,
+    reference_run,
+    train_process,
+)
 
-from mlx_persona import checkpoint as ckpt
-from training_runs import bitwise_equal, cli_args, copy_run, metrics, reference_run, train_process
+from mlx_persona.tuner import checkpoint as ckpt
 
 SEED = 20261122
 

@@ -23,7 +23,7 @@ from mlx_persona.data import (
     render,
     template_supports_system,
 )
-from mlx_persona.tokenizer import train_tokenizer
+from mlx_persona.data.tokenizer import train_tokenizer
 
 WORDS = "the a dog cat ran jumped happy sunny day park ball game mum dad played with friends home tea café 😀"
 WORDS = WORDS.split()

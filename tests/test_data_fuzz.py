@@ -11,8 +11,9 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from mlx_persona.config import ConfigError, TrainConfig, load_config
-from mlx_persona.data import ROLES, DataError, Example, load_jsonl
+from mlx_persona.data import DataError, Example, load_jsonl
+from mlx_persona.data.formats import ROLES
+from mlx_persona.tuner.config import ConfigError, TrainConfig, load_config
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                          HealthCheck.too_slow])
@@ -224,7 +225,7 @@ def test_any_config_is_valid_or_a_config_error(tmp_path_factory, data):
 ])
 def test_bad_config_fails_before_any_model_is_loaded(tmp_path, monkeypatch, text, key):
     import mlx_persona.models as models
-    import mlx_persona.train as train_mod
+    import mlx_persona.tuner.trainer as train_mod
     from mlx_persona.cli import main
 
     def no(*a, **k):

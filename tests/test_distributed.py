@@ -12,9 +12,8 @@ from pathlib import Path
 
 import mlx.core as mx
 import pytest
-
-from mlx_persona import checkpoint as ckpt
-from mlx_persona.train import train
+from mlx_persona.tuner import checkpoint as ckpt
+from mlx_persona.tuner.trainer import train
 from training_runs import REPO, bitwise_equal, cli_args, config, metrics, reference_run
 
 LAUNCH = Path(sys.executable).parent / "mlx.launch"

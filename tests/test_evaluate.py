@@ -17,7 +17,7 @@ import pytest
 from click.testing import CliRunner
 
 from mlx_persona.cli import main
-from mlx_persona.evaluate import (
+from mlx_persona.eval.evaluate import (
     EvalError,
     _trained_entry,
     assistant_replies,
@@ -31,7 +31,7 @@ from mlx_persona.evaluate import (
 )
 from mlx_persona.metrics import StyleModel
 from mlx_persona.models import load_model
-from mlx_persona.tuning import attach_adapters, save_adapters
+from mlx_persona.tuner.adapters import attach_adapters, save_adapters
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"

@@ -13,9 +13,10 @@ from safetensors import safe_open
 from safetensors.numpy import load_file
 
 from mlx_persona.export import ExportError
+from mlx_persona.outputs import OutputError
 from mlx_persona.export.hf import fuse
 from mlx_persona.models import load_model
-from mlx_persona.tuning import attach_adapters, save_adapters
+from mlx_persona.tuner.adapters import attach_adapters, save_adapters
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -197,13 +198,13 @@ def test_refuses_to_overwrite_and_replaces_when_asked(base, lora, tmp_path):
     out = tmp_path / "fused"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    with pytest.raises(ExportError, match="--overwrite"):
+    with pytest.raises(OutputError, match="--overwrite"):
         fuse(str(base), adapter, out)
     assert (out / "keep.txt").read_text() == "mine"
     fuse(str(base), adapter, out, overwrite=True)
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["fused"]  # no temporary folders left behind
-    with pytest.raises(ExportError, match="input folder"):
+    with pytest.raises(OutputError, match="input folder"):
         fuse(str(base), adapter, adapter, overwrite=True)
 
 

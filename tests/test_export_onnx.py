@@ -11,9 +11,10 @@ import pytest
 from click.testing import CliRunner
 
 from mlx_persona.export import ExportError
+from mlx_persona.outputs import OutputError
 from mlx_persona.export.hf import fuse
 from mlx_persona.models import load_model
-from mlx_persona.tuning import attach_adapters, save_adapters
+from mlx_persona.tuner.adapters import attach_adapters, save_adapters
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -317,11 +318,11 @@ def test_output_folder_rules(exported, tmp_path):
     target = tmp_path / "web"
     target.mkdir()
     (target / "keep").write_text("x")
-    with pytest.raises(ExportError, match="--overwrite"):
+    with pytest.raises(OutputError, match="--overwrite"):
         export_onnx(hf, target, ("fp32",))
     with pytest.raises(ExportError, match="unknown dtype"):
         export_onnx(hf, tmp_path / "w2", ("fp16",))
-    with pytest.raises(ExportError, match="input folder"):
+    with pytest.raises(OutputError, match="input folder"):
         export_onnx(hf, hf, ("fp32",), overwrite=True)
     export_onnx(hf, target, ("fp32",), overwrite=True)
     assert sorted(p.name for p in (target / "onnx").iterdir()) == ["model.onnx"]

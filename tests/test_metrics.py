@@ -1,8 +1,8 @@
-"""Known-answer tests of the reply metrics (mlx_persona.metrics) on hand-written replies."""
+"""Known-answer tests of the reply metrics (mlx_persona.eval.metrics) on hand-written replies."""
 
 import pytest
 
-from mlx_persona.metrics import (
+from mlx_persona.eval.metrics import (
     StyleModel,
     corpus_distinct_n,
     count_phrases,
@@ -16,7 +16,7 @@ from mlx_persona.metrics import (
     summarize,
     word_count,
 )
-from mlx_persona.persona import Persona
+from mlx_persona.eval.persona import Persona
 
 PERSONA = Persona(name="Bluey", description="a pup", catchphrases=["hooray", "i reckon", "pretend dollars"],
                   vocabulary=["mum", "dad", "bingo", "keepy", "ta"], breaking_phrases=["as an ai", "i'm sorry, but"])

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from mlx_persona.persona import Persona, PersonaError, load_persona
+from mlx_persona.eval.persona import Persona, PersonaError, load_persona
 
 BLUEY = Path(__file__).resolve().parents[1] / "data" / "bluey"
 

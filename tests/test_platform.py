@@ -12,7 +12,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from mlx_persona import platform as plat
+from mlx_persona import backend as plat
 
 linux_with_gxx = pytest.mark.skipif(sys.platform != "linux" or plat.jit_status()[0] is None,
                                     reason="the g++ wrapper is for Linux machines with g++")

@@ -12,12 +12,20 @@ import shutil
 import mlx.core as mx
 import pytest
 from mlx.utils import tree_map
+from training_runs import (
+    SIGTERM,
+    SignalAtStep,
+    bitwise_equal,
+    config,
+    copy_run,
+    max_abs_diff,
+    metrics,
+    reference_run,
+)
 
-import mlx_persona.train as train_mod
-from mlx_persona import checkpoint as ckpt
-from mlx_persona.train import Interrupted, TrainingError, train
-from training_runs import (SIGTERM, SignalAtStep, bitwise_equal, config, copy_run, max_abs_diff, metrics,
-                           reference_run)
+import mlx_persona.tuner.trainer as train_mod
+from mlx_persona.tuner import checkpoint as ckpt
+from mlx_persona.tuner.trainer import Interrupted, TrainingError, train
 
 quiet = dict(log=lambda *a: None)
 

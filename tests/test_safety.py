@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 from click.testing import CliRunner
+from training_runs import REPO, cli_args, reference_run
 
 from mlx_persona.cli import main
-from training_runs import REPO, cli_args, reference_run
 
 TOKEN = "hf_TESTtokenNeverWrittenAnywhere0123456789"
 PICKLE_SUFFIXES = {".pkl", ".pickle", ".pt", ".pth", ".bin", ".ckpt", ".npy", ".npz", ".joblib"}

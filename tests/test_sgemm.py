@@ -17,7 +17,7 @@ import textwrap
 
 import pytest
 
-from mlx_persona import sgemm
+from mlx_persona.backend import sgemm
 
 linux = pytest.mark.skipif(sys.platform != "linux", reason="the sgemm layer is for Linux")
 needs_mkl = pytest.mark.skipif(
@@ -38,7 +38,7 @@ def _child(code: str, mode: str | None = "bf16") -> dict:
 CHECK = """
 import json
 import mlx_persona
-from mlx_persona import sgemm
+from mlx_persona.backend import sgemm
 import mlx.core as mx, numpy as np, torch
 
 def bf16(a):  # the oracle's rounding: PyTorch's float32 -> bfloat16
@@ -97,7 +97,7 @@ def test_large_products_round_inputs_to_bf16_and_accumulate_in_fp32():
 GRAD = """
 import json
 import mlx_persona
-from mlx_persona import sgemm
+from mlx_persona.backend import sgemm
 import mlx.core as mx, mlx.nn as nn, numpy as np
 mx.random.seed(0)
 layer = nn.Linear(512, 1024)
@@ -154,7 +154,7 @@ def test_training_run_says_it_used_bf16_matmuls(tiny_path, small_data, tmp_path)
 GEMV = """
 import json
 import mlx_persona
-from mlx_persona import sgemm
+from mlx_persona.backend import sgemm
 import mlx.core as mx, numpy as np
 rng = np.random.default_rng(0)
 def arr(*shape):

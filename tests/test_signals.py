@@ -7,13 +7,13 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from click.testing import CliRunner
-
-import mlx_persona.train as train_mod
-from mlx_persona import checkpoint as ckpt
-from mlx_persona.batching import shard_batch
-from mlx_persona.cli import main
-from mlx_persona.train import TrainingError, train
 from training_runs import SIGINT, SignalAtStep, cli_args, config, metrics, train_process
+
+import mlx_persona.tuner.trainer as train_mod
+from mlx_persona.cli import main
+from mlx_persona.tuner import checkpoint as ckpt
+from mlx_persona.tuner.batching import shard_batch
+from mlx_persona.tuner.trainer import TrainingError, train
 
 
 def test_ctrl_c_saves_at_the_next_step_and_exits_130_with_the_resume_command(tiny_path, small_data, tmp_path,

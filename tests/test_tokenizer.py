@@ -1,4 +1,4 @@
-"""Tests for mlx_persona.tokenizer: lossless byte-level BPE, Gemma special tokens and chat template."""
+"""Tests for mlx_persona.data.tokenizer: lossless byte-level BPE, Gemma special tokens and chat template."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
-from mlx_persona.tokenizer import (
+from mlx_persona.data.tokenizer import (
     GEMMA_CHAT_TEMPLATE,
     SPECIAL_TOKENS,
     make_config_portable,

@@ -13,8 +13,8 @@ from click.testing import CliRunner
 from mlx.utils import tree_flatten
 
 from mlx_persona.cli import main
-from mlx_persona.config import load_config
-from mlx_persona.train import train
+from mlx_persona.tuner.config import load_config
+from mlx_persona.tuner.trainer import train
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from mlx_persona.config import DEFAULT_LORA_MODULES
 from mlx_persona.models import load_model
-from mlx_persona.tuning import attach_adapters, lm_head_cross_entropy, loss_fn, trainable_parameter_count
+from mlx_persona.tuner.adapters import attach_adapters, trainable_parameter_count
+from mlx_persona.tuner.config import DEFAULT_LORA_MODULES
+from mlx_persona.tuner.losses import lm_head_cross_entropy, loss_fn
 
 
 @pytest.fixture

@@ -1,6 +1,6 @@
 """The browser path end to end: export -> `mlx-persona web` -> transformers.js in headless Chromium.
 
-Needs Debian's `chromium` and `npm ci` in mlx_persona/web (transformers.js + playwright-core); skipped
+Needs Debian's `chromium` and `npm ci` in mlx_persona/export/web (transformers.js + playwright-core); skipped
 with the reason when either is missing (failed instead under CI=true). Screenshots go to test-artifacts/
 (MLX_PERSONA_TEST_ARTIFACTS).
 """
@@ -22,9 +22,15 @@ import mlx.core as mx
 import pytest
 
 from mlx_persona.export.hf import fuse
+from mlx_persona.export.web import (
+    PAGE_DIR,
+    WebError,
+    install_page,
+    make_server,
+    node_modules,
+)
 from mlx_persona.models import load_model
-from mlx_persona.tuning import attach_adapters, save_adapters
-from mlx_persona.web import PAGE_DIR, WebError, install_page, make_server, node_modules
+from mlx_persona.tuner.adapters import attach_adapters, save_adapters
 
 pytest.importorskip("onnxruntime")
 from mlx_persona.export.onnx import export_onnx  # noqa: E402

@@ -30,7 +30,7 @@ _CACHE: dict[str, Path] = {}
 
 def config(tiny_path, data, out, **changes):
     """A validated TrainConfig: `RUN` plus `changes` (dotted keys)."""
-    from mlx_persona.config import load_config
+    from mlx_persona.tuner.config import load_config
 
     values = {"model": str(tiny_path), "data": str(data), "output": str(out), **RUN, **changes}
     return load_config(None, values)
@@ -38,7 +38,7 @@ def config(tiny_path, data, out, **changes):
 
 def reference_run(tiny_path, data, root: Path, **changes) -> Path:
     """The output folder of an uninterrupted run of `config(...)`, trained once per session."""
-    from mlx_persona.train import train
+    from mlx_persona.tuner.trainer import train
 
     key = json.dumps([str(tiny_path), str(data), sorted(changes.items())])
     if key not in _CACHE:

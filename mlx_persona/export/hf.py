@@ -20,7 +20,8 @@ import shutil
 from pathlib import Path
 
 from mlx_persona import __version__
-from mlx_persona.export import ExportError, atomic_output_dir, check_output_dir
+from mlx_persona.export import ExportError
+from mlx_persona.outputs import atomic_output_dir, check_output_dir
 
 __all__ = ["fuse", "fuse_model", "write_tokenizer", "write_generation_config"]
 
@@ -79,7 +80,12 @@ def write_tokenizer(tokenizer, base: Path, out: Path) -> str:
     Returns:
         The chat template written.
     """
-    from mlx_persona.tokenizer import GEMMA_CHAT_TEMPLATE, make_config_portable, save_tokenizer, unwrap_tokenizer
+    from mlx_persona.data.tokenizer import (
+        GEMMA_CHAT_TEMPLATE,
+        make_config_portable,
+        save_tokenizer,
+        unwrap_tokenizer,
+    )
 
     inner = unwrap_tokenizer(tokenizer)
     template = getattr(inner, "chat_template", None)
@@ -98,7 +104,7 @@ def write_tokenizer(tokenizer, base: Path, out: Path) -> str:
 
 
 def _token_id(tokenizer, token: str) -> int | None:
-    from mlx_persona.tokenizer import unwrap_tokenizer
+    from mlx_persona.data.tokenizer import unwrap_tokenizer
 
     inner = unwrap_tokenizer(tokenizer)
     tid = inner.convert_tokens_to_ids(token)
@@ -119,8 +125,8 @@ def write_generation_config(path: Path, tokenizer, base: Path, generation=None) 
     Returns:
         The dict written.
     """
+    from mlx_persona.data.tokenizer import unwrap_tokenizer
     from mlx_persona.sampling import GenerationConfig, preset
-    from mlx_persona.tokenizer import unwrap_tokenizer
 
     if generation is None:
         generation = preset("persona")

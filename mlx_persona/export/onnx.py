@@ -42,7 +42,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mlx_persona.export import ExportError, atomic_output_dir, check_output_dir
+from mlx_persona.export import ExportError
+from mlx_persona.outputs import atomic_output_dir, check_output_dir
 
 __all__ = ["export_onnx", "build_decoder", "quantize_matmul_q4", "DTYPE_FILES", "OPSET"]
 

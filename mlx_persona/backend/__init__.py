@@ -36,7 +36,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from mlx_persona import sgemm
+from mlx_persona.backend import sgemm
+from mlx_persona.paths import cache_dir
 
 _BLAS_CANDIDATES = (
     "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0",
@@ -63,11 +64,6 @@ def _find_openblas() -> str | None:
             return path
     found = sorted(glob.glob("/usr/lib*/**/libopenblas*.so*", recursive=True))
     return found[0] if found else None
-
-
-def cache_dir() -> Path:
-    """Where mlx_persona keeps what it builds: models, kernels, libraries ($MLX_PERSONA_CACHE)."""
-    return Path(os.environ.get("MLX_PERSONA_CACHE", Path.home() / ".cache" / "mlx_persona"))
 
 
 def file_stamp(path: str) -> str:

@@ -1,8 +1,8 @@
 """Persona evaluation: run a prompt set through models, measure the replies, sweep generation settings,
 and compare trained variants in one report.
 
-* :func:`evaluate` -- prompts x seeds through each model; per-reply metrics (:mod:`mlx_persona.metrics`),
-  validation loss, and a report folder (:mod:`mlx_persona.report`). ``mlx-persona eval``.
+* :func:`evaluate` -- prompts x seeds through each model; per-reply metrics (:mod:`mlx_persona.eval.metrics`),
+  validation loss, and a report folder (:mod:`mlx_persona.eval.report`). ``mlx-persona eval``.
 * :func:`sweep` -- the same reply metrics for every combination of a grid of generation settings.
   ``mlx-persona sweep``.
 * :func:`compare` -- a YAML recipe that trains (or reuses) variants with :func:`mlx_persona.train.train`
@@ -18,16 +18,20 @@ import dataclasses
 import gc
 import itertools
 import json
-import math
 import re
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from mlx_persona.metrics import DEFAULT_EARLY_TOKENS, StyleModel, reply_metrics, summarize
-from mlx_persona.models import DEFAULT_DATA
+from mlx_persona.eval.metrics import (
+    DEFAULT_EARLY_TOKENS,
+    StyleModel,
+    reply_metrics,
+    summarize,
+)
+from mlx_persona.outputs import prepare_output_dir
+from mlx_persona.paths import DEFAULT_DATA
 from mlx_persona.sampling import GenerationConfig
 
 DEFAULT_PROMPTS = DEFAULT_DATA / "eval_prompts.jsonl"
@@ -194,20 +198,9 @@ class EvalOptions:
         return self
 
 
-def _prepare_out(out: str | Path, overwrite: bool) -> Path:
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise EvalError(f"{out}: already exists and is not empty; pass --overwrite to replace it, "
-                            "or choose another --out")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    return out
-
-
 def check_inputs(options: EvalOptions) -> None:
     """Checks the prompts, persona card and data files of `options` without building anything."""
-    from mlx_persona.persona import PersonaError, load_persona
+    from mlx_persona.eval.persona import PersonaError, load_persona
 
     options.validate()
     load_prompts(options.prompts, options.limit)
@@ -233,7 +226,7 @@ class _Context:
 
     @classmethod
     def load(cls, options: EvalOptions) -> "_Context":
-        from mlx_persona.persona import load_persona
+        from mlx_persona.eval.persona import load_persona
 
         check_inputs(options)
         persona = load_persona(options.persona)
@@ -275,22 +268,6 @@ def generate_replies(model, tokenizer, end_ids, ctx: _Context, config: Generatio
             if len(rows) % every == 0 or len(rows) == total:
                 log(f"  {name}: {len(rows)}/{total} replies ({time.perf_counter() - tic:.0f}s)")
     return rows
-
-
-def validation_loss(model, tokenizer, valid_path: str | Path, *, max_seq_len: int = 1024, batch_size: int = 4,
-                    chunk: int = 8192) -> dict:
-    """Token-weighted validation loss (``train.evaluate_loss``) on a JSONL prepared with this tokenizer.
-
-    Returns:
-        ``{"val_loss", "val_ppl", "val_loss_tokens"}`` (perplexity = exp(loss)).
-    """
-    from mlx_persona.data import load_jsonl, prepare_dataset, template_supports_system
-    from mlx_persona.train import evaluate_loss
-
-    examples = load_jsonl(valid_path, system_ok=template_supports_system(tokenizer))
-    ds = prepare_dataset(tokenizer, examples, max_seq_len)
-    loss = evaluate_loss(model, ds, batch_size, chunk)
-    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_loss_tokens": ds.report["loss_tokens"]}
 
 
 def _summary(rows: list[dict]) -> dict:
@@ -335,13 +312,15 @@ def evaluate(models: list[ModelEntry], config: GenerationConfig, options: EvalOp
     metrics), ``summary.json``, ``report.md``, ``report.html`` and the plots (``lengths.png``,
     ``rates.png``).
     """
-    from mlx_persona import report
+    from mlx_persona.eval import report
 
     check_names(models)
+    from mlx_persona.tuner import losses
+
     config.validate()
     ctx = _Context.load(options)
     resolve_all(models)
-    out = _prepare_out(out, overwrite)
+    out = prepare_output_dir(out, overwrite)
     all_rows, per_model = [], {}
     for entry in models:
         log(f"{entry.name}: loading {entry.model}" + (f" + {entry.adapter}" if entry.adapter else ""))
@@ -349,7 +328,7 @@ def evaluate(models: list[ModelEntry], config: GenerationConfig, options: EvalOp
         rows = generate_replies(model, tok, end_ids, ctx, config, name=entry.name, log=log)
         summary = _summary(rows)
         if options.valid:
-            summary.update(validation_loss(model, tok, options.valid, max_seq_len=options.max_seq_len))
+            summary.update(losses.validation_loss(model, tok, options.valid, max_seq_len=options.max_seq_len))
             log(f"  {entry.name}: validation loss {summary['val_loss']:.4f} (perplexity {summary['val_ppl']:.1f})")
         per_model[entry.name] = {"model": entry.model, "adapter": entry.adapter, "note": entry.note, **summary}
         all_rows += rows
@@ -412,10 +391,10 @@ def sweep(models: list[ModelEntry], base: GenerationConfig, grid: dict[str, list
 
     Returns:
         One row per model x setting: ``model``, ``setting``, the grid values, and the aggregates of
-        :func:`mlx_persona.metrics.summarize`. Written as ``sweep.csv`` and ``sweep.md``, with
+        :func:`mlx_persona.eval.metrics.summarize`. Written as ``sweep.csv`` and ``sweep.md``, with
         ``sweep.png``, ``results.jsonl`` (every reply) and ``summary.json``.
     """
-    from mlx_persona import report
+    from mlx_persona.eval import report
 
     check_names(models)
     settings = grid_settings(grid)
@@ -427,7 +406,7 @@ def sweep(models: list[ModelEntry], base: GenerationConfig, grid: dict[str, list
             raise EvalError(f"grid setting {setting_label(s)}: {e}") from None
     ctx = _Context.load(options)
     resolve_all(models)
-    out = _prepare_out(out, overwrite)
+    out = prepare_output_dir(out, overwrite)
     table, all_rows = [], []
     for entry in models:
         log(f"{entry.name}: loading {entry.model}" + (f" + {entry.adapter}" if entry.adapter else ""))
@@ -561,7 +540,7 @@ def load_recipe(path: str | Path) -> Recipe:
 
 def _train_config(v: dict, retrain: bool):
     """The validated training config of a ``train`` variant (its ``set`` applied)."""
-    from mlx_persona.config import load_config
+    from mlx_persona.tuner.config import load_config
 
     overrides = _flatten(v.get("set") or {})
     if retrain:
@@ -571,7 +550,7 @@ def _train_config(v: dict, retrain: bool):
 
 def _trained_entry(v: dict, retrain: bool, log) -> ModelEntry:
     """Trains a ``train`` variant unless its output holds a finished run; the entry that loads the result."""
-    from mlx_persona.train import train
+    from mlx_persona.tuner.trainer import train
 
     cfg = _train_config(v, retrain)
     out = Path(cfg.output)

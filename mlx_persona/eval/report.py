@@ -1,4 +1,4 @@
-"""Reports of :mod:`mlx_persona.evaluate`: markdown, a self-contained HTML page, CSV and PNG plots.
+"""Reports of :mod:`mlx_persona.eval.evaluate`: markdown, a self-contained HTML page, CSV and PNG plots.
 
 The HTML page has its CSS inline and its plots embedded as base64 PNG: no script, no external URL, so
 it opens anywhere (and can be mailed). Plots use matplotlib's Agg backend (no display needed).
@@ -13,7 +13,7 @@ import re
 from datetime import datetime, timezone
 from pathlib import Path
 
-from mlx_persona.metrics import WORDS_PER_TOKEN
+from mlx_persona.eval.metrics import WORDS_PER_TOKEN
 
 # (summary key, label, kind) -- kind: pct (0-1 shown as %), num, int, words (min-max).
 SUMMARY_ROWS = [
@@ -254,8 +254,8 @@ def _meta(r: dict) -> str:
 
 def write_eval_report(out: Path, result: dict, rows: list[dict]) -> None:
     """Writes ``lengths.png``, ``rates.png``, ``report.md`` and ``report.html`` into `out`."""
-    from mlx_persona.evaluate import assistant_replies
-    from mlx_persona.metrics import word_count
+    from mlx_persona.eval.evaluate import assistant_replies
+    from mlx_persona.eval.metrics import word_count
 
     names = list(result["models"])
     early_tokens = result["options"]["early_tokens"]
@@ -402,7 +402,7 @@ def write_sweep_report(out: Path, result: dict) -> None:
     o = result["options"]
     lines = ["# Generation sweep", "", f"- **command**: `{result.get('command') or '–'}`", f"- **written**: {_now()}",
              f"- **base settings**: {_settings_line(result['generation'])}",
-             f"- **grid**: " + "; ".join(f"{k} = {', '.join(map(str, v))}" for k, v in result["grid"].items()),
+             "- **grid**: " + "; ".join(f"{k} = {', '.join(map(str, v))}" for k, v in result["grid"].items()),
              f"- **prompts**: {len(result['prompts'])} from {o['prompts']}; **seeds**: {', '.join(map(str, o['seeds']))}",
              f"- **system prompt**: {'the persona card' if result.get('system') else 'none'}", ""]
     lines += _md_table(header, table)

@@ -11,7 +11,6 @@ A spec is one of
 from __future__ import annotations
 
 import functools
-
 import hashlib
 import json
 import os
@@ -21,10 +20,8 @@ import tempfile
 from pathlib import Path
 
 from mlx_persona import __version__
-from mlx_persona.platform import cache_dir  # noqa: F401  (also imported from here by callers)
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO_ROOT / "data" / "bluey"
+from mlx_persona.outputs import check_output_dir
+from mlx_persona.paths import DEFAULT_DATA, cache_dir
 
 HUB_IDS = ("google/gemma-3-270m", "google/gemma-3-270m-it", "google/gemma-3-1b-pt", "google/gemma-3-1b-it")
 # The 270M base model is published without a -pt suffix; accept the name users reach for.
@@ -141,13 +138,11 @@ def init_model(out: str | Path, preset: str, *, seed: int = 0, overwrite: bool =
     from mlx.utils import tree_flatten, tree_map_with_path
     from mlx_lm.models import gemma3_text
 
-    from mlx_persona.tokenizer import SPECIAL_TOKENS, train_tokenizer
+    from mlx_persona.data.tokenizer import SPECIAL_TOKENS, train_tokenizer
 
     if preset not in _GEMMA_SHAPES:
         raise ModelError(f"unknown preset {preset!r}; choose one of {', '.join(builtin_names())}")
-    out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ModelError(f"{out}: already exists; pass --overwrite to replace it")
+    out = check_output_dir(out, overwrite)
     data_dir = Path(data_dir) if data_dir else DEFAULT_DATA
 
     tokenizer = train_tokenizer(_training_texts(data_dir), vocab_size=TINY_TOKENIZER_VOCAB)
@@ -233,8 +228,11 @@ def resolve_model(spec: str | Path) -> Path:
                          f"(built-ins: {', '.join(builtin_names())})")
     spec = HUB_ALIASES.get(spec, spec)
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError,
-                                        RepositoryNotFoundError)
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
 
     try:
         return Path(snapshot_download(spec, allow_patterns=_HUB_PATTERNS))
@@ -266,7 +264,7 @@ def load_model(spec: str | Path, adapter_path: str | Path | None = None, dtype: 
     import mlx.core as mx
     from mlx_lm.utils import load as mlx_load
 
-    from mlx_persona.platform import dtype_from_name
+    from mlx_persona.backend import dtype_from_name
 
     path = resolve_model(spec)
     try:
@@ -278,7 +276,7 @@ def load_model(spec: str | Path, adapter_path: str | Path | None = None, dtype: 
     use_fast_gelu(model)
     use_cpu_attention()
     if adapter_path is not None:
-        from mlx_persona.tuning import load_adapters
+        from mlx_persona.tuner.adapters import load_adapters
 
         load_adapters(model, adapter_path)
     model.eval()

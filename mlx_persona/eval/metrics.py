@@ -14,7 +14,7 @@ Definitions (the report repeats them):
   ``WORDS_PER_TOKEN * early_tokens`` words: ``early_tokens`` (default 50, the ``persona`` preset's
   ``min_new_tokens``) in words at ~0.75 English words per Gemma token, i.e. fewer than 37.5 words.
   Replies cut by ``max_new_tokens`` or a stop string are never early ends.
-* **persona markers** (from a :class:`mlx_persona.persona.Persona`), on text lower-cased with curly
+* **persona markers** (from a :class:`mlx_persona.eval.persona.Persona`), on text lower-cased with curly
   apostrophes made straight: catchphrases and breaking phrases are counted as substrings (non-overlapping
   occurrences), vocabulary as whole words of :func:`match_words`.
 * **distinct-n** -- distinct n-grams / all n-grams of :func:`match_words` (per reply; and over every
@@ -188,7 +188,7 @@ def reply_metrics(text: str, stop_reason: str | None = None, *, persona=None, st
         text: the reply.
         stop_reason: ``end_token`` | ``stop_string`` | ``length``, or None for a reference reply that
             was not generated (then ``early_end`` is None).
-        persona: a :class:`mlx_persona.persona.Persona` for the marker counts (None: no markers).
+        persona: a :class:`mlx_persona.eval.persona.Persona` for the marker counts (None: no markers).
         style: a :class:`StyleModel` for ``style`` (None: no style similarity).
         early_tokens: see :func:`is_early_end`.
 

@@ -1,103 +1,21 @@
-"""What gets trained and how the loss is computed.
+"""The training loss: cross-entropy over the tied 262,144-token LM head, fused and chunked, only where
+the loss mask is on.
 
-- :func:`attach_adapters` freezes the model and swaps ``Linear`` layers for mlx-lm's ``LoRALinear`` /
-  ``DoRALinear`` (or unfreezes everything, embeddings included, for ``full``), and returns the
-  ``adapter_config.json`` that plain mlx-lm reads back.
-- :func:`lm_head_cross_entropy` is the loss over the tied 262,144-token LM head, fused and chunked:
-  logits exist only for positions where the loss is on, one vocabulary chunk at a time, and the
-  gradient with respect to the hidden states is accumulated in the same pass with an online softmax,
-  so no ``[tokens x vocab]`` tensor is ever kept for the backward pass.
+:func:`lm_head_cross_entropy` computes logits only for positions where the loss is on, one vocabulary
+chunk at a time, and accumulates the gradient with respect to the hidden states in the same pass with
+an online softmax, so no ``[tokens x vocab]`` tensor is ever kept for the backward pass.
+:func:`evaluate_loss` is the token-weighted validation loss over a data set.
 """
 
 from __future__ import annotations
 
-import json
+import math
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten
 
-
-# --------------------------------------------------------------------------------------------------
-# Adapters
-
-
-def _module_keys(model, short_names: list[str]) -> set[str]:
-    """Paths (relative to a transformer block) of the Linear layers named in `short_names`."""
-    wanted = set(short_names)
-    keys = set()
-    for layer in model.layers:
-        for path, module in layer.named_modules():
-            if path.split(".")[-1] in wanted and isinstance(module, (nn.Linear, nn.QuantizedLinear)):
-                keys.add(path)
-    missing = wanted - {k.split(".")[-1] for k in keys}
-    if missing:
-        raise ValueError(f"lora.modules: no layer named {', '.join(sorted(missing))} in this model")
-    return keys
-
-
-def attach_adapters(model, method: str, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0,
-                    modules: list[str] | None = None, num_layers: int = -1) -> dict:
-    """Makes `model` trainable for `method` and returns its adapter config.
-
-    Args:
-        model: an mlx-lm model.
-        method: ``lora``, ``dora`` or ``full`` (every weight, embeddings included).
-        rank, alpha, dropout: LoRA settings; the scale is ``alpha / rank``.
-        modules: short names of the Linear layers to adapt (``q_proj``, ``down_proj`` ...).
-        num_layers: adapt the last N blocks; -1 = all.
-
-    Returns:
-        The dict written as ``adapter_config.json`` (mlx-lm's keys: ``fine_tune_type``, ``num_layers``,
-        ``lora_parameters``).
-    """
-    from mlx_lm.tuner.utils import linear_to_lora_layers
-
-    n_layers = len(model.layers)
-    num_layers = n_layers if num_layers in (-1, None) else min(num_layers, n_layers)
-    if method == "full":
-        model.unfreeze()
-        return {"fine_tune_type": "full", "num_layers": n_layers}
-    if method not in ("lora", "dora"):
-        raise ValueError(f"method must be lora, dora or full, not {method!r}")
-    model.freeze()
-    params = {"rank": rank, "scale": alpha / rank, "dropout": dropout,
-              "keys": sorted(_module_keys(model, modules or []))}
-    linear_to_lora_layers(model, num_layers, params, use_dora=(method == "dora"))
-    return {"fine_tune_type": method, "num_layers": num_layers, "lora_parameters": params,
-            "alpha": alpha}
-
-
-def trainable_parameter_count(model) -> int:
-    return sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
-
-
-def save_adapters(model, out_dir: str | Path, adapter_config: dict) -> None:
-    """Writes ``adapters.safetensors`` + ``adapter_config.json`` (mlx-lm's adapter layout)."""
-    out_dir = Path(out_dir)
-    weights = dict(tree_flatten(model.trainable_parameters()))
-    mx.save_safetensors(str(out_dir / "adapters.safetensors"), weights)
-    (out_dir / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2) + "\n")
-
-
-def load_adapters(model, adapter_path: str | Path):
-    """Applies a saved adapter folder (LoRA/DoRA adapters, or full weights) to `model`."""
-    from mlx_lm.tuner.utils import load_adapters as _load
-
-    adapter_path = Path(adapter_path)
-    if not (adapter_path / "adapter_config.json").exists():
-        # A full fine-tune writes a whole model folder; loading it replaces the weights.
-        weights = adapter_path / "model.safetensors"
-        if weights.exists():
-            model.load_weights(str(weights), strict=False)
-            return model
-        raise FileNotFoundError(f"{adapter_path}: no adapter_config.json (not an adapter folder)")
-    return _load(model, str(adapter_path))
-
-
-# --------------------------------------------------------------------------------------------------
-# Loss
+from mlx_persona.tuner.batching import batch_plan, collate
 
 
 def lm_head_weight(model):
@@ -233,3 +151,40 @@ def loss_fn(model, inputs, targets, positions, weights, denom, chunk: int = 8192
     else:
         ce = lm_head_cross_entropy(h, w, tgt, chunk)
     return (ce * weights).sum() / denom, weights.sum()
+
+
+def evaluate_loss(model, ds, batch_size: int, chunk: int, max_batches: int = -1,
+                  shard: tuple[int, int] = (0, 1)) -> float:
+    """Token-weighted mean loss over a dataset (no gradients)."""
+    plan = batch_plan([len(t) for t in ds.tokens], batch_size, shard=shard)
+    if max_batches > 0:
+        plan = plan[:max_batches]
+    total = mx.array(0.0)
+    count = mx.array(0.0)
+    one = mx.array(1.0)
+    for idx in plan:
+        if not idx:
+            continue
+        b = collate([ds.tokens[i] for i in idx], [ds.masks[i] for i in idx])
+        loss, n = loss_fn(model, mx.array(b.inputs), mx.array(b.targets), mx.array(b.positions),
+                          mx.array(b.weights), one, chunk)
+        total, count = total + loss, count + n
+        mx.eval(total, count)
+    if shard[1] > 1:
+        total, count = mx.distributed.all_sum(total), mx.distributed.all_sum(count)
+    return (total / mx.maximum(count, 1)).item()
+
+
+def validation_loss(model, tokenizer, valid_path: str | Path, *, max_seq_len: int = 1024, batch_size: int = 4,
+                    chunk: int = 8192) -> dict:
+    """Token-weighted validation loss (:func:`evaluate_loss`) on a JSONL prepared with this tokenizer.
+
+    Returns:
+        ``{"val_loss", "val_ppl", "val_loss_tokens"}`` (perplexity = exp(loss)).
+    """
+    from mlx_persona.data import load_jsonl, prepare_dataset, template_supports_system
+
+    examples = load_jsonl(valid_path, system_ok=template_supports_system(tokenizer))
+    ds = prepare_dataset(tokenizer, examples, max_seq_len)
+    loss = evaluate_loss(model, ds, batch_size, chunk)
+    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_loss_tokens": ds.report["loss_tokens"]}

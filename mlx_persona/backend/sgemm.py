@@ -76,7 +76,7 @@ def find_mkl() -> str | None:
 
 def cpu_support() -> str:
     """What the CPU multiplies bfloat16 with: 'AMX', 'AVX512-BF16', or '' (oneMKL emulates it, slowly)."""
-    from mlx_persona.platform import cpu_flags  # platform imports this module
+    from mlx_persona.backend import cpu_flags  # platform imports this module
 
     flags = cpu_flags()
     if "amx_bf16" in flags:
@@ -88,7 +88,8 @@ def cpu_support() -> str:
 
 def _build(cc: str) -> Path:
     """Compiles the layer once per source, compiler and CPU into the cache; returns the library."""
-    from mlx_persona.platform import cache_dir, file_stamp  # platform imports this module
+    from mlx_persona.backend import file_stamp  # the package imports this module
+    from mlx_persona.paths import cache_dir
 
     key = hashlib.sha256(repr((SOURCE.read_bytes(), file_stamp(cc), CFLAGS, cpu_support(),
                                platform.machine())).encode()).hexdigest()[:12]
