@@ -1,0 +1,117 @@
+"""`generate` (one reply) and `chat` (interactive), and the generation options they share with eval."""
+
+from __future__ import annotations
+
+import click
+
+from mlx_persona.cli.errors import fail, user_errors
+
+
+def generation_options(f):
+    """Every GenerationConfig field as an option; unset options keep the preset's value."""
+    options = [
+        click.option("--preset", type=click.Choice(["persona", "greedy", "default"]), default="default",
+                     show_default=True, help="persona: min_new_tokens=50, temperature=0.8, top_k=50, "
+                                             "top_p=0.95, repetition_penalty=1.1; greedy: temperature=0."),
+        click.option("--max-new-tokens", type=int),
+        click.option("--min-new-tokens", type=int, help="Suppress every end token until this many new tokens."),
+        click.option("--temperature", type=float, help="0 = greedy."),
+        click.option("--top-k", type=int, help="0 = off."),
+        click.option("--top-p", type=float, help="1 = off."),
+        click.option("--min-p", type=float, help="0 = off."),
+        click.option("--repetition-penalty", type=float, help="Over prompt + generated tokens; 1 = off."),
+        click.option("--no-repeat-ngram-size", type=int),
+        click.option("--stop", multiple=True, help="Stop string (repeatable)."),
+        click.option("--seed", type=int),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def make_generation_config(preset, **settings):
+    """GenerationConfig from a preset name plus the options given on the command line."""
+    import dataclasses
+
+    from mlx_persona.sampling import GenerationConfig
+    from mlx_persona.sampling import preset as get_preset
+
+    cfg = GenerationConfig() if preset == "default" else get_preset(preset)
+    given = {k: v for k, v in settings.items() if v is not None and v != ()}
+    if "stop" in given:
+        given["stop"] = list(given["stop"])
+    try:
+        return dataclasses.replace(cfg, **given).validate()
+    except ValueError as e:
+        fail(str(e))
+
+
+def _persona_system(system, persona):
+    if system or not persona:
+        return system
+    from mlx_persona.eval.persona import load_persona
+
+    return load_persona(persona).system_prompt
+
+
+def _load_for_generation(model, adapter, system, persona):
+    """(system prompt, model, tokenizer, resolved model path), or a clean exit on the user's mistakes."""
+    from mlx_persona.models import load_model, resolve_model
+
+    try:
+        system = _persona_system(system, persona)
+        m, tok = load_model(model, adapter_path=adapter)
+        path = resolve_model(model)
+    except user_errors() as e:
+        fail(str(e))
+    return system, m, tok, path
+
+
+@click.command()
+@click.option("--model", required=True, help="Local folder, hub id, or builtin:NAME.")
+@click.option("--adapter", type=click.Path(exists=True, file_okay=False), help="Adapter folder from `train`.")
+@click.option("--prompt", required=True, help="The user message.")
+@click.option("--system", help="System/persona prompt.")
+@click.option("--persona", type=click.Path(exists=True, dir_okay=False), help="Use a persona card's system_prompt.")
+@click.option("--raw", is_flag=True, help="Feed the prompt as plain text, without the chat template.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result (text, tokens, stop reason, speed) as JSON.")
+@generation_options
+def generate(model, adapter, prompt, system, persona, raw, as_json, preset, **settings):
+    """Generate one reply, streaming it to stdout."""
+    import dataclasses
+    import json as _json
+
+    from mlx_persona.generation import end_token_ids, stream_generate
+
+    config = make_generation_config(preset, **settings)
+    system, m, tok, path = _load_for_generation(model, adapter, system, persona)
+    try:
+        end_ids = end_token_ids(tok, path)
+    except user_errors() as e:
+        fail(str(e))
+    result = None
+    for chunk in stream_generate(m, tok, prompt, config, system=system, end_ids=end_ids, chat_template=not raw):
+        if chunk.text and not as_json:
+            click.echo(chunk.text, nl=False)
+        result = chunk.result or result
+    if as_json:
+        click.echo(_json.dumps(dataclasses.asdict(result), indent=2))
+    else:
+        click.echo()
+        click.echo(f"[{result.generated_tokens} tokens, stopped: {result.stop_reason}, prompt "
+                   f"{result.prompt_tps:.1f} tok/s, decode {result.decode_tps:.1f} tok/s]", err=True)
+
+
+@click.command()
+@click.option("--model", required=True, help="Local folder, hub id, or builtin:NAME.")
+@click.option("--adapter", type=click.Path(exists=True, file_okay=False), help="Adapter folder from `train`.")
+@click.option("--system", help="System/persona prompt.")
+@click.option("--persona", type=click.Path(exists=True, dir_okay=False), help="Use a persona card's system_prompt.")
+@generation_options
+def chat(model, adapter, system, persona, preset, **settings):
+    """Interactive multi-turn chat (/reset, /settings, /system, /quit). Reads lines from a pipe too."""
+    from mlx_persona.chat import ChatSession, run_chat
+
+    config = make_generation_config(preset, **settings)
+    system, m, tok, path = _load_for_generation(model, adapter, system, persona)
+    run_chat(ChatSession(m, tok, config, system=system, model_path=path))
