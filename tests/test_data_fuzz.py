@@ -225,7 +225,7 @@ def test_any_config_is_valid_or_a_config_error(tmp_path_factory, data):
 ])
 def test_bad_config_fails_before_any_model_is_loaded(tmp_path, monkeypatch, text, key):
     import mlx_persona.models as models
-    import mlx_persona.tuner.trainer as train_mod
+    import mlx_persona.tuner.run as train_mod
     from mlx_persona.cli import main
 
     def no(*a, **k):

@@ -13,7 +13,7 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 from mlx_persona.tuner import checkpoint as ckpt
-from mlx_persona.tuner.trainer import train
+from mlx_persona.tuner.run import run
 from training_runs import REPO, bitwise_equal, cli_args, config, metrics, reference_run
 
 LAUNCH = Path(sys.executable).parent / "mlx.launch"
@@ -109,10 +109,10 @@ def test_rank_other_than_0_writes_nothing(tiny_path, nine, tmp_path, monkeypatch
     out = tmp_path / "out"
     cfg = config(tiny_path, nine, out, steps=2, save_every=1, eval_every=1)
     lines = []
-    summary = train(cfg, log=lines.append)
+    summary = run(cfg, log=lines.append)
     assert summary["steps"] == 2 and lines == []  # rank != 0 does not log either
     assert not out.exists()
-    train(cfg, resume=True, log=lines.append)
+    run(cfg, resume=True, log=lines.append)
     assert not out.exists()
 
 

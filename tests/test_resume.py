@@ -23,9 +23,10 @@ from training_runs import (
     reference_run,
 )
 
-import mlx_persona.tuner.trainer as train_mod
+import mlx_persona.tuner.run as run_mod
 from mlx_persona.tuner import checkpoint as ckpt
-from mlx_persona.tuner.trainer import Interrupted, TrainingError, train
+from mlx_persona.tuner.run import run
+from mlx_persona.tuner.trainer import Interrupted, TrainingError
 
 quiet = dict(log=lambda *a: None)
 
@@ -36,9 +37,9 @@ def runs(tiny_path, small_data, tmp_path_factory):
     ref = reference_run(tiny_path, small_data, root)
     stopped = root / "stopped"
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(train_mod, "Progress", SignalAtStep(SIGTERM, 3))
+        mp.setattr(run_mod, "Progress", SignalAtStep(SIGTERM, 3))
         with pytest.raises(Interrupted) as info:
-            train(config(tiny_path, small_data, stopped), **quiet)
+            run(config(tiny_path, small_data, stopped), **quiet)
     return {"root": root, "ref": ref, "stopped": stopped, "interrupted": info.value,
             "cfg": lambda out, **kw: config(tiny_path, small_data, out, **kw)}
 
@@ -87,7 +88,7 @@ def test_checkpoint_holds_the_whole_state(runs):
 def test_resume_is_exact_and_a_cold_restart_is_not(runs, tmp_path):
     ref, stopped = runs["ref"], runs["stopped"]
     resumed = copy_run(stopped, tmp_path / "resumed")
-    summary = train(runs["cfg"](resumed), resume=True, **quiet)
+    summary = run(runs["cfg"](resumed), resume=True, **quiet)
     assert summary["steps"] == 6
     diff = max_abs_diff(ref / "adapters.safetensors", resumed / "adapters.safetensors")
     print(f"resume max |diff| = {diff}")
@@ -105,7 +106,7 @@ def test_resume_is_exact_and_a_cold_restart_is_not(runs, tmp_path):
     state["loop"].update(epoch=0, batch=0)
     state["rng"] = [0, 0]
     ckpt.save_checkpoint(root, 4, weights, tree_map(mx.zeros_like, opt), state)
-    train(runs["cfg"](cold), resume=True, **quiet)
+    run(runs["cfg"](cold), resume=True, **quiet)
     cold_diff = max_abs_diff(ref / "adapters.safetensors", cold / "adapters.safetensors")
     print(f"cold restart max |diff| = {cold_diff}")
     assert cold_diff > 1e-4
@@ -123,7 +124,7 @@ def test_damaged_newest_checkpoint_is_skipped_and_metrics_are_not_repeated(runs,
     with open(out / "metrics.jsonl", "a") as f:
         f.write('{"step": 7, "lo')  # a torn line, as a kill while writing would leave
     lines = []
-    train(runs["cfg"](out), resume=True, log=lines.append)
+    run(runs["cfg"](out), resume=True, log=lines.append)
     assert any("step-00000006 is unusable" in l and "truncated" in l for l in lines), lines
     assert any("resuming at step 4" in l for l in lines), lines
     assert bitwise_equal(ref / "adapters.safetensors", out / "adapters.safetensors")
@@ -136,14 +137,14 @@ def test_changed_config_names_the_keys_and_stops_unless_forced(runs, tmp_path):
     before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     changed = runs["cfg"](out, **{"optim.learning_rate": 2e-2, "seed": 1, "save_every": 1})
     with pytest.raises(TrainingError) as info:
-        train(changed, resume=True, **quiet)
+        run(changed, resume=True, **quiet)
     msg = str(info.value)
     assert "optim.learning_rate" in msg and "seed" in msg and "--force" in msg
     assert "save_every" not in msg  # checkpoint cadence may change
     after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert after == before  # nothing touched
 
-    summary = train(changed, resume=True, force=True, **quiet)
+    summary = run(changed, resume=True, force=True, **quiet)
     assert summary["steps"] == 6
     assert not bitwise_equal(runs["ref"] / "adapters.safetensors", out / "adapters.safetensors")
 
@@ -155,17 +156,17 @@ def test_changed_training_data_stops_unless_forced(runs, tmp_path):
     state["data"] = "0123456789abcdef"
     ckpt.save_checkpoint(out / "checkpoints", state["loop"]["step"], weights, opt, state)
     with pytest.raises(TrainingError, match="training data .* differ from the run being resumed"):
-        train(runs["cfg"](out), resume=True, **quiet)
+        run(runs["cfg"](out), resume=True, **quiet)
 
 
 def test_resume_without_a_run_or_with_every_checkpoint_damaged_fails_clearly(runs, tmp_path):
     with pytest.raises(TrainingError, match="nothing to resume"):
-        train(runs["cfg"](tmp_path / "none"), resume=True, **quiet)
+        run(runs["cfg"](tmp_path / "none"), resume=True, **quiet)
     out = copy_run(runs["stopped"], tmp_path / "all-damaged")
     for path in ckpt.list_checkpoints(out / "checkpoints"):
         (path / "state.json").write_text("{}")
     with pytest.raises(TrainingError, match="every checkpoint is damaged"):
-        train(runs["cfg"](out), resume=True, **quiet)
+        run(runs["cfg"](out), resume=True, **quiet)
     shutil.rmtree(out)
 
 
@@ -175,6 +176,6 @@ def test_an_early_stopped_run_stays_stopped_when_resumed(runs, tmp_path):
     path, weights, opt, state = ckpt.load_latest(out / "checkpoints", log=lambda m: None)
     state["loop"]["stop_reason"] = "early stopping: no improvement in 1 evaluations"
     ckpt.save_checkpoint(out / "checkpoints", 4, weights, opt, state)
-    summary = train(runs["cfg"](out), resume=True, **quiet)
+    summary = run(runs["cfg"](out), resume=True, **quiet)
     assert summary["steps"] == 4 and summary["stop_reason"].startswith("early stopping")
     assert bitwise_equal(path / "weights.safetensors", out / "adapters.safetensors")

@@ -9,17 +9,20 @@ import pytest
 from click.testing import CliRunner
 from training_runs import SIGINT, SignalAtStep, cli_args, config, metrics, train_process
 
+import mlx_persona.tuner.batching as batching_mod
+import mlx_persona.tuner.run as run_mod
 import mlx_persona.tuner.trainer as train_mod
 from mlx_persona.cli import main
 from mlx_persona.tuner import checkpoint as ckpt
 from mlx_persona.tuner.batching import shard_batch
-from mlx_persona.tuner.trainer import TrainingError, train
+from mlx_persona.tuner.run import run
+from mlx_persona.tuner.trainer import TrainingError
 
 
 def test_ctrl_c_saves_at_the_next_step_and_exits_130_with_the_resume_command(tiny_path, small_data, tmp_path,
                                                                             monkeypatch):
     out = tmp_path / "run"
-    monkeypatch.setattr(train_mod, "Progress", SignalAtStep(SIGINT, 2))
+    monkeypatch.setattr(run_mod, "Progress", SignalAtStep(SIGINT, 2))
     result = CliRunner().invoke(main, ["train", *cli_args(tiny_path, small_data, out, save_every=100)])
     assert result.exit_code == 130, result.output
     assert "SIGINT at step 3: checkpoint saved" in result.output
@@ -73,10 +76,10 @@ def _poison_at(calls: int, value: float):
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_path, small_data, tmp_path, monkeypatch):
     out = tmp_path / "run"
     value = float("nan")
-    monkeypatch.setattr(train_mod, "shard_batch", _poison_at(4, value))
+    monkeypatch.setattr(batching_mod, "shard_batch", _poison_at(4, value))
     cfg = config(tiny_path, small_data, out, save_every=1, keep_checkpoints=1)
     with pytest.raises(TrainingError) as info:
-        train(cfg, log=lambda *a: None)
+        run(cfg, log=lambda *a: None)
     msg = str(info.value)
     assert f"loss became {value} at step 4" in msg and "step-00000003" in msg and "untouched" in msg
     saved = ckpt.list_checkpoints(out / "checkpoints")

@@ -14,7 +14,7 @@ from mlx.utils import tree_flatten
 
 from mlx_persona.cli import main
 from mlx_persona.tuner.config import load_config
-from mlx_persona.tuner.trainer import train
+from mlx_persona.tuner.run import run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -141,7 +141,7 @@ def test_full_fine_tune_writes_a_model_folder_mlx_lm_loads(tiny_path, small_data
 
     cfg = load_config(None, {"model": str(tiny_path), "data": str(small_data), "output": str(tmp_path / "full"),
                              "method": "full", "steps": 3, "progress": False})
-    train(cfg, log=lambda *a: None)
+    run(cfg, log=lambda *a: None)
     out = tmp_path / "full"
     for name in ("model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json"):
         assert (out / name).is_file()
@@ -161,7 +161,7 @@ def test_quickstart_config_memorises_a_handful(tiny_path, tmp_path):
     cfg = load_config(REPO / "configs" / "quickstart.yaml",
                       {"model": str(tiny_path), "data": str(data), "output": str(tmp_path / "q"),
                        "steps": 60, "progress": False, "optim.warmup_steps": 5})
-    summary = train(cfg, log=lambda *a: None)
+    summary = run(cfg, log=lambda *a: None)
     losses = [r["loss"] for r in _metrics(tmp_path / "q") if "loss" in r]
     assert summary["steps"] == 60
     assert losses[-1] < 0.3 * losses[0], losses

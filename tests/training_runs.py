@@ -38,12 +38,12 @@ def config(tiny_path, data, out, **changes):
 
 def reference_run(tiny_path, data, root: Path, **changes) -> Path:
     """The output folder of an uninterrupted run of `config(...)`, trained once per session."""
-    from mlx_persona.tuner.trainer import train
+    from mlx_persona.tuner.run import run
 
     key = json.dumps([str(tiny_path), str(data), sorted(changes.items())])
     if key not in _CACHE:
         out = root / f"reference-{len(_CACHE)}"
-        train(config(tiny_path, data, out, **changes), log=lambda *a: None)
+        run(config(tiny_path, data, out, **changes), log=lambda *a: None)
         _CACHE[key] = out
     return _CACHE[key]
 

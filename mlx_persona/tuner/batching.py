@@ -91,3 +91,54 @@ def collate(tokens: list[np.ndarray], masks: list[np.ndarray]) -> Batch:
     weights = np.zeros(padded, np.float32)
     weights[:n_loss] = 1.0
     return Batch(inputs, targets, positions, weights, n_tokens, n_loss)
+
+
+@dataclass
+class MicroBatch:
+    """One global batch of training, as one rank sees it.
+
+    Attributes:
+        batch: this rank's slice, collated.
+        indices: the example indices of the whole global batch.
+        global_loss_tokens: loss tokens of the whole global batch (every rank's part).
+        next: ``(epoch, batch)``: the position after this batch (what a checkpoint saves).
+    """
+
+    batch: Batch
+    indices: list[int]
+    global_loss_tokens: int
+    next: tuple[int, int]
+
+
+def iterate_batches(dataset, batch_size: int, seed: int, *, start: tuple[int, int] = (0, 0),
+                    shard: tuple[int, int] = (0, 1)):
+    """The training batches in the order the trainer visits them, forever, from position `start`.
+
+    Length-grouped global batches (:func:`batch_plan`), visited in :func:`epoch_order` of each epoch;
+    each rank gets its slice (:func:`shard_batch`). A pure function of (dataset, batch_size, seed,
+    start), which is what makes resuming exact and lets a benchmark give another framework the same
+    batches.
+
+    Args:
+        dataset: ``data.EncodedDataset`` (``tokens`` and ``masks``).
+        batch_size: examples per global batch.
+        seed: the run's seed (the epoch order is drawn from ``(seed, epoch)``).
+        start: ``(epoch, batch)`` to start from.
+        shard: ``(rank, size)`` of a data-parallel run.
+
+    Yields:
+        :class:`MicroBatch`.
+    """
+    plan = batch_plan([len(t) for t in dataset.tokens], batch_size)
+    loss_tokens = [int(m[1:].sum()) for m in dataset.masks]
+    epoch, j = start
+    rank, size = shard
+    while True:
+        order = epoch_order(len(plan), seed, epoch)
+        while j < len(order):
+            idx = plan[order[j]]
+            j += 1
+            nxt = (epoch, j) if j < len(order) else (epoch + 1, 0)
+            yield MicroBatch(shard_batch(dataset.tokens, dataset.masks, idx, rank, size), idx,
+                             sum(loss_tokens[i] for i in idx), nxt)
+        epoch, j = epoch + 1, 0

@@ -1,3 +1,236 @@
-"""``run(cfg)``: load the model and data, attach adapters, run the trainer, write the results."""
+"""``run(cfg)``: what ``mlx-persona train`` does around the loop.
 
-from mlx_persona.tuner.trainer import train as run  # noqa: F401  (being split out of the trainer)
+It checks the output folder, loads the model and the data, attaches adapters, builds the optimizer,
+restores a checkpoint on ``--resume``, calls :func:`mlx_persona.tuner.trainer.train` with callbacks
+that write ``metrics.jsonl``, the progress bar and ``best/``, then writes the results (adapters or a
+model folder, ``summary.json``, ``loss.png``). Only rank 0 of a data-parallel run touches the folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.optimizers as optim
+import numpy as np
+import yaml
+from mlx.utils import tree_flatten
+
+from mlx_persona import data as data_mod
+from mlx_persona.backend import sgemm
+from mlx_persona.models import load_model, resolve_model
+from mlx_persona.outputs import prepare_output_dir
+from mlx_persona.tuner import checkpoint as ckpt
+from mlx_persona.tuner.adapters import attach_adapters, trainable_parameter_count
+from mlx_persona.tuner.batching import batch_plan
+from mlx_persona.tuner.config import ConfigError, TrainConfig, config_diff, to_dict
+from mlx_persona.tuner.progress import Progress
+from mlx_persona.tuner.results import MetricsWriter, save_result
+from mlx_persona.tuner.trainer import (Callbacks, TrainingArgs, TrainingCallback, TrainingError, build_schedule,
+                                       new_loop_state, train)
+
+# Config keys that may change between a run and its resume: they change no weight or result file.
+RESUME_MAY_CHANGE = {"output", "overwrite", "progress", "log_every", "save_every", "keep_checkpoints"}
+
+
+def _prepare_output(out: Path, cfg: TrainConfig, resume: bool, force: bool) -> None:
+    """Checks the output folder (on resume, that the config is the run's); makes it if needed."""
+    if resume:
+        saved = out / "config.yaml"
+        if not saved.exists():
+            raise TrainingError(f"{out}: nothing to resume (no config.yaml); run without --resume")
+        old = yaml.safe_load(saved.read_text())
+        diff = [k for k in config_diff(old, to_dict(cfg)) if k not in RESUME_MAY_CHANGE]
+        if diff and not force:
+            raise TrainingError(f"{out}: the config differs from the run being resumed in: {', '.join(diff)}. "
+                                "Use the same config (e.g. --config OUT/config.yaml), or pass --force to "
+                                "resume anyway.")
+    else:  # --overwrite deletes earlier runs (a folder with config.yaml), nothing else
+        prepare_output_dir(out, cfg.overwrite, must_hold="config.yaml", hint=", --resume to continue it")
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _data_id(ds) -> str:
+    """A fingerprint of the encoded training set (tokens and loss masks): what the batch plan depends on."""
+    h = hashlib.sha256()
+    for tokens, mask in zip(ds.tokens, ds.masks):
+        h.update(np.int64(len(tokens)).tobytes() + tokens.astype(np.int32).tobytes())
+        h.update(mask.astype(np.uint8).tobytes())
+    return h.hexdigest()[:16]
+
+
+def _resume(out: Path, model, optimizer, data_id: str, force: bool, rank: int, size: int, log) -> dict | None:
+    """Loads the newest intact checkpoint into the model, the optimizer and the PRNG.
+
+    Rank 0 reads it and checks that it fits this model and data (unless `force`); other ranks receive it
+    from rank 0.
+
+    Returns:
+        The checkpoint's loop state, or None when there is no checkpoint yet (a run stopped before its
+        first save starts again from step 0, which is the same thing).
+    """
+    weights_like = dict(tree_flatten(model.trainable_parameters()))
+    found = None
+    if rank == 0:
+        try:
+            found = ckpt.load_latest(out / "checkpoints", log=log)
+        except ckpt.CheckpointError as e:
+            raise TrainingError(str(e)) from None
+        problem = found and ckpt.mismatch(found[1], found[2], weights_like, optimizer.state)
+        if problem:
+            raise TrainingError(f"{found[0]}: cannot resume from it: {problem}")
+        if found and found[3].get("data") != data_id and not force:
+            raise TrainingError(f"{found[0]}: the training data (its tokens or loss masks) differ from the run "
+                                "being resumed. Use the same data and model, or pass --force to resume anyway.")
+    if size > 1:
+        found = ckpt.broadcast(found, weights_like, optimizer.state)
+    if found is None:
+        log(f"{out}: no checkpoint yet; starting from step 0")
+        return None
+    path, weights, opt_state, saved = found
+    model.load_weights(list(weights.items()), strict=False)  # keys checked by ckpt.mismatch
+    optimizer.state = opt_state
+    ckpt.set_rng_state(saved["rng"])
+    return saved["loop"]
+
+
+def _load_data(cfg: TrainConfig, tokenizer, log):
+    train_ex, valid_ex = data_mod.load_splits(Path(cfg.data), cfg.valid_data,
+                                              system_ok=data_mod.template_supports_system(tokenizer))
+    train_ds = data_mod.prepare_dataset(tokenizer, train_ex, cfg.max_seq_len, cfg.on_long)
+    valid_ds = data_mod.prepare_dataset(tokenizer, valid_ex, cfg.max_seq_len, cfg.on_long) if valid_ex else None
+    r = train_ds.report
+    log(f"data: {r['kept']} training examples ({r['truncated']} truncated, {r['dropped']} dropped), "
+        f"{r['loss_tokens']} loss tokens of {r['tokens']}; "
+        f"{len(valid_ds.tokens) if valid_ds else 0} validation examples")
+    if len(train_ds.tokens) < cfg.batch_size:
+        raise ConfigError(f"batch_size: {cfg.batch_size} is larger than the {len(train_ds.tokens)} training examples")
+    return train_ds, valid_ds
+
+
+def _attach(model, cfg: TrainConfig, base: Path, log) -> tuple[dict, int]:
+    try:
+        adapter_config = attach_adapters(model, cfg.method, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout,
+                                         cfg.lora.modules, cfg.lora.num_layers)
+    except ValueError as e:  # e.g. lora.modules names a layer this model does not have
+        raise ConfigError(str(e)) from None
+    adapter_config.update({"model": str(base), "model_spec": cfg.model})
+    n_trainable = trainable_parameter_count(model)
+    log(f"model: {cfg.model} ({base}); method {cfg.method}; {n_trainable:,} trainable parameters"
+        + (f"; matmuls: {sgemm.bf16_status()}" if sgemm.bf16_active() else ""))
+    if cfg.grad_checkpoint:
+        from mlx_lm.tuner.trainer import grad_checkpoint
+
+        grad_checkpoint(model.layers[0])
+    return adapter_config, n_trainable
+
+
+class _ProgressBar(TrainingCallback):
+    def __init__(self, progress: Progress):
+        self.progress, self.tokens, self.time = progress, 0, 0.0
+
+    def on_step(self, info):
+        self.tokens, self.time = self.tokens + info["tokens"], self.time + info["seconds"]
+        self.progress.update(info["step"], loss=info["loss"], tps=self.tokens / max(self.time, 1e-9))
+
+    def on_eval(self, info):
+        self.progress.note(f"step {info['step']}: val_loss {info['val_loss']:.4f}")
+
+
+class _BestWriter(TrainingCallback):
+    """Writes ``OUT/best/`` whenever the validation loss is the best so far."""
+
+    def __init__(self, model, cfg, adapter_config, base: Path, out: Path):
+        self.args = (model, cfg, adapter_config, base, out / "best")
+
+    def on_eval(self, info):
+        if info["improved"]:
+            save_result(*self.args)
+
+
+def run(cfg: TrainConfig, *, resume: bool = False, force: bool = False, log=print,
+        callback: TrainingCallback | None = None) -> dict:
+    """Fine-tunes a model as `cfg` says and writes the output folder.
+
+    Args:
+        cfg: a validated :class:`TrainConfig`.
+        resume: continue from the newest intact checkpoint in ``cfg.output``.
+        force: resume even if the config changed.
+        log: where progress lines go (rank 0 only).
+        callback: also sees every step and evaluation (e.g. a benchmark's timer).
+
+    Returns:
+        The summary dict also written to ``summary.json``.
+    """
+    world = mx.distributed.init()
+    rank, size = world.rank(), world.size()
+    if rank != 0:
+        log = lambda *a, **k: None  # noqa: E731
+    if cfg.batch_size < size:
+        raise ConfigError(f"batch_size: {cfg.batch_size} is smaller than the number of processes ({size})")
+    out = Path(cfg.output)
+    if rank == 0:
+        _prepare_output(out, cfg, resume, force)
+    mx.random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+
+    base = resolve_model(cfg.model)
+    model, tokenizer = load_model(base, dtype=cfg.dtype)
+    train_ds, valid_ds = _load_data(cfg, tokenizer, log)
+    adapter_config, n_trainable = _attach(model, cfg, base, log)
+
+    steps_per_epoch = max(len(batch_plan([len(t) for t in train_ds.tokens], cfg.batch_size))
+                          // cfg.grad_accumulation, 1)
+    total_steps = cfg.steps or cfg.epochs * steps_per_epoch
+    optimizer = optim.AdamW(learning_rate=build_schedule(cfg.optim, total_steps), betas=cfg.optim.betas,
+                            eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
+    optimizer.init(model.trainable_parameters())
+
+    loop, data_id = new_loop_state(), _data_id(train_ds)
+    if resume:
+        loop = _resume(out, model, optimizer, data_id, force, rank, size, log) or loop
+        log(f"resuming at step {loop['step']} of {total_steps} (epoch {loop['epoch']}, batch {loop['batch']})")
+    metrics = MetricsWriter(out / "metrics.jsonl", cfg.log_every, total_steps, enabled=rank == 0)
+    if rank == 0:
+        if resume:
+            metrics.truncate(loop["step"])
+        ckpt.write_text_atomic(out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+    how = f"mlx.launch -n {size} -- python -m mlx_persona.train" if size > 1 else "mlx-persona train"
+    args = TrainingArgs.from_config(cfg, total_steps, checkpoint_dir=out / "checkpoints",
+                                    checkpoint_meta={"config": to_dict(cfg), "data": data_id},
+                                    resume_command=f"{how} --config {out / 'config.yaml'} --resume")
+    progress = Progress(total_steps, enabled=cfg.progress and rank == 0)
+    progress.start(loop["step"])
+    best = _BestWriter(model, cfg, adapter_config, base, out) if rank == 0 else None
+    try:
+        loop = train(model, optimizer, train_ds, valid_ds, args, loop=loop,
+                     callback=Callbacks(metrics, _ProgressBar(progress), best, callback))
+    finally:
+        progress.close()
+
+    summary = {
+        "model": cfg.model, "method": cfg.method, "steps": loop["step"], "epochs": loop["epoch"],
+        "stop_reason": loop["stop_reason"], "train_time_sec": round(loop["train_time"], 3),
+        "tokens": loop["tokens"], "loss_tokens": loop["loss_tokens"],
+        "tokens_per_sec": loop["tokens"] / max(loop["train_time"], 1e-9),
+        "peak_memory_gb": mx.get_peak_memory() / 1e9, "trainable_parameters": n_trainable,
+        "best_val_loss": loop["best_val"], "best_step": loop["best_step"], "data": train_ds.report,
+        "matmul_inputs": "bfloat16" if sgemm.bf16_active() else "exact",  # MLX_PERSONA_MATMUL
+    }
+    if rank == 0:
+        save_result(model, cfg, adapter_config, base, out)
+        ckpt.write_json_atomic(out / "summary.json", summary)
+        try:
+            from mlx_persona.eval.plots import plot_loss
+
+            plot_loss(out / "metrics.jsonl", out / "loss.png")
+        except ImportError as e:  # matplotlib is a core dependency; keep training results regardless
+            log(f"warning: no loss plot ({e})")
+    log(f"done: {loop['step']} steps in {loop['train_time']:.1f}s, {summary['tokens_per_sec']:.0f} tokens/s, "
+        f"peak memory {summary['peak_memory_gb']:.2f} GB"
+        + (f", best val_loss {loop['best_val']:.4f} at step {loop['best_step']}" if loop["best_val"] is not None else "")
+        + f"; wrote {out}")
+    return summary

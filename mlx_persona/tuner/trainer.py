@@ -1,10 +1,14 @@
-"""The training loop. ``python -m mlx_persona.train`` is ``mlx-persona train``.
+"""The training loop: :func:`train` runs the steps, evaluations, checkpoints, signals, non-finite checks
+and data parallelism, and nothing else (loading and writing results is :mod:`mlx_persona.tuner.run`).
 
-One function, :func:`train`, reads top to bottom: load the model and data, attach adapters, build
-the compiled step, then loop over length-grouped batches with evaluation, checkpoints and logging.
+Its shape is mlx-lm's ``train(model, optimizer, train_dataset, val_dataset, args, loss, iterate_batches,
+training_callback)``: the loss and the batch iterator are arguments, and a :class:`TrainingCallback`
+sees every step and evaluation (the metrics file, the progress bar, ``best/`` and the benchmarks are
+callbacks).
+
 Data-parallel runs (``mlx.launch -n N -- python -m mlx_persona.train ...``) split every global batch
 across ranks, average gradients over them (each rank's loss is scaled so that the average is the
-gradient of the global batch) and let only rank 0 touch the output folder.
+gradient of the global batch) and let only rank 0 write checkpoints.
 
 Resume is exact: a checkpoint holds the trainable weights, the optimizer state (whose step count is
 also the schedule position), the loop position (step, epoch, next batch of the epoch's order) and the
@@ -13,39 +17,24 @@ PRNG key, so a resumed run computes the same steps, bit for bit, as one that was
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
-import shutil
 import signal
 import sys
 import time
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
-import numpy as np
-import yaml
 from mlx.nn.utils import average_gradients
 from mlx.utils import tree_flatten, tree_map
 
-from mlx_persona import data as data_mod
-from mlx_persona.backend import sgemm
-from mlx_persona.models import load_model, resolve_model
-from mlx_persona.outputs import prepare_output_dir
 from mlx_persona.tuner import checkpoint as ckpt
-from mlx_persona.tuner.adapters import (
-    attach_adapters,
-    save_adapters,
-    trainable_parameter_count,
-)
-from mlx_persona.tuner.batching import batch_plan, epoch_order, shard_batch
-from mlx_persona.tuner.config import ConfigError, TrainConfig, config_diff, to_dict
+from mlx_persona.tuner.batching import iterate_batches as default_iterate_batches
 from mlx_persona.tuner.losses import evaluate_loss, loss_fn
-from mlx_persona.tuner.progress import Progress
 
 
 class TrainingError(Exception):
@@ -62,13 +51,74 @@ class Interrupted(TrainingError):
         self.exit_code = exit_code
 
 
-# Config keys that may change between a run and its resume: they change no weight or result file.
-RESUME_MAY_CHANGE = {"output", "overwrite", "progress", "log_every", "save_every", "keep_checkpoints"}
+class TrainingCallback:
+    """What the loop reports; override either method (both do nothing here).
+
+    ``on_step(info)`` after every optimizer step, on every rank: ``step``, ``epoch``, ``loss`` (mean over
+    the step's loss tokens, all ranks), ``grad_norm``, ``lr``, ``tokens``, ``loss_tokens`` (all ranks),
+    ``seconds``, ``batches`` (the global batches of the step, as example indices).
+    ``on_eval(info)`` after every validation: ``step``, ``val_loss``, ``improved`` (the best so far).
+    """
+
+    def on_step(self, info: dict) -> None:
+        pass
+
+    def on_eval(self, info: dict) -> None:
+        pass
 
 
-def build_schedule(cfg: TrainConfig, total_steps: int):
+class Callbacks(TrainingCallback):
+    """Several callbacks as one, called in order."""
+
+    def __init__(self, *callbacks: TrainingCallback | None):
+        self.callbacks = [c for c in callbacks if c is not None]
+
+    def on_step(self, info: dict) -> None:
+        for c in self.callbacks:
+            c.on_step(info)
+
+    def on_eval(self, info: dict) -> None:
+        for c in self.callbacks:
+            c.on_eval(info)
+
+
+@dataclass
+class TrainingArgs:
+    """The loop's settings (:meth:`from_config` takes them from a ``TrainConfig``)."""
+
+    total_steps: int
+    batch_size: int = 4
+    grad_accumulation: int = 1
+    seed: int = 0
+    max_grad_norm: float = 1.0
+    eval_every: int = 0  # and at the end
+    eval_batches: int = -1
+    early_stopping_patience: int = 0
+    save_every: int = 0  # and at the end, on a stop request, and on early stopping
+    keep_checkpoints: int = 2
+    loss_chunk: int = 8192
+    checkpoint_dir: Path | None = None  # None: no checkpoints
+    checkpoint_meta: dict = field(default_factory=dict)  # saved in every checkpoint's state.json
+    resume_command: str = "mlx-persona train --resume"  # shown when a signal stops the run
+
+    @classmethod
+    def from_config(cls, cfg, total_steps: int, **extra) -> "TrainingArgs":
+        return cls(total_steps=total_steps, batch_size=cfg.batch_size, grad_accumulation=cfg.grad_accumulation,
+                   seed=cfg.seed, max_grad_norm=cfg.optim.max_grad_norm, eval_every=cfg.eval_every,
+                   eval_batches=cfg.eval_batches, early_stopping_patience=cfg.early_stopping_patience,
+                   save_every=cfg.save_every, keep_checkpoints=cfg.keep_checkpoints, loss_chunk=cfg.loss_chunk,
+                   **extra)
+
+
+def new_loop_state() -> dict:
+    """The loop position a checkpoint saves, at the start of a run."""
+    return {"step": 0, "epoch": 0, "batch": 0, "best_val": None, "best_step": None, "bad_evals": 0,
+            "stop_reason": "completed", "tokens": 0, "loss_tokens": 0, "train_time": 0.0}
+
+
+def build_schedule(optim_cfg, total_steps: int):
     """Linear warm-up to the learning rate, then cosine decay to ``min_lr_ratio`` of it."""
-    o = cfg.optim
+    o = optim_cfg
     warmup = min(o.warmup_steps, max(total_steps - 1, 0))
     decay = optim.cosine_decay(o.learning_rate, max(total_steps - warmup, 1), o.learning_rate * o.min_lr_ratio)
     if warmup == 0:
@@ -135,197 +185,22 @@ class _StopFlag:
             signal.signal(sig, old)
 
 
-def _prepare_output(out: Path, cfg: TrainConfig, resume: bool, force: bool) -> None:
-    """Checks the output folder (on resume, that the config is the run's); makes it if needed."""
-    if resume:
-        saved = out / "config.yaml"
-        if not saved.exists():
-            raise TrainingError(f"{out}: nothing to resume (no config.yaml); run without --resume")
-        old = yaml.safe_load(saved.read_text())
-        diff = [k for k in config_diff(old, to_dict(cfg)) if k not in RESUME_MAY_CHANGE]
-        if diff and not force:
-            raise TrainingError(f"{out}: the config differs from the run being resumed in: {', '.join(diff)}. "
-                                "Use the same config (e.g. --config OUT/config.yaml), or pass --force to "
-                                "resume anyway.")
-    else:  # --overwrite deletes earlier runs (a folder with config.yaml), nothing else
-        prepare_output_dir(out, cfg.overwrite, must_hold="config.yaml", hint=", --resume to continue it")
-    out.mkdir(parents=True, exist_ok=True)
-
-
-def _data_id(ds) -> str:
-    """A fingerprint of the encoded training set (tokens and loss masks): what the batch plan depends on."""
-    h = hashlib.sha256()
-    for tokens, mask in zip(ds.tokens, ds.masks):
-        h.update(np.int64(len(tokens)).tobytes() + tokens.astype(np.int32).tobytes())
-        h.update(mask.astype(np.uint8).tobytes())
-    return h.hexdigest()[:16]
-
-
-def _resume(out: Path, model, optimizer, data_id: str, force: bool, rank: int, size: int, log) -> dict | None:
-    """Loads the newest intact checkpoint into the model, the optimizer and the PRNG.
-
-    Rank 0 reads it and checks that it fits this model and data (unless `force`); other ranks receive it
-    from rank 0.
-
-    Returns:
-        The checkpoint's loop state, or None when there is no checkpoint yet (a run stopped before its
-        first save starts again from step 0, which is the same thing).
-    """
-    weights_like = dict(tree_flatten(model.trainable_parameters()))
-    found = None
-    if rank == 0:
-        try:
-            found = ckpt.load_latest(out / "checkpoints", log=log)
-        except ckpt.CheckpointError as e:
-            raise TrainingError(str(e)) from None
-        problem = found and ckpt.mismatch(found[1], found[2], weights_like, optimizer.state)
-        if problem:
-            raise TrainingError(f"{found[0]}: cannot resume from it: {problem}")
-        if found and found[3].get("data") != data_id and not force:
-            raise TrainingError(f"{found[0]}: the training data (its tokens or loss masks) differ from the run "
-                                "being resumed. Use the same data and model, or pass --force to resume anyway.")
-    if size > 1:
-        found = ckpt.broadcast(found, weights_like, optimizer.state)
-    if found is None:
-        log(f"{out}: no checkpoint yet; starting from step 0")
-        return None
-    path, weights, opt_state, saved = found
-    model.load_weights(list(weights.items()), strict=False)  # keys checked by ckpt.mismatch
-    optimizer.state = opt_state
-    ckpt.set_rng_state(saved["rng"])
-    return saved["loop"]
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drops metrics rows after `step` (and a torn last line) so that a resumed run does not repeat them."""
-    if not path.exists():
-        return
-    keep = []
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
-            keep.append(line + "\n")
-    ckpt.write_text_atomic(path, "".join(keep))
-
-
-def _nonfinite(what: str, value: float, step: int, out: Path) -> TrainingError:
-    saved = ckpt.list_checkpoints(out / "checkpoints")
+def _nonfinite(what: str, value: float, step: int, checkpoint_dir: Path | None) -> TrainingError:
+    saved = ckpt.list_checkpoints(checkpoint_dir) if checkpoint_dir else []
     kept = f"the last checkpoint, {saved[-1]}, is untouched" if saved else "no checkpoint had been written yet"
     return TrainingError(f"the {what} became {value} at step {step}; stopping without saving ({kept}). "
                          "Try a lower optim.learning_rate or optim.max_grad_norm, or check the data.")
 
 
-def _write_model_folder(model, base: Path, out: Path) -> None:
-    """A complete model folder (full fine-tuning): weights plus the base model's config and tokenizer."""
-    out.mkdir(parents=True, exist_ok=True)
-    weights = dict(tree_flatten(model.parameters()))
-    mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "pt"})
-    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-                 "special_tokens_map.json", "tokenizer.model", "chat_template.jinja"):
-        if (base / name).exists():
-            shutil.copy2(base / name, out / name)
-
-
-def _save_result(model, cfg, adapter_config, base: Path, out: Path) -> None:
-    """Writes the adapters (or a model folder, for full fine-tuning) into `out`, each file atomically."""
-    tmp = out / ".tmp-result"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    if cfg.method == "full":
-        _write_model_folder(model, base, tmp)
-    else:
-        save_adapters(model, tmp, adapter_config)
-    ckpt.move_files_into(tmp, out)
-
-
-def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False, log=print) -> dict:
-    """Fine-tunes a model as `cfg` says and writes the output folder.
-
-    Args:
-        cfg: a validated :class:`TrainConfig`.
-        resume: continue from the newest intact checkpoint in ``cfg.output``.
-        force: resume even if the config changed.
-        log: where progress lines go (rank 0 only).
-
-    Returns:
-        The summary dict also written to ``summary.json``.
-    """
-    world = mx.distributed.init()
-    rank, size = world.rank(), world.size()
-    if rank != 0:
-        log = lambda *a, **k: None  # noqa: E731
-    if cfg.batch_size < size:
-        raise ConfigError(f"batch_size: {cfg.batch_size} is smaller than the number of processes ({size})")
-    out = Path(cfg.output)
-    if rank == 0:
-        _prepare_output(out, cfg, resume, force)
-    mx.random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-
-    # --- model and data -----------------------------------------------------------------------------
-    base = resolve_model(cfg.model)
-    model, tokenizer = load_model(base, dtype=cfg.dtype)
-    data_path = Path(cfg.data)
-    train_ex, valid_ex = data_mod.load_splits(data_path, cfg.valid_data,
-                                              system_ok=data_mod.template_supports_system(tokenizer))
-    train_ds = data_mod.prepare_dataset(tokenizer, train_ex, cfg.max_seq_len, cfg.on_long)
-    valid_ds = data_mod.prepare_dataset(tokenizer, valid_ex, cfg.max_seq_len, cfg.on_long) if valid_ex else None
-    r = train_ds.report
-    log(f"data: {r['kept']} training examples ({r['truncated']} truncated, {r['dropped']} dropped), "
-        f"{r['loss_tokens']} loss tokens of {r['tokens']}; "
-        f"{len(valid_ds.tokens) if valid_ds else 0} validation examples")
-    if len(train_ds.tokens) < cfg.batch_size:
-        raise ConfigError(f"batch_size: {cfg.batch_size} is larger than the {len(train_ds.tokens)} training examples")
-
-    try:
-        adapter_config = attach_adapters(model, cfg.method, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout,
-                                         cfg.lora.modules, cfg.lora.num_layers)
-    except ValueError as e:  # e.g. lora.modules names a layer this model does not have
-        raise ConfigError(str(e)) from None
-    adapter_config.update({"model": str(base), "model_spec": cfg.model})
-    n_trainable = trainable_parameter_count(model)
-    log(f"model: {cfg.model} ({base}); method {cfg.method}; {n_trainable:,} trainable parameters"
-        + (f"; matmuls: {sgemm.bf16_status()}" if sgemm.bf16_active() else ""))
-    if cfg.grad_checkpoint:
-        from mlx_lm.tuner.trainer import grad_checkpoint
-
-        grad_checkpoint(model.layers[0])
-
-    # Global batches (every rank computes the same plan and takes its slice of each batch).
-    lengths = [len(t) for t in train_ds.tokens]
-    plan = batch_plan(lengths, cfg.batch_size)
-    loss_tokens = [int(m[1:].sum()) for m in train_ds.masks]
-    plan_loss_tokens = [sum(loss_tokens[i] for i in idx) for idx in plan]
-    accum = cfg.grad_accumulation
-    steps_per_epoch = max(len(plan) // accum, 1)
-    total_steps = cfg.steps or cfg.epochs * steps_per_epoch
-
-    optimizer = optim.AdamW(learning_rate=build_schedule(cfg, total_steps), betas=cfg.optim.betas,
-                            eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
-    optimizer.init(model.trainable_parameters())
-
-    loop = {"step": 0, "epoch": 0, "batch": 0, "best_val": None, "best_step": None, "bad_evals": 0,
-            "stop_reason": "completed", "tokens": 0, "loss_tokens": 0, "train_time": 0.0}
-    data_id = _data_id(train_ds)
-    if resume:
-        loop = _resume(out, model, optimizer, data_id, force, rank, size, log) or loop
-        log(f"resuming at step {loop['step']} of {total_steps} (epoch {loop['epoch']}, batch {loop['batch']})")
-        if rank == 0:
-            _truncate_metrics(out / "metrics.jsonl", loop["step"])
-    if rank == 0:
-        ckpt.write_text_atomic(out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
-
-    # --- the compiled step --------------------------------------------------------------------------
+def _compiled_step(model, optimizer, loss, args: TrainingArgs):
+    """The compiled pieces of a step: gradients of one micro-batch, the all-reduce and norm, the update."""
     state = [model.state, optimizer.state, mx.random.state]
-    value_and_grad = nn.value_and_grad(model, partial(loss_fn, chunk=cfg.loss_chunk))
+    value_and_grad = nn.value_and_grad(model, partial(loss, chunk=args.loss_chunk))
 
     @partial(mx.compile, inputs=state, outputs=state)
     def grad_step(inputs, targets, positions, weights, denom):
-        (loss, _), grads = value_and_grad(model, inputs, targets, positions, weights, denom)
-        return loss, grads
+        (value, _), grads = value_and_grad(model, inputs, targets, positions, weights, denom)
+        return value, grads
 
     @mx.compile
     def reduce_grads(grads):
@@ -334,69 +209,81 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False, log=pr
 
     @partial(mx.compile, inputs=state, outputs=state)
     def apply_update(grads, norm):
-        optimizer.update(model, clip_by_global_norm(grads, norm, cfg.optim.max_grad_norm))
+        optimizer.update(model, clip_by_global_norm(grads, norm, args.max_grad_norm))
+
+    return state, grad_step, reduce_grads, apply_update
+
+
+def train(model, optimizer, train_set, valid_set, args: TrainingArgs, *, loss=loss_fn,
+          iterate_batches=default_iterate_batches, callback: TrainingCallback | None = None,
+          loop: dict | None = None) -> dict:
+    """Trains `model` in place for ``args.total_steps`` optimizer steps.
+
+    Args:
+        model, optimizer: an mlx-lm model (adapters attached) and an initialised MLX optimizer.
+        train_set, valid_set: ``data.EncodedDataset`` (tokens and loss masks); `valid_set` may be None.
+        args: the loop's settings.
+        loss: ``loss(model, inputs, targets, positions, weights, denom, chunk=) -> (loss, n_tokens)``.
+        iterate_batches: ``iterate_batches(dataset, batch_size, seed, start=(epoch, batch),
+            shard=(rank, size))`` yielding ``tuner.batching.MicroBatch`` forever, in training order.
+        callback: sees every step and evaluation.
+        loop: the loop state to continue from (a checkpoint's, on resume); default: a new run.
+
+    Returns:
+        The final loop state (``step``, ``epoch``, ``best_val``, ``best_step``, ``stop_reason``, token
+        counts and ``train_time``).
+
+    Raises:
+        Interrupted: a SIGINT or SIGTERM stopped the run after a checkpoint was saved.
+        TrainingError: the loss or the gradient norm became non-finite (nothing was saved).
+    """
+    world = mx.distributed.init()
+    rank, size = world.rank(), world.size()
+    callback = callback or TrainingCallback()
+    loop = dict(loop or new_loop_state())
+    state, grad_step, reduce_grads, apply_update = _compiled_step(model, optimizer, loss, args)
+    batches = iterate_batches(train_set, args.batch_size, args.seed, start=(loop["epoch"], loop["batch"]),
+                              shard=(rank, size))
 
     def sum_over_ranks(values: list[float]) -> list[float]:
         return mx.distributed.all_sum(mx.array(values)).tolist() if size > 1 else values
 
-    def run_eval():
-        model.eval()
-        val = evaluate_loss(model, valid_ds, cfg.batch_size, cfg.loss_chunk, cfg.eval_batches, (rank, size))
-        model.train()
-        return val
-
-    def save_state():
-        if rank != 0:
+    def save_checkpoint():
+        if rank != 0 or args.checkpoint_dir is None:
             return
         weights = dict(tree_flatten(model.trainable_parameters()))
-        saved = {"loop": loop, "rng": ckpt.rng_state(), "config": to_dict(cfg), "data": data_id}
-        ckpt.save_checkpoint(out / "checkpoints", loop["step"], weights, optimizer.state, saved)
+        saved = {"loop": loop, "rng": ckpt.rng_state(), **args.checkpoint_meta}
+        ckpt.save_checkpoint(args.checkpoint_dir, loop["step"], weights, optimizer.state, saved)
         keep = {loop["best_step"]} if loop["best_step"] is not None else set()
-        ckpt.prune(out / "checkpoints", cfg.keep_checkpoints, keep)
+        ckpt.prune(args.checkpoint_dir, args.keep_checkpoints, keep)
 
-    def record(row):
-        if rank == 0:
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
-
-    # --- the loop -----------------------------------------------------------------------------------
     model.train()
-    progress = Progress(total_steps, enabled=cfg.progress and rank == 0)
-    progress.start(loop["step"])
     mx.reset_peak_memory()
-    window = {"loss": 0.0, "n": 0, "tokens": 0, "loss_tokens": 0, "time": 0.0}
-    stop_reason = loop.get("stop_reason", "completed")  # an early-stopped run stays stopped when resumed
     with _StopFlag() as stop:
-        while loop["step"] < total_steps and stop_reason == "completed":
+        while loop["step"] < args.total_steps and loop["stop_reason"] == "completed":
             tic = time.perf_counter()
-            # The global batches of this step's micro-batches, in the epoch's order.
-            micro = []
-            for _ in range(accum):
-                order = epoch_order(len(plan), cfg.seed, loop["epoch"])
-                micro.append(order[loop["batch"]])
-                loop["batch"] += 1
-                if loop["batch"] >= len(order):
-                    loop["epoch"], loop["batch"] = loop["epoch"] + 1, 0
+            micro = [next(batches) for _ in range(args.grad_accumulation)]
+            loop["epoch"], loop["batch"] = micro[-1].next
             # Each rank's loss is its part of the sum over every loss token of the step, divided by
             # `denom`; averaging the ranks' gradients then gives those of the mean over the step.
-            denom = mx.array(max(sum(plan_loss_tokens[j] for j in micro), 1) / size)
+            denom = mx.array(max(sum(m.global_loss_tokens for m in micro), 1) / size)
             grads, loss_sum, n_loss, n_tok = None, 0.0, 0, 0
-            for j in micro:
-                b = shard_batch(train_ds.tokens, train_ds.masks, plan[j], rank, size)
-                loss, g = grad_step(mx.array(b.inputs), mx.array(b.targets), mx.array(b.positions),
-                                    mx.array(b.weights), denom)
+            for m in micro:
+                b = m.batch
+                value, g = grad_step(mx.array(b.inputs), mx.array(b.targets), mx.array(b.positions),
+                                     mx.array(b.weights), denom)
                 grads = g if grads is None else tree_map(mx.add, grads, g)
-                mx.eval(loss, grads)
-                loss_sum, n_loss, n_tok = loss_sum + loss.item(), n_loss + b.n_loss, n_tok + b.n_tokens
+                mx.eval(value, grads)
+                loss_sum, n_loss, n_tok = loss_sum + value.item(), n_loss + b.n_loss, n_tok + b.n_tokens
             grads, norm = reduce_grads(grads)
             # One small all-reduce: the step's loss, its tokens, and whether any rank was asked to stop.
             loss_sum, n_loss, n_tok, stopping = sum_over_ranks(
                 [loss_sum / size, n_loss, n_tok, float(stop.requested is not None)])
             # Checked before the update, so that nothing non-finite ever reaches the weights or a file.
             if not math.isfinite(loss_sum):
-                raise _nonfinite("loss", loss_sum, loop["step"] + 1, out)
+                raise _nonfinite("loss", loss_sum, loop["step"] + 1, args.checkpoint_dir)
             if not math.isfinite(norm.item()):
-                raise _nonfinite("gradient norm", norm.item(), loop["step"] + 1, out)
+                raise _nonfinite("gradient norm", norm.item(), loop["step"] + 1, args.checkpoint_dir)
             apply_update(grads, norm)
             mx.eval(state)
             dt = time.perf_counter() - tic
@@ -404,64 +291,25 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False, log=pr
             loop["tokens"] += int(n_tok)
             loop["loss_tokens"] += int(n_loss)
             loop["train_time"] += dt
-            for k, v in (("loss", loss_sum), ("n", 1), ("tokens", n_tok), ("loss_tokens", n_loss), ("time", dt)):
-                window[k] += v
-            progress.update(loop["step"], loss=loss_sum, tps=window["tokens"] / max(window["time"], 1e-9))
-
             step = loop["step"]
-            if step % cfg.log_every == 0 or step == total_steps:
-                row = {"step": step, "epoch": loop["epoch"], "loss": window["loss"] / window["n"],
-                       "lr": float(optimizer.learning_rate.item()), "grad_norm": float(norm.item()),
-                       "tokens_per_sec": window["tokens"] / window["time"],
-                       "loss_tokens_per_sec": window["loss_tokens"] / window["time"],
-                       "sec_per_step": window["time"] / window["n"],
-                       "peak_memory_gb": mx.get_peak_memory() / 1e9}
-                record(row)
-                window = {"loss": 0.0, "n": 0, "tokens": 0, "loss_tokens": 0, "time": 0.0}
-            if valid_ds and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps):
-                val = run_eval()
-                record({"step": step, "val_loss": val, "val_ppl": math.exp(min(val, 50))})
-                progress.note(f"step {step}: val_loss {val:.4f}")
-                improved, stop_now = track_validation(loop, val, step, cfg.early_stopping_patience)
-                if improved and rank == 0:
-                    _save_result(model, cfg, adapter_config, base, out / "best")
+            callback.on_step({"step": step, "epoch": loop["epoch"], "loss": loss_sum, "grad_norm": norm.item(),
+                              "lr": float(optimizer.learning_rate.item()), "tokens": int(n_tok),
+                              "loss_tokens": int(n_loss), "seconds": dt, "batches": [m.indices for m in micro]})
+            if valid_set is not None and ((args.eval_every and step % args.eval_every == 0)
+                                          or step == args.total_steps):
+                model.eval()
+                val = evaluate_loss(model, valid_set, args.batch_size, args.loss_chunk, args.eval_batches,
+                                    (rank, size))
+                model.train()
+                improved, stop_now = track_validation(loop, val, step, args.early_stopping_patience)
+                callback.on_eval({"step": step, "val_loss": val, "improved": improved})
                 if stop_now:
-                    stop_reason = f"early stopping: no improvement in {loop['bad_evals']} evaluations"
-                    loop["stop_reason"] = stop_reason
-            if (cfg.save_every and step % cfg.save_every == 0) or step == total_steps or \
-                    stopping or stop_reason != "completed":
-                save_state()
+                    loop["stop_reason"] = f"early stopping: no improvement in {loop['bad_evals']} evaluations"
+            if (args.save_every and step % args.save_every == 0) or step == args.total_steps or \
+                    stopping or loop["stop_reason"] != "completed":
+                save_checkpoint()
             if stopping:
-                progress.close()
-                how = f"mlx.launch -n {size} -- python -m mlx_persona.train" if size > 1 else "mlx-persona train"
                 raise Interrupted(f"{stop.requested or 'a stop request on another process'} at step {step}: "
-                                  f"checkpoint saved in {out / 'checkpoints'}. Resume with:\n"
-                                  f"  {how} --config {out / 'config.yaml'} --resume",
-                                  stop.exit_code or 143)
-    progress.close()
-
-    # --- results ------------------------------------------------------------------------------------
-    summary = {
-        "model": cfg.model, "method": cfg.method, "steps": loop["step"], "epochs": loop["epoch"],
-        "stop_reason": stop_reason, "train_time_sec": round(loop["train_time"], 3),
-        "tokens": loop["tokens"], "loss_tokens": loop["loss_tokens"],
-        "tokens_per_sec": loop["tokens"] / max(loop["train_time"], 1e-9),
-        "peak_memory_gb": mx.get_peak_memory() / 1e9, "trainable_parameters": n_trainable,
-        "best_val_loss": loop["best_val"], "best_step": loop["best_step"], "data": train_ds.report,
-        "matmul_inputs": "bfloat16" if sgemm.bf16_active() else "exact",  # MLX_PERSONA_MATMUL
-    }
-    if rank == 0:
-        _save_result(model, cfg, adapter_config, base, out)
-        ckpt.write_json_atomic(out / "summary.json", summary)
-        try:
-            from mlx_persona.eval.plots import plot_loss
-
-            plot_loss(out / "metrics.jsonl", out / "loss.png")
-        except ImportError as e:  # matplotlib is a core dependency; keep training results regardless
-            log(f"warning: no loss plot ({e})")
-    log(f"done: {loop['step']} steps in {loop['train_time']:.1f}s, {summary['tokens_per_sec']:.0f} tokens/s, "
-        f"peak memory {summary['peak_memory_gb']:.2f} GB"
-        + (f", best val_loss {loop['best_val']:.4f} at step {loop['best_step']}" if loop["best_val"] is not None else "")
-        + f"; wrote {out}")
-    return summary
-
+                                  f"checkpoint saved in {args.checkpoint_dir}. Resume with:\n"
+                                  f"  {args.resume_command}", stop.exit_code or 143)
+    return loop
