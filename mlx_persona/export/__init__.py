@@ -1,5 +1,9 @@
 """Export: a fused Hugging Face folder (:mod:`.hf`) and an ONNX folder for transformers.js (:mod:`.onnx`).
 
+The ONNX export in parts: :mod:`.onnx` (the command's flow: read the fused folder, write the export),
+:mod:`.onnx_decoder` (the Gemma 3 decoder graph), :mod:`.q4` (4-bit weights), :mod:`.onnx_graph` (the
+graph-writing helper); :mod:`.web` is the chat page that runs the export in a browser.
+
 Nothing heavy is imported here, so ``from mlx_persona.export import ExportError`` is cheap.
 """
 
