@@ -22,6 +22,7 @@ from pathlib import Path
 from mlx_persona import __version__
 from mlx_persona.export import ExportError
 from mlx_persona.outputs import atomic_output_dir, check_output_dir
+from mlx_persona.runs import adapter_config, recorded_base
 
 __all__ = ["fuse", "fuse_model", "write_tokenizer", "write_generation_config"]
 
@@ -50,13 +51,6 @@ def fuse_model(model) -> int:
         model.update_modules(tree_unflatten(fused))
     dequantize_model(model)
     return len(fused)
-
-
-def _adapter_config(adapter_dir: Path | None) -> dict:
-    if adapter_dir is None:
-        return {}
-    path = adapter_dir / "adapter_config.json"
-    return json.loads(path.read_text()) if path.exists() else {"fine_tune_type": "full"}
 
 
 def _base_keys(base: Path) -> set[str]:
@@ -181,11 +175,9 @@ def fuse(model_spec, adapter_dir, out_dir, *, overwrite: bool = False, generatio
     adapter = Path(adapter_dir).expanduser() if adapter_dir is not None else None
     if adapter is not None and not adapter.is_dir():
         raise FileNotFoundError(f"{adapter}: no such adapter folder")
-    adapter_cfg = _adapter_config(adapter)
+    adapter_cfg = adapter_config(adapter)
     if model_spec is None:
-        # The folder trained on if it is still here, else the spec it came from (a hub id or builtin).
-        recorded = adapter_cfg.get("model")
-        model_spec = recorded if recorded and Path(recorded).is_dir() else adapter_cfg.get("model_spec") or recorded
+        model_spec = recorded_base(adapter_cfg)
         if not model_spec:
             raise ExportError(f"{adapter}: adapter_config.json names no base model; pass --model")
     base = resolve_model(model_spec)
