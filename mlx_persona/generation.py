@@ -42,10 +42,6 @@ class Chunk:
     result: GenerationResult | None = None
 
 
-def _hf(tokenizer):
-    return getattr(tokenizer, "_tokenizer", tokenizer)
-
-
 def end_token_ids(tokenizer, model_path: str | Path | None = None) -> list[int]:
     """Every id that ends a reply: generation_config.json's eos_token_id, the tokenizer's eos, and
     ``<end_of_turn>`` when the vocabulary has it (Gemma's chat turns end with it)."""
@@ -55,8 +51,11 @@ def end_token_ids(tokenizer, model_path: str | Path | None = None) -> list[int]:
         if gen.exists():
             eos = json.loads(gen.read_text()).get("eos_token_id")
             ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    ids.update(getattr(tokenizer, "eos_token_ids", None) or [])
-    hf = _hf(tokenizer)
+    from mlx_persona.data.tokenizer import unwrap_tokenizer
+
+    listed = getattr(tokenizer, "eos_token_ids", None)  # mlx-lm's wrapper: a set; transformers 5: an int
+    ids.update([listed] if isinstance(listed, int) else listed or [])
+    hf = unwrap_tokenizer(tokenizer)
     if getattr(hf, "eos_token_id", None) is not None:
         ids.add(hf.eos_token_id)
     eot = hf.convert_tokens_to_ids("<end_of_turn>") if hasattr(hf, "convert_tokens_to_ids") else None
@@ -75,7 +74,9 @@ def build_prompt(tokenizer, prompt: str | list[dict], *, system: str | None = No
         system: an optional system/persona prompt placed before the messages.
         chat_template: False to feed `prompt` as raw text (a string only).
     """
-    hf = _hf(tokenizer)
+    from mlx_persona.data.tokenizer import unwrap_tokenizer
+
+    hf = unwrap_tokenizer(tokenizer)
     if not chat_template or getattr(hf, "chat_template", None) is None:
         if not isinstance(prompt, str):
             raise ValueError("a message list needs a tokenizer with a chat template")

@@ -32,6 +32,17 @@ def test_end_ids_include_eos_and_end_of_turn(tiny, tiny_path):
     assert json.loads((tiny_path / "generation_config.json").read_text())["eos_token_id"] == ids
 
 
+def test_a_plain_transformers_tokenizer_works_like_the_wrapper(tiny, tiny_path):
+    """The wrapper and the transformers tokenizer inside it give the same prompt and end ids (a fast
+    tokenizer's own `_tokenizer` is the raw `tokenizers.Tokenizer`, which must not be mistaken for it)."""
+    _, tok = tiny
+    inner = tok._tokenizer
+    messages = [{"role": "user", "content": "G'day Bluey!"}]
+    assert build_prompt(inner, messages, system="Be Bluey.") == build_prompt(tok, messages, system="Be Bluey.")
+    assert build_prompt(inner, "hi", chat_template=False) == build_prompt(tok, "hi", chat_template=False)
+    assert end_token_ids(inner, tiny_path) == end_token_ids(tok, tiny_path)
+
+
 @pytest.mark.parametrize("settings", [
     dict(min_new_tokens=12, repetition_penalty=1.3, max_new_tokens=30),
     dict(min_new_tokens=0, repetition_penalty=1.0, no_repeat_ngram_size=2, max_new_tokens=24),
