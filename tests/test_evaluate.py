@@ -17,19 +17,11 @@ import pytest
 from click.testing import CliRunner
 
 from mlx_persona.cli import main
-from mlx_persona.eval.evaluate import (
-    EvalError,
-    _trained_entry,
-    assistant_replies,
-    check_names,
-    grid_settings,
-    load_prompts,
-    load_recipe,
-    parse_grid,
-    parse_model_arg,
-    setting_label,
-)
-from mlx_persona.metrics import StyleModel
+from mlx_persona.eval.compare import _trained_entry, load_recipe
+from mlx_persona.eval.entries import check_names, parse_model_arg
+from mlx_persona.eval.options import EvalError, assistant_replies, load_prompts
+from mlx_persona.eval.sweep import grid_settings, parse_grid, setting_label
+from mlx_persona.eval.metrics import StyleModel
 from mlx_persona.models import load_model
 from mlx_persona.tuner.adapters import attach_adapters, save_adapters
 

@@ -1,7 +1,11 @@
-"""Reports of :mod:`mlx_persona.eval.evaluate`: markdown, a self-contained HTML page, CSV and PNG plots.
+"""Reports of an evaluation or a sweep: markdown, a self-contained HTML page and CSV.
+
+The last step of the pipeline: it renders what the evaluation hands it (the result dict, the reply
+rows, the plots as PNG bytes from :mod:`mlx_persona.eval.plots`) and reads no file, so a report
+always shows exactly what was measured. It imports nothing from the modules that call it.
 
 The HTML page has its CSS inline and its plots embedded as base64 PNG: no script, no external URL, so
-it opens anywhere (and can be mailed). Plots use matplotlib's Agg backend (no display needed).
+it opens anywhere (and can be mailed).
 """
 
 from __future__ import annotations
@@ -36,11 +40,6 @@ SUMMARY_ROWS = [
     ("val_ppl", "validation perplexity", "num"),
     ("decode_tps", "decode tokens/s", "num"),
 ]
-
-# Shares plotted side by side per model.
-RATE_ROWS = [("mid_sentence", "ends mid-sentence"), ("early_end", "early end"), ("length_stop", "hit max_new_tokens"),
-             ("with_catchphrase", "with catchphrase"), ("breaking", "breaks character"), ("distinct_2", "distinct-2"),
-             ("rep_3", "repeated 3-grams"), ("style", "style similarity")]
 
 SWEEP_COLUMNS = ["replies", "words_mean", "words_median", "words_min", "words_max", "mid_sentence", "early_end",
                  "length_stop", "with_catchphrase", "catchphrase_per_reply", "vocabulary_per_100_words", "breaking",
@@ -111,111 +110,8 @@ def _settings_line(gen: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in gen.items() if k != "seed" and v not in ([], None))
 
 
-def _png_b64(path: Path) -> str:
-    return base64.b64encode(path.read_bytes()).decode("ascii")
-
-
 def _now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-
-
-# ------------------------------------------------------------------------------------------- plots
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def plot_lengths(rows: list[dict], names: list[str], early_words: float, out_png: Path,
-                 reference_words: list[int] | None = None) -> Path:
-    """One histogram of reply length (words) per model, as shares of its replies; the reference outlined."""
-    import numpy as np
-
-    plt = _pyplot()
-    words = {n: [r["metrics"]["words"] for r in rows if r["model"] == n] for n in names}
-    top = max([max(w, default=0) for w in words.values()] + [max(reference_words or [0])] + [10])
-    width = max(5, int(np.ceil(top / 25 / 5) * 5))
-    bins = np.arange(0, top + width + 1, width)
-    fig, axes = plt.subplots(len(names), 1, figsize=(8, 1.9 * len(names) + 0.8), dpi=100, sharex=True, squeeze=False)
-    for ax, name in zip(axes[:, 0], names):
-        w = words[name]
-        if w:
-            ax.hist(w, bins=bins, weights=np.full(len(w), 1 / len(w)), color="#4c78a8", label=name)
-        if reference_words:
-            ax.hist(reference_words, bins=bins, weights=np.full(len(reference_words), 1 / len(reference_words)),
-                    histtype="step", color="#e45756", linewidth=1.5, label="reference (validation replies)")
-        ax.axvline(early_words, color="#555", linestyle="--", linewidth=1)
-        mean = f"mean {np.mean(w):.0f}, min {min(w)}, max {max(w)}" if w else "no replies"
-        ax.set_title(f"{name}: {mean} words", fontsize=10, loc="left")
-        ax.set_ylabel("share")
-        ax.grid(alpha=0.3)
-    axes[0, 0].legend(fontsize=8, loc="upper right")
-    axes[-1, 0].set_xlabel(f"reply length (words); dashed: early-end threshold ({early_words:g} words)")
-    fig.tight_layout()
-    fig.savefig(out_png)
-    plt.close(fig)
-    return out_png
-
-
-def plot_rates(summaries: dict[str, dict], out_png: Path) -> Path:
-    """Grouped horizontal bars of the 0-1 metrics, one bar per model (and the reference)."""
-    import numpy as np
-
-    plt = _pyplot()
-    names = list(summaries)
-    y = np.arange(len(RATE_ROWS))
-    h = 0.8 / max(len(names), 1)
-    fig, ax = plt.subplots(figsize=(8, 0.5 * len(RATE_ROWS) * max(1, len(names) / 2) + 1.2), dpi=100)
-    for i, name in enumerate(names):
-        vals = [summaries[name].get(k) for k, _ in RATE_ROWS]
-        ax.barh(y + (i - (len(names) - 1) / 2) * h, [v if v is not None else 0 for v in vals], height=h,
-                label=name, hatch="//" if name.startswith("reference") else None)
-    ax.set_yticks(y, [label for _, label in RATE_ROWS])
-    ax.invert_yaxis()
-    ax.set_xlim(0, 1)
-    ax.set_xlabel("share of replies / score (0-1)")
-    ax.grid(axis="x", alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(out_png)
-    plt.close(fig)
-    return out_png
-
-
-def plot_sweep(rows: list[dict], out_png: Path) -> Path:
-    """Per setting: mean reply words with min-max whiskers, and the truncation shares."""
-    import numpy as np
-
-    plt = _pyplot()
-    models = list(dict.fromkeys(r["model"] for r in rows))
-    labels = [r["setting"] if len(models) == 1 else f"{r['model']}: {r['setting']}" for r in rows]
-    x = np.arange(len(rows))
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 0.45 * len(rows) + 2.2), dpi=100)
-    mean = np.array([r["words_mean"] or 0 for r in rows])
-    lo = mean - np.array([r["words_min"] or 0 for r in rows])
-    hi = np.array([r["words_max"] or 0 for r in rows]) - mean
-    a1.barh(x, mean, xerr=[lo, hi], color="#4c78a8", capsize=3)
-    a1.set_yticks(x, labels, fontsize=8)
-    a1.invert_yaxis()
-    a1.set_xlabel("reply length, words (mean; whiskers: min-max)")
-    a1.grid(axis="x", alpha=0.3)
-    h = 0.27
-    for i, (key, label) in enumerate((("early_end", "early end"), ("mid_sentence", "ends mid-sentence"),
-                                      ("length_stop", "hit max_new_tokens"))):
-        a2.barh(x + (i - 1) * h, [r[key] or 0 for r in rows], height=h, label=label)
-    a2.set_yticks(x, [""] * len(rows))
-    a2.invert_yaxis()
-    a2.set_xlim(0, 1)
-    a2.set_xlabel("share of replies")
-    a2.grid(axis="x", alpha=0.3)
-    a2.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(out_png)
-    plt.close(fig)
-    return out_png
 
 
 # ------------------------------------------------------------------------------------------- eval report
@@ -252,27 +148,27 @@ def _meta(r: dict) -> str:
     return " · ".join(bits)
 
 
-def write_eval_report(out: Path, result: dict, rows: list[dict]) -> None:
-    """Writes ``lengths.png``, ``rates.png``, ``report.md`` and ``report.html`` into `out`."""
-    from mlx_persona.eval.evaluate import assistant_replies
-    from mlx_persona.eval.metrics import word_count
+# Alt text of the eval report's figures, by file name.
+FIGURE_ALT = {"lengths.png": "reply lengths", "rates.png": "rates"}
 
+
+def write_eval_report(out: Path, result: dict, rows: list[dict], figures: dict[str, bytes]) -> None:
+    """Writes ``report.md`` and ``report.html`` into `out`.
+
+    Args:
+        result: what :func:`mlx_persona.eval.evaluate.evaluate` writes to ``summary.json``.
+        rows: one measured row per reply.
+        figures: file name -> PNG bytes, already written to `out` by the caller: the markdown links the
+            files, the HTML page embeds the bytes.
+    """
     names = list(result["models"])
     early_tokens = result["options"]["early_tokens"]
-    early_words = WORDS_PER_TOKEN * early_tokens
-    ref_words = [word_count(t) for t in assistant_replies(result["options"]["valid"])] \
-        if result.get("reference") else None
-    plot_lengths(rows, names, early_words, out / "lengths.png", ref_words)
-    rate_src = dict(result["models"])
-    if result.get("reference"):
-        rate_src["reference (validation replies)"] = result["reference"]
-    plot_rates(rate_src, out / "rates.png")
     header, table = _summary_table(result)
     grouped = _by_prompt(rows)
     seeds = sorted({r["seed"] for r in rows})
-    (out / "report.md").write_text(_eval_md(result, header, table, grouped, seeds, names, early_tokens),
+    (out / "report.md").write_text(_eval_md(result, header, table, grouped, seeds, names, early_tokens, figures),
                                    encoding="utf-8")
-    (out / "report.html").write_text(_eval_html(out, result, header, table, grouped, seeds, names, early_tokens),
+    (out / "report.html").write_text(_eval_html(result, header, table, grouped, seeds, names, early_tokens, figures),
                                      encoding="utf-8")
 
 
@@ -292,7 +188,7 @@ def _intro(result: dict, seeds: list[int]) -> list[tuple[str, str]]:
     ]
 
 
-def _eval_md(result, header, table, grouped, seeds, names, early_tokens) -> str:
+def _eval_md(result, header, table, grouped, seeds, names, early_tokens, figures) -> str:
     lines = ["# Persona evaluation", ""]
     lines += [f"- **{k}**: `{v}`" if k == "command" else f"- **{k}**: {v}" for k, v in _intro(result, seeds)]
     lines += ["", "## Models", ""]
@@ -300,7 +196,9 @@ def _eval_md(result, header, table, grouped, seeds, names, early_tokens) -> str:
                        [[n, f"`{m['model']}`", f"`{m['adapter']}`" if m["adapter"] else "–", m["note"] or "–"]
                         for n, m in result["models"].items()])
     lines += ["", "## Summary", ""] + _md_table(header, table)
-    lines += ["", "![reply lengths](lengths.png)", "", "![rates](rates.png)", "", "## Definitions", ""]
+    for png in figures:
+        lines += ["", f"![{FIGURE_ALT.get(png, png)}]({png})"]
+    lines += ["", "## Definitions", ""]
     lines += [f"- {d}" for d in definitions(early_tokens)]
     lines += ["", "## Replies side by side", ""]
     for pid, g in sorted(grouped.items()):
@@ -351,7 +249,7 @@ def _html_table(header: list[str], rows: list[list[str]], cls: str = "") -> str:
     return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
 
-def _eval_html(out, result, header, table, grouped, seeds, names, early_tokens) -> str:
+def _eval_html(result, header, table, grouped, seeds, names, early_tokens, figures) -> str:
     parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
              '<meta name="viewport" content="width=device-width, initial-scale=1">',
              "<title>Persona evaluation</title>", f"<style>{_CSS}</style></head><body>",
@@ -362,8 +260,9 @@ def _eval_html(out, result, header, table, grouped, seeds, names, early_tokens) 
               _html_table(["name", "model", "adapter", "how"],
                           [[n, m["model"], m["adapter"] or "–", m["note"] or "–"] for n, m in result["models"].items()]),
               "<h2>Summary</h2>", _html_table(header, table, "summary")]
-    for png, alt in (("lengths.png", "reply lengths"), ("rates.png", "rates")):
-        parts.append(f'<p><img alt="{alt}" src="data:image/png;base64,{_png_b64(out / png)}"></p>')
+    for png, data in figures.items():
+        b64 = base64.b64encode(data).decode("ascii")
+        parts.append(f'<p><img alt="{_h(FIGURE_ALT.get(png, png))}" src="data:image/png;base64,{b64}"></p>')
     parts += ["<h2>Definitions</h2>", "<ul>"] + [f"<li>{_md_inline(d)}</li>" for d in definitions(early_tokens)]
     parts += ["</ul>", "<h2>Replies side by side</h2>"]
     for pid, g in sorted(grouped.items()):
@@ -384,7 +283,7 @@ def _eval_html(out, result, header, table, grouped, seeds, names, early_tokens) 
 
 # ------------------------------------------------------------------------------------------- sweep report
 def write_sweep_report(out: Path, result: dict) -> None:
-    """Writes ``sweep.csv``, ``sweep.md`` and ``sweep.png`` into `out`."""
+    """Writes ``sweep.csv`` and ``sweep.md`` into `out` (the caller has written ``sweep.png`` there)."""
     rows = result["rows"]
     grid_keys = list(result["grid"])
     with open(out / "sweep.csv", "w", newline="", encoding="utf-8") as f:
@@ -393,7 +292,6 @@ def write_sweep_report(out: Path, result: dict) -> None:
         for r in rows:
             w.writerow([r["model"], r["setting"], *(r[k] for k in grid_keys),
                         *("" if r.get(c) is None else r[c] for c in SWEEP_COLUMNS)])
-    plot_sweep(rows, out / "sweep.png")
     early_tokens = result["options"]["early_tokens"]
     header = ["model", "setting"] + [label for _, label, _ in _SWEEP_MD]
     table = [[r["model"], r["setting"]] + [fmt(r, k, kind) for k, _, kind in _SWEEP_MD] for r in rows]
