@@ -9,7 +9,7 @@ from mlx_persona.cli.generate import generation_options, make_generation_config
 
 
 def _eval_errors():
-    from mlx_persona.eval.evaluate import EvalError
+    from mlx_persona.eval.options import EvalError
     from mlx_persona.eval.persona import PersonaError
 
     return user_errors() + (EvalError, PersonaError)
@@ -67,7 +67,8 @@ def eval_options(f):
 
 def _make_eval_run(models, prompts, limit, seeds, seed, persona_card, persona_system, train_data, valid, no_valid,
                    early_tokens):
-    from mlx_persona.eval.evaluate import EvalOptions, check_names, parse_model_arg
+    from mlx_persona.eval.entries import check_names, parse_model_arg
+    from mlx_persona.eval.options import EvalOptions
 
     if seeds is not None and seed is not None:
         fail("give --seeds (several) or --seed (one), not both")
@@ -117,8 +118,8 @@ def sweep(models, prompts, limit, seeds, persona_card, persona_system, train_dat
     """Reply length, truncation and persona metrics for every combination of generation settings."""
     from pathlib import Path
 
-    from mlx_persona.eval.evaluate import parse_grid
-    from mlx_persona.eval.evaluate import sweep as run
+    from mlx_persona.eval.sweep import parse_grid
+    from mlx_persona.eval.sweep import sweep as run
 
     config = make_generation_config(preset, **settings)
     try:
@@ -142,7 +143,7 @@ def sweep(models, prompts, limit, seeds, persona_card, persona_system, train_dat
 @click.option("--seeds", help="Comma-separated seeds (overrides the recipe).")
 def compare(recipe, out, overwrite, retrain, limit, seeds):
     """Train (or reuse) and evaluate the variants of a recipe (configs/compare-*.yaml) in one report."""
-    from mlx_persona.eval.evaluate import compare as run
+    from mlx_persona.eval.compare import compare as run
     from mlx_persona.tuner.trainer import TrainingError
 
     try:
