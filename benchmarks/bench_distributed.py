@@ -19,9 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,26 +30,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from benchmarks.bench_train import bench_model, make_data  # noqa: E402
-from benchmarks.common import append_results, machine_info, write_json  # noqa: E402
-
-
-def free_port(n: int) -> int:
-    """A port p with p..p+n-1 free (the ring backend listens on consecutive ports)."""
-    for _ in range(100):
-        start = random.randrange(20000, 60000)
-        socks = []
-        try:
-            for p in range(start, start + n):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", p))
-            return start
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise SystemExit("no free ports")
+from benchmarks.common import append_results, free_ports, machine_info, write_json  # noqa: E402
 
 
 def run(n: int, a, data: Path, out: Path) -> dict:
@@ -67,7 +46,7 @@ def run(n: int, a, data: Path, out: Path) -> dict:
         cmd = train
     else:
         launch = Path(sys.executable).parent / "mlx.launch"
-        cmd = [str(launch), "-n", str(n), "--backend", "ring", "--starting-port", str(free_port(n)), "--", *train]
+        cmd = [str(launch), "-n", str(n), "--backend", "ring", "--starting-port", str(free_ports(n)), "--", *train]
     t = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True)
     wall = time.perf_counter() - t

@@ -5,6 +5,8 @@ from __future__ import annotations
 import datetime
 import json
 import platform
+import random
+import socket
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
@@ -42,3 +44,27 @@ def append_results(markdown: str, result: dict) -> None:
         RESULTS.write_text("# Benchmark results\n\nAppended by the scripts in this folder; newest last.\n")
     with open(RESULTS, "a") as f:
         f.write(header + markdown + "\n")
+
+
+def free_ports(n: int) -> int:
+    """A port p with p..p+n-1 free on 127.0.0.1 (mlx's ring backend listens on consecutive ports).
+
+    Used by bench_distributed and tests/test_distributed. A private RNG, so a seeded global one
+    cannot make two runs pick the same ports.
+    """
+    rng = random.Random()
+    for _ in range(100):
+        start = rng.randrange(20000, 60000)
+        socks = []
+        try:
+            for p in range(start, start + n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", p))
+            return start
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free ports")

@@ -3,15 +3,14 @@ process computes for the same global batch, and only rank 0 writes."""
 
 import json
 import os
-import random
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import mlx.core as mx
 import pytest
+from benchmarks.common import free_ports
 from mlx_persona.tuner import checkpoint as ckpt
 from mlx_persona.tuner.run import run
 from training_runs import REPO, bitwise_equal, cli_args, config, metrics, reference_run
@@ -31,30 +30,10 @@ def nine(small_data, tmp_path_factory):
     return data
 
 
-def _free_ports(n: int) -> int:
-    """A port p with p..p+n-1 free (the ring backend listens on consecutive ports)."""
-    rng = random.Random(os.getpid())
-    for _ in range(100):
-        start = rng.randrange(20000, 60000)
-        try:
-            socks = []
-            for p in range(start, start + n):
-                s = socket.socket()
-                s.bind(("127.0.0.1", p))
-                socks.append(s)
-            return start
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free ports")
-
-
 def _launch(args: list[str], timeout: int = 300, python=("-m", "mlx_persona.train")) -> subprocess.CompletedProcess:
     """`mlx.launch -n 2 --backend ring -- python -m mlx_persona.train ARGS` (or `python PYTHON... ARGS`) on
     localhost."""
-    cmd = [str(LAUNCH), "-n", "2", "--backend", "ring", "--starting-port", str(_free_ports(2)), "--",
+    cmd = [str(LAUNCH), "-n", "2", "--backend", "ring", "--starting-port", str(free_ports(2)), "--",
            sys.executable, *python, *args]
     env = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}  # one BLAS thread per process: they share the cores
     proc = subprocess.run(cmd, cwd=REPO, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
