@@ -30,7 +30,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from benchmarks.bench_train import bench_model, make_data  # noqa: E402
-from benchmarks.common import append_results, free_ports, machine_info, write_json  # noqa: E402
+from benchmarks.common import free_ports, machine_info, write_results  # noqa: E402
 
 
 def run(n: int, a, data: Path, out: Path) -> dict:
@@ -131,11 +131,7 @@ def main():
         table.append(f"| {n} | {s['blas_threads_per_process']} | {s['tokens_per_sec']:.0f} | "
                      f"{s['median_sec_per_step']:.3f} | {s['tokens_per_sec'] / base:.2f}x | {diff} |")
     md = "\n".join(table)
-    out = Path(a.out)
-    write_json(out / f"bench_distributed_{a.preset}.json", result)
-    (out / f"bench_distributed_{a.preset}.md").write_text(md + "\n")
-    append_results(md, result)
-    print(md)
+    write_results(Path(a.out), f"bench_distributed_{a.preset}", result, md)
 
 
 if __name__ == "__main__":

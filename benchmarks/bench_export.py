@@ -28,7 +28,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from benchmarks.common import append_results, machine_info, write_json  # noqa: E402
+from benchmarks.common import machine_info, write_results  # noqa: E402
 
 Q4_LIMIT_MB = 300  # the 270M q4 folder must fit (DESIGN: the browser download)
 
@@ -165,13 +165,7 @@ def main():
                      f"{s['folder_mb']['fp32']:.1f} | {s['folder_mb']['q4']:.1f} | {ok} | "
                      f"{ort_col} | {s['peak_rss_gb']:.1f} |")
     md = "\n".join(table)
-    out = Path(a.out)
-    name = "bench_export_" + "_".join(presets)
-    write_json(out / f"{name}.json", result)
-    (out / f"{name}.md").write_text(md + "\n")
-    if not a.no_results:
-        append_results(md, result)
-    print(md)
+    write_results(Path(a.out), "bench_export_" + "_".join(presets), result, md, append=not a.no_results)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from benchmarks.bench_train import bench_model  # noqa: E402
-from benchmarks.common import append_results, machine_info, write_json  # noqa: E402
+from benchmarks.common import machine_info, write_results  # noqa: E402
 
 PROMPT = ("Hi Bluey! My name is Sam and I am seven. Can you tell me all about the best game you ever played "
           "with Bingo in the backyard, and what Mum and Dad did when it started to rain?")
@@ -152,11 +152,7 @@ def main():
     lines.append(f"\nOur full chain costs {overhead * 100:.1f}% decode throughput vs mlx-lm's plain sampler "
                  "(target <= 5%).")
     md = "\n".join(lines)
-    write_json(Path(a.out) / f"bench_generate_{a.preset}.json", result)
-    (Path(a.out) / f"bench_generate_{a.preset}.md").write_text(md + "\n")
-    if not a.no_results:
-        append_results(md, result)
-    print(md)
+    write_results(Path(a.out), f"bench_generate_{a.preset}", result, md, append=not a.no_results)
 
 
 if __name__ == "__main__":

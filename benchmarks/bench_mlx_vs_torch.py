@@ -2,12 +2,12 @@
 
 Training: the same model folder (random weights of a real Gemma 3 shape, fp32 on disk, loaded by
 mlx-lm and by ``transformers.AutoModelForCausalLM``), the same examples, batches and loss masks (made
-once with ``mlx_persona.data`` + ``mlx_persona.tuner.batching``, in the order ``mlx_persona.train`` visits
-them), the same LoRA rank/alpha/modules/layers and *initial LoRA weights* (copied from MLX to peft),
+once with ``mlx_persona.data`` and the trainer's own batch iterator, ``tuner.batching.iterate_batches``,
+gradient accumulation included), the same LoRA rank/alpha/modules/layers and *initial LoRA weights* (copied from MLX to peft),
 the same AdamW, learning-rate schedule and gradient clipping. MLX's AdamW has no bias correction; the
 PyTorch learning rate is multiplied by ``(1 - b1^t) / sqrt(1 - b2^t)`` so both take the same steps.
-The MLX side is ``mlx_persona.train.train`` itself. Epoch 1 is the warm-up (MLX compiles each batch
-shape once), the later epochs are timed. Equal first losses show the two do the same work; close
+The MLX side is ``mlx_persona.tuner.run.run`` itself (a callback saves its initial adapters). Epoch 1 is
+the warm-up (MLX compiles each batch shape once), the later epochs are timed. Equal first losses show the two do the same work; close
 final losses show they keep doing it.
 
 Generation: the same prompts (chat template, eval prompts plus one long multi-turn context) and the
@@ -43,7 +43,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from benchmarks.common import append_results, machine_info, write_json  # noqa: E402
+from benchmarks.common import machine_info, write_json, write_results  # noqa: E402
 
 MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PERSONA = dict(min_new_tokens=50, temperature=0.8, top_k=50, top_p=0.95, repetition_penalty=1.1)
@@ -204,36 +204,42 @@ def decode_bytes(shape: dict, bytes_per: int, ctx: int) -> int:
 
 # ------------------------------------------------------------------------------------------ data
 def prepare_training(model_path: Path, data: Path, job: dict, tmp: Path) -> dict:
-    """The batches mlx_persona.train will visit, saved for the PyTorch worker, and the MLX learning rates."""
+    """The batches mlx_persona's trainer will visit (its own iterator, accumulation included), saved for
+    the PyTorch worker, and the MLX learning rates."""
     import mlx.core as mx
     import numpy as np
     from mlx_lm.utils import load_tokenizer
 
     from mlx_persona import data as data_mod
-    from mlx_persona.tuner.batching import batch_plan, collate, epoch_order
+    from mlx_persona.tuner.batching import batch_plan, iterate_batches
     from mlx_persona.tuner.config import load_config
     from mlx_persona.tuner.trainer import build_schedule
 
     tok = load_tokenizer(model_path)
     train_ex, _ = data_mod.load_splits(data, system_ok=data_mod.template_supports_system(tok))
     ds = data_mod.prepare_dataset(tok, train_ex, job["max_seq_len"], "truncate")
-    plan = batch_plan([len(t) for t in ds.tokens], job["batch_size"])
-    steps = job["epochs"] * len(plan)
+    cfg = load_config(None, {"batch_size": job["batch_size"], "seed": job["seed"], **job["mlx_overrides"]})
+    accum = cfg.grad_accumulation
+    steps_per_epoch = max(len(batch_plan([len(t) for t in ds.tokens], job["batch_size"])) // accum, 1)
+    steps = job["epochs"] * steps_per_epoch
+    batches = iterate_batches(ds, job["batch_size"], job["seed"])
     arrays, meta = {}, []
     for s in range(steps):
-        epoch, j = divmod(s, len(plan))
-        idx = plan[epoch_order(len(plan), job["seed"], epoch)[j]]
-        b = collate([ds.tokens[i] for i in idx], [ds.masks[i] for i in idx])
-        for k in ("inputs", "targets", "positions", "weights"):
-            arrays[f"{s}_{k}"] = getattr(b, k)
-        meta.append({"n_tokens": b.n_tokens, "n_loss": b.n_loss, "batch": b.inputs.shape[0],
-                     "padded_len": b.inputs.shape[1], "head_positions": len(b.positions),
-                     "lengths": [len(ds.tokens[i]) - 1 for i in idx], "epoch": epoch})
+        micro = [next(batches) for _ in range(accum)]
+        for m, mb in enumerate(micro):
+            for k in ("inputs", "targets", "positions", "weights"):
+                arrays[f"{s}_{m}_{k}"] = getattr(mb.batch, k)
+        bs = [mb.batch for mb in micro]
+        meta.append({"n_tokens": sum(b.n_tokens for b in bs), "n_loss": sum(b.n_loss for b in bs),
+                     "micro": accum, "batch": sum(b.inputs.shape[0] for b in bs),
+                     "padded_len": max(b.inputs.shape[1] for b in bs),
+                     "head_positions": sum(len(b.positions) for b in bs),
+                     "lengths": [len(ds.tokens[i]) - 1 for mb in micro for i in mb.indices],
+                     "epoch": s // steps_per_epoch})
     np.savez(tmp / "batches.npz", **arrays)
-    cfg = load_config(None, {"steps": steps, **job["mlx_overrides"]})
-    sched = build_schedule(cfg, steps)
+    sched = build_schedule(cfg.optim, steps)
     lrs = [float(sched(mx.array(s)).item()) for s in range(steps)]
-    return {"steps": steps, "steps_per_epoch": len(plan), "meta": meta, "lrs": lrs,
+    return {"steps": steps, "steps_per_epoch": steps_per_epoch, "meta": meta, "lrs": lrs,
             "optim": {"betas": list(cfg.optim.betas), "eps": cfg.optim.eps, "weight_decay": cfg.optim.weight_decay,
                       "max_grad_norm": cfg.optim.max_grad_norm}, "data_report": ds.report}
 
@@ -344,40 +350,37 @@ def read_bandwidth_torch(device: str = "cpu") -> float:
 
 
 def worker_train_mlx(job: dict) -> dict:
-    """mlx_persona.tuner.trainer.train on the job's data; saves its initial adapters for the PyTorch run."""
+    """mlx_persona.tuner.run.run on the job's data; a callback saves its initial adapters for the PyTorch run."""
     import mlx.core as mx
     import numpy as np
     from mlx.utils import tree_flatten
 
-    import mlx_persona  # noqa: F401  (fast BLAS before mlx.core)
-    import mlx_persona.train as T
     from mlx_persona.backend import dtype_from_name, sgemm
     from mlx_persona.tuner.config import load_config
+    from mlx_persona.tuner.run import run
+    from mlx_persona.tuner.trainer import TrainingCallback
 
     dtype = str(dtype_from_name(job["mlx_dtype"])).replace("mlx.core.", "")
     if job.get("env", {}).get(sgemm.ENV) == "bf16" and not sgemm.bf16_active():
         raise RuntimeError(f"bf16 matmuls were asked for but are off: {sgemm.bf16_status()}")
     peak = peak_matmul_mlx(dtype)  # through the same cblas_sgemm as training: the bf16 peak when it is on
     exp_rate = exp_rate_mlx()
-    attach = T.attach_adapters
 
-    def attach_and_save(model, *args, **kwargs):
-        out = attach(model, *args, **kwargs)
-        init = {k: np.array(v) for k, v in tree_flatten(model.trainable_parameters())}
-        np.savez(job["lora_init"], **init)
-        return out
+    class SaveInitialAdapters(TrainingCallback):
+        """The adapters the run starts from, for the PyTorch run to copy."""
 
-    T.attach_adapters = attach_and_save
+        def on_start(self, model, loop):
+            init = {k: np.array(v) for k, v in tree_flatten(model.trainable_parameters())}
+            np.savez(job["lora_init"], **init)
+
     out = Path(job["tmp"]) / "mlx-out"
     cfg = load_config(None, {"model": job["model"], "data": job["data"], "output": str(out), "overwrite": True,
                              "steps": job["steps"], "batch_size": job["batch_size"], "max_seq_len": job["max_seq_len"],
                              "seed": job["seed"], "log_every": 1, "save_every": 0, "eval_every": 0,
                              "progress": False, **job["mlx_overrides"]})
     wall, cpu = time.perf_counter(), time.process_time()
-    summary = T.train(cfg, log=lambda *a, **k: None)
+    summary = run(cfg, log=lambda *a, **k: None, callback=SaveInitialAdapters())
     cpu_share = (time.process_time() - cpu) / (time.perf_counter() - wall) / os.cpu_count()
-    if not Path(job["lora_init"]).exists():
-        raise RuntimeError("mlx_persona.train no longer calls train.attach_adapters; update this benchmark")
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "loss" in r]
     if sgemm.bf16_active():
@@ -439,25 +442,28 @@ def worker_train_torch(job: dict) -> dict:
     wall, cpu = time.perf_counter(), time.process_time()
     for s in range(job["steps"]):
         tic = time.perf_counter()
-        x = torch.from_numpy(batches[f"{s}_inputs"]).long().to(device)
-        tgt = torch.from_numpy(batches[f"{s}_targets"]).long().to(device)
-        pos = torch.from_numpy(batches[f"{s}_positions"]).long()
-        w = torch.from_numpy(batches[f"{s}_weights"])
-        pos = pos[w > 0].to(device)
-        n_loss = int(pos.numel())
-        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=autocast):
-            if job["torch_loss"] == "all":
-                # What transformers does: logits at every position, the loss where labels != -100.
-                labels = torch.full_like(tgt, -100).view(-1)
-                labels[pos] = tgt.view(-1)[pos]
-                logits = model(input_ids=x).logits
-                loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels,
-                                       ignore_index=-100, reduction="sum") / n_loss
-            else:
-                h = lm.model(input_ids=x).last_hidden_state
-                logits = lm.lm_head(h.reshape(-1, h.shape[-1])[pos])
-                loss = F.cross_entropy(logits.float(), tgt.view(-1)[pos], reduction="sum") / n_loss
-        loss.backward()
+        n_loss = job["meta"][s]["n_loss"]  # over the step's micro-batches: the mean over the whole step
+        step_loss = 0.0
+        for m in range(job["meta"][s]["micro"]):
+            x = torch.from_numpy(batches[f"{s}_{m}_inputs"]).long().to(device)
+            tgt = torch.from_numpy(batches[f"{s}_{m}_targets"]).long().to(device)
+            pos = torch.from_numpy(batches[f"{s}_{m}_positions"]).long()
+            w = torch.from_numpy(batches[f"{s}_{m}_weights"])
+            pos = pos[w > 0].to(device)
+            with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=autocast):
+                if job["torch_loss"] == "all":
+                    # What transformers does: logits at every position, the loss where labels != -100.
+                    labels = torch.full_like(tgt, -100).view(-1)
+                    labels[pos] = tgt.view(-1)[pos]
+                    logits = model(input_ids=x).logits
+                    loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels,
+                                           ignore_index=-100, reduction="sum") / n_loss
+                else:
+                    h = lm.model(input_ids=x).last_hidden_state
+                    logits = lm.lm_head(h.reshape(-1, h.shape[-1])[pos])
+                    loss = F.cross_entropy(logits.float(), tgt.view(-1)[pos], reduction="sum") / n_loss
+            loss.backward()
+            step_loss += loss.item()
         if o["max_grad_norm"] > 0:
             torch.nn.utils.clip_grad_norm_(params, o["max_grad_norm"])
         t = s + 1  # undo torch's bias correction: MLX's AdamW has none
@@ -465,7 +471,7 @@ def worker_train_torch(job: dict) -> dict:
             g["lr"] = job["lrs"][s] * (1 - b1**t) / (1 - b2**t) ** 0.5
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        losses.append(step_loss)
         _sync(device)
         secs.append(time.perf_counter() - tic)
     cpu_share = (time.process_time() - cpu) / (time.perf_counter() - wall) / os.cpu_count()
@@ -598,13 +604,14 @@ def run_train(a, tmp: Path) -> dict:
     model = bench_model(a.preset)
     data = subset(a.examples, tmp / "data")
     overrides = {"lora.rank": a.rank, "lora.alpha": a.alpha, "lora.dropout": 0.0, "lora.modules": MODULES,
-                 "lora.num_layers": -1, "method": "lora", "dtype": a.mlx_dtype}
+                 "lora.num_layers": -1, "method": "lora", "dtype": a.mlx_dtype,
+                 "grad_accumulation": a.grad_accumulation}
     job = {"model": str(model), "data": str(data), "tmp": str(tmp), "batch_size": a.batch_size, "epochs": a.epochs,
            "max_seq_len": a.max_seq_len, "seed": 0, "rank": a.rank, "alpha": a.alpha, "dropout": 0.0,
            "mlx_overrides": overrides, "lora_init": str(tmp / "lora_init.npz"), "batches": str(tmp / "batches.npz"),
            "torch_loss": a.torch_loss, "mlx_dtype": a.mlx_dtype}
     prep = prepare_training(model, data, job, tmp)
-    job.update(steps=prep["steps"], lrs=prep["lrs"], optim=prep["optim"])
+    job.update(steps=prep["steps"], lrs=prep["lrs"], optim=prep["optim"], meta=prep["meta"])
     shape = model_shape(model)
     timed = range(prep["steps_per_epoch"] if a.epochs > 1 else 1, prep["steps"])
     dtypes = ["float32", "bfloat16"] if a.torch_dtype == "both" else [a.torch_dtype]
@@ -843,6 +850,7 @@ def main(argv=None):
     p.add_argument("--trials", type=int, default=1,
                    help="training runs per framework, taking turns; the median trial is reported")
     p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--grad-accumulation", type=int, default=1, help="micro-batches per optimizer step (both frameworks)")
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--alpha", type=float, default=16.0)
     p.add_argument("--max-seq-len", type=int, default=512)
@@ -906,11 +914,7 @@ def main(argv=None):
             os.environ.pop("BENCH_QUICK", None)
     result["load_avg_end"] = load_avg()
     text = "\n\n".join(md)
-    write_json(out / f"bench_mlx_vs_torch_{a.preset}.json", result)
-    (out / f"bench_mlx_vs_torch_{a.preset}.md").write_text(text + "\n")
-    if not a.no_results:
-        append_results(text, result)
-    print(text)
+    write_results(out, f"bench_mlx_vs_torch_{a.preset}", result, text, append=not a.no_results)
     return result
 
 

@@ -58,7 +58,7 @@ from benchmarks.bench_mlx_vs_torch import (  # noqa: E402
     torch_device,
     train_flops,
 )
-from benchmarks.common import append_results, machine_info, write_json  # noqa: E402
+from benchmarks.common import machine_info, write_json, write_results  # noqa: E402
 
 DATA = REPO / "data" / "bluey"
 RECIPE = REPO / "configs" / "bluey-270m-pt.yaml"
@@ -193,12 +193,12 @@ def worker_original(job: dict) -> dict:
 
 
 def worker_persona(job: dict) -> dict:
-    """mlx_persona.tuner.trainer.train with the default LoRA recipe (configs/bluey-270m-pt.yaml) on another model."""
+    """mlx_persona.tuner.run.run with the default LoRA recipe (configs/bluey-270m-pt.yaml) on another model."""
     import mlx.core as mx
 
     import mlx_persona  # noqa: F401
     from mlx_persona.tuner.config import load_config
-    from mlx_persona.tuner.trainer import train
+    from mlx_persona.tuner.run import run
 
     out = Path(job["tmp"]) / f"persona-out-{job['tag']}"
     cfg = load_config(job["config"], {"model": job["model"], "data": job["data"], "output": str(out),
@@ -209,7 +209,7 @@ def worker_persona(job: dict) -> dict:
         from mlx_persona import data as data_mod
         from mlx_persona.models import load_model
         from mlx_persona.tuner.adapters import attach_adapters
-        from mlx_persona.tuner.trainer import evaluate_loss
+        from mlx_persona.tuner.losses import evaluate_loss
 
         model, tok = load_model(cfg.model, dtype=cfg.dtype)
         _, valid_ex = data_mod.load_splits(cfg.data, system_ok=data_mod.template_supports_system(tok))
@@ -220,7 +220,7 @@ def worker_persona(job: dict) -> dict:
                              cfg.batch_size, cfg.loss_chunk)
         del model
     t, cpu = time.perf_counter(), time.process_time()
-    summary = train(cfg, log=lambda *a, **k: None)
+    summary = run(cfg, log=lambda *a, **k: None)
     wall = time.perf_counter() - t
     cpu_share = (time.process_time() - cpu) / wall / os.cpu_count()
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
@@ -476,11 +476,7 @@ def main(argv=None):
     png = Path(a.charts) / "recipe.png"
     chart(png, "Original recipe (HF Trainer full FT) vs mlx_persona default LoRA recipe", panels)
     text = markdown(result, _link(png))
-    write_json(Path(a.out) / "bench_recipe.json", result)
-    (Path(a.out) / "bench_recipe.md").write_text(text + "\n")
-    if not a.no_results:
-        append_results(text, result)
-    print(text)
+    write_results(Path(a.out), "bench_recipe", result, text, append=not a.no_results)
     return result
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from benchmarks.common import append_results, machine_info, write_json  # noqa: E402
+from benchmarks.common import machine_info, write_results  # noqa: E402
 
 
 def make_data(n: int, dst: Path) -> Path:
@@ -53,7 +53,7 @@ def bench_model(preset: str) -> Path:
 def worker_mlx_persona(a) -> dict:
     import mlx_persona  # noqa: F401
     from mlx_persona.tuner.config import load_config
-    from mlx_persona.tuner.trainer import train
+    from mlx_persona.tuner.run import run
 
     out = Path(a.tmp) / "persona-out"
     (Path(a.data) / "valid.jsonl").rename(Path(a.data) / "valid.hold")  # no evaluation in the timing
@@ -63,7 +63,7 @@ def worker_mlx_persona(a) -> dict:
                                  "batch_size": a.batch_size, "steps": a.steps, "log_every": 1,
                                  "save_every": 0, "eval_every": 0, "progress": False, "max_seq_len": a.max_seq_len,
                                  "grad_checkpoint": a.grad_checkpoint})
-        train(cfg, log=lambda *x: None)
+        run(cfg, log=lambda *x: None)
     finally:
         (Path(a.data) / "valid.hold").rename(Path(a.data) / "valid.jsonl")
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
@@ -195,11 +195,7 @@ def main():
     table.append(f"| **ratio** | **{ratios['tokens_per_sec']:.2f}x** | **{ratios['loss_tokens_per_sec']:.2f}x** | | "
                  f"**{ratios['peak_memory']:.2f}x** | |")
     md = "\n".join(table)
-    out = Path(a.out)
-    write_json(out / f"bench_train_{a.preset}.json", result)
-    (out / f"bench_train_{a.preset}.md").write_text(md + "\n")
-    append_results(md, result)
-    print(md)
+    write_results(Path(a.out), f"bench_train_{a.preset}", result, md)
 
 
 if __name__ == "__main__":

@@ -46,6 +46,16 @@ def append_results(markdown: str, result: dict) -> None:
         f.write(header + markdown + "\n")
 
 
+def write_results(out: Path, name: str, result: dict, markdown: str, *, append: bool = True) -> None:
+    """The end of every benchmark: ``<out>/<name>.json`` (the result) and ``<out>/<name>.md`` (the
+    table), the table appended to RESULTS.md unless not `append` (``--no-results``), and printed."""
+    write_json(out / f"{name}.json", result)
+    (out / f"{name}.md").write_text(markdown + "\n")
+    if append:
+        append_results(markdown, result)
+    print(markdown)
+
+
 def free_ports(n: int) -> int:
     """A port p with p..p+n-1 free on 127.0.0.1 (mlx's ring backend listens on consecutive ports).
 

@@ -52,13 +52,17 @@ class Interrupted(TrainingError):
 
 
 class TrainingCallback:
-    """What the loop reports; override either method (both do nothing here).
+    """What the loop reports; override any method (they do nothing here).
 
-    ``on_step(info)`` after every optimizer step, on every rank: ``step``, ``epoch``, ``loss`` (mean over
+    ``on_start(model, loop)`` once, before the first step (the weights it starts from, e.g. after a
+    resume). ``on_step(info)`` after every optimizer step, on every rank: ``step``, ``epoch``, ``loss`` (mean over
     the step's loss tokens, all ranks), ``grad_norm``, ``lr``, ``tokens``, ``loss_tokens`` (all ranks),
     ``seconds``, ``batches`` (the global batches of the step, as example indices).
     ``on_eval(info)`` after every validation: ``step``, ``val_loss``, ``improved`` (the best so far).
     """
+
+    def on_start(self, model, loop: dict) -> None:
+        pass
 
     def on_step(self, info: dict) -> None:
         pass
@@ -72,6 +76,10 @@ class Callbacks(TrainingCallback):
 
     def __init__(self, *callbacks: TrainingCallback | None):
         self.callbacks = [c for c in callbacks if c is not None]
+
+    def on_start(self, model, loop: dict) -> None:
+        for c in self.callbacks:
+            c.on_start(model, loop)
 
     def on_step(self, info: dict) -> None:
         for c in self.callbacks:
@@ -259,6 +267,7 @@ def train(model, optimizer, train_set, valid_set, args: TrainingArgs, *, loss=lo
 
     model.train()
     mx.reset_peak_memory()
+    callback.on_start(model, loop)
     with _StopFlag() as stop:
         while loop["step"] < args.total_steps and loop["stop_reason"] == "completed":
             tic = time.perf_counter()
