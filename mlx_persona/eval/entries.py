@@ -6,12 +6,12 @@ than one in memory.
 from __future__ import annotations
 
 import gc
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from mlx_persona.eval.options import EvalError
+from mlx_persona.runs import adapter_config, is_adapter_folder, recorded_base
 
 # A report name: letters, digits, ``_ . + -`` (also what a recipe's variant names must be).
 NAMED = re.compile(r"^([A-Za-z0-9][\w.+-]*)=(.+)$")
@@ -56,10 +56,8 @@ def parse_model_arg(text: str) -> ModelEntry:
     if adapter is not None and not Path(adapter).is_dir():
         raise EvalError(f"--model {text!r}: {adapter}: no such adapter folder")
     folder = Path(spec)
-    if adapter is None and (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
-        recorded = json.loads((folder / "adapter_config.json").read_text())
-        base = recorded.get("model")
-        base = base if base and Path(base).is_dir() else recorded.get("model_spec") or base
+    if adapter is None and is_adapter_folder(folder):
+        base = recorded_base(adapter_config(folder))
         if not base:
             raise EvalError(f"--model {text!r}: {folder}/adapter_config.json names no base model; "
                             f"use BASE@{folder}")
