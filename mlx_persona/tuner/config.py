@@ -34,10 +34,6 @@ class LoraConfig:
     modules: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_MODULES))
     num_layers: int = -1  # adapt the last N transformer blocks; -1 = all
 
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
-
 
 @dataclass
 class OptimConfig:
