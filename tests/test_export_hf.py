@@ -12,7 +12,6 @@ from click.testing import CliRunner
 from safetensors import safe_open
 from safetensors.numpy import load_file
 
-from mlx_persona.export import ExportError
 from mlx_persona.outputs import OutputError
 from mlx_persona.export.hf import fuse
 from mlx_persona.models import load_model

@@ -67,11 +67,6 @@ class Example:
     source: str = ""
 
 
-# --------------------------------------------------------------------------------------------
-# Loading and validation
-# --------------------------------------------------------------------------------------------
-
-
 def load_jsonl(path, *, system_ok: bool = True, max_problems: int = 50) -> list[Example]:
     """Load and validate a JSONL file of training examples.
 
