@@ -2,19 +2,16 @@
 
 The ONNX export in parts: :mod:`.onnx` (the command's flow: read the fused folder, write the export),
 :mod:`.onnx_decoder` (the Gemma 3 decoder graph), :mod:`.q4` (4-bit weights), :mod:`.onnx_graph` (the
-graph-writing helper); :mod:`.web` is the chat page that runs the export in a browser.
+graph-writing helper), :mod:`.errors` (ExportError); :mod:`.web` is the chat page that runs the export in a browser.
 
 Nothing heavy is imported here, so ``from mlx_persona.export import ExportError`` is cheap.
 """
 
 from __future__ import annotations
 
+from mlx_persona.export.errors import ExportError
 
 __all__ = ["ExportError", "fuse", "export_onnx"]
-
-
-class ExportError(Exception):
-    """An export that cannot be done as asked (existing output, unsupported model ...)."""
 
 
 def fuse(*args, **kwargs):

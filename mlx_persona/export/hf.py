@@ -20,7 +20,7 @@ import shutil
 from pathlib import Path
 
 from mlx_persona import __version__
-from mlx_persona.export import ExportError
+from mlx_persona.export.errors import ExportError
 from mlx_persona.outputs import atomic_output_dir, check_output_dir
 from mlx_persona.runs import adapter_config, recorded_base
 

@@ -46,7 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mlx_persona.export import ExportError
+from mlx_persona.export.errors import ExportError
 from mlx_persona.export.onnx_decoder import build_decoder
 from mlx_persona.export.onnx_graph import OPSET
 from mlx_persona.export.q4 import Q4_BLOCK, quantize_matmul_q4

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mlx_persona.export import ExportError
+from mlx_persona.export.errors import ExportError
 from mlx_persona.export.onnx_graph import IR_VERSION, OPSET, Graph, transposed
 from mlx_persona.export.q4 import gather_q4, quantize_matmul_q4
 

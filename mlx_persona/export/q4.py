@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mlx_persona.export import ExportError
+from mlx_persona.export.errors import ExportError
 from mlx_persona.export.onnx_graph import IR_VERSION, OPSET, Graph, transposed
 
 Q4_BLOCK = 32
