@@ -22,6 +22,16 @@ def test_entry_points_are_the_same_group():
     assert "--resume" in proc.stdout  # python -m mlx_persona.train is `mlx-persona train`
 
 
+def test_importing_the_cli_loads_no_mlx_nor_heavy_extras():
+    """Every command imports lazily: `--help` stays instant, and `python -m mlx_persona` can set the backend
+    up before mlx loads."""
+    heavy = ["mlx", "mlx_lm", "numpy", "onnx", "torch", "transformers"]
+    code = f"import sys, mlx_persona.cli; print(sorted({{m.split('.')[0] for m in sys.modules}} & set({heavy!r})))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
 def test_doctor_reports_backend_and_measured_gflops():
     result = run("doctor", "--size", "256")
     assert result.exit_code == 0
