@@ -1,17 +1,20 @@
 """mlx_persona: teach small chat models a personality on Apple's MLX.
 
     import mlx_persona
+    mlx_persona.backend.setup()  # Linux: the CPU speed layer, before mlx is imported (no-op on a Mac)
     from mlx_persona.sampling import preset
     result = mlx_persona.generate("builtin:tiny", "Hi Bluey!", preset("persona"))
     print(result.text, result.stop_reason, result.decode_tps)
+
+Importing the package changes nothing (no environment variable, file or compiler); see
+:mod:`mlx_persona.backend`.
 """
 
-from mlx_persona import backend as _platform
+# For mlx_persona.backend.setup(); importing the backend does nothing.
+from mlx_persona import backend
+from mlx_persona.version import __version__
 
-# Must run before anything imports mlx.core (see platform.py).
-_platform.setup()
-
-__version__ = "0.1.0"
+__all__ = ["__version__", "backend", "generate", "stream_generate"]
 
 _LOADED: dict = {}
 

@@ -3,6 +3,6 @@
 import sys
 
 if __name__ == "__main__":
-    from mlx_persona.cli import main
+    from mlx_persona.__main__ import main
 
     main(["train", *sys.argv[1:]], prog_name="python -m mlx_persona.train")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,9 @@ import pytest
 # Tests never reach the hub; set before huggingface_hub reads its constants.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import mlx_persona  # noqa: F401  (fast BLAS before mlx.core)
+import mlx_persona.backend
+
+mlx_persona.backend.setup()  # the Linux CPU speed layer, once, before anything imports mlx.core
 
 REPO = Path(__file__).resolve().parents[1]
 BLUEY = REPO / "data" / "bluey"

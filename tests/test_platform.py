@@ -1,7 +1,11 @@
-"""The Linux CPU speed set-up: MLX's fused kernels built for this CPU, and the fused GELU."""
+"""The Linux CPU speed set-up: MLX's fused kernels built for this CPU, and Gemma's CPU rewrites.
+
+conftest.py has called mlx_persona.backend.setup() before mlx.core was imported, as an entry point does.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -13,25 +17,26 @@ import numpy as np
 import pytest
 
 from mlx_persona import backend as plat
+from mlx_persona.backend import cpu_ops, jit
 
 linux_with_gxx = pytest.mark.skipif(sys.platform != "linux" or plat.jit_status()[0] is None,
-                                    reason="the g++ wrapper is for Linux machines with g++")
+                                    reason="MLX's kernel compiler is changed on Linux machines with g++")
 
 
 @linux_with_gxx
-def test_fused_cpu_kernels_are_built_by_the_wrapper_and_stay_exact():
-    shim, reason = plat.jit_status()
-    text = Path(shim).read_text()
-    assert "-march=native" in text and "exec" in text, text
-    kernels = Path(os.environ["TMPDIR"])
-    assert kernels.name.startswith("mlx_persona-jit-"), reason
+def test_fused_cpu_kernels_are_built_for_this_cpu_in_the_private_folder_and_stay_exact():
+    kernels = Path(plat.jit_status()[0])  # cache_dir()/jit/<key> as setup() found it (the user's cache here)
+    assert kernels.parent.name == "jit" and kernels.stat().st_uid == os.getuid(), kernels
+    assert kernels.stat().st_mode & 0o022 == 0, oct(kernels.stat().st_mode)
     before = set(kernels.rglob("*.so"))
     x = mx.random.uniform(-30, 30, (1000, 37))  # an odd size: vector body plus a scalar tail
     c = mx.random.uniform(-1, 1, (1000, 1))
     k = float(np.float32(np.random.default_rng().uniform(0.5, 1.5)))  # a new constant: a new kernel
     fused = mx.compile(lambda x, c: mx.exp(x - c) * k + mx.sigmoid(x))
     out = np.array(fused(x, c))
-    assert set(kernels.rglob("*.so")) - before, "MLX built no kernel under the wrapper's TMPDIR"
+    assert set(kernels.rglob("*.so")) - before, "MLX built no kernel in the private folder"
+    assert "-march=native" in jit.last_command() and str(kernels) in jit.last_command()
+    assert str(kernels) not in os.environ.get("TMPDIR", "") + os.environ.get("PATH", "")
     xn, cn = np.array(x, np.float64), np.array(c, np.float64)
     ref = np.exp(xn - cn) * k + 1 / (1 + np.exp(-xn))
     np.testing.assert_allclose(out, ref, rtol=5e-6, atol=1e-30)  # fp32 rounding of x - c, amplified by exp
@@ -45,42 +50,42 @@ def test_fused_cpu_kernels_are_built_by_the_wrapper_and_stay_exact():
 
 
 @linux_with_gxx
-def test_child_processes_reuse_the_wrapper_and_kernel_folder():
-    code = "import mlx_persona, os; from mlx_persona import platform as p; print(os.environ['TMPDIR']); print(p.jit_status()[0])"
-    tmpdir, shim = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                                  check=True).stdout.split()
-    assert tmpdir == os.environ["TMPDIR"]  # not a folder inside it
-    real = Path(shim).read_text().split("exec ")[1].split()[0].strip('"')
-    assert "mlx_persona" not in real and Path(real).exists()  # wraps g++, not another wrapper
+def test_child_processes_see_the_original_environment_and_share_the_kernel_folder():
+    code = ("import json, os, shutil, mlx_persona.backend as b; env = {k: os.environ.get(k) for k in "
+            "('PATH', 'TMPDIR')}; gxx = shutil.which('g++'); b.setup(); "
+            "print(json.dumps([env, gxx, b.jit_status()[0]]))")
+    ours = Path(plat.jit_status()[0])
+    same_cache = {**os.environ, "MLX_PERSONA_CACHE": str(ours.parents[1])}  # the cache setup() used here
+    env, gxx, folder = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                                 check=True, env=same_cache).stdout.splitlines()[-1])
+    assert env == {k: os.environ.get(k) for k in ("PATH", "TMPDIR")}  # nothing inherited from our setup()
+    assert gxx and "mlx_persona" not in gxx  # the real compiler, no wrapper on the PATH
+    assert folder == str(ours)  # the same kernels, reused
 
 
 def test_jit_can_be_turned_off(tmp_path):
-    """With MLX_PERSONA_JIT=0 the PATH and TMPDIR a process was given stay as they were, so MLX runs the
-    plain g++ and caches its kernels in its usual $TMPDIR/mlx."""
+    """With MLX_PERSONA_JIT=0 the PATH and TMPDIR a process was given stay as they were (as always), and MLX
+    runs the plain g++ and caches its kernels in its usual $TMPDIR/mlx, not in our folder."""
     import json
     import shutil
 
-    shim = plat.jit_status()[0]
-    path = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep)
-                           if not shim or Path(p) != Path(shim).parent)  # this process's wrapper taken off
-    env = {**os.environ, "MLX_PERSONA_JIT": "0", "PATH": path, "TMPDIR": str(tmp_path)}
-    code = ("import json, os, shutil, mlx_persona; import mlx.core as mx; from mlx_persona import platform as p\n"
+    env = {**os.environ, "MLX_PERSONA_JIT": "0", "TMPDIR": str(tmp_path)}
+    code = ("import json, os, shutil, mlx_persona.backend as b; b.setup(); import mlx.core as mx\n"
             "x = mx.random.uniform(shape=(64,)); mx.eval(mx.compile(lambda v: mx.exp(v) * 1.2345 + mx.sigmoid(v))(x))\n"
-            "print(json.dumps([p.jit_status(), os.environ['PATH'], os.environ['TMPDIR'], shutil.which('g++')]))")
-    status, child_path, tmpdir, gxx = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True,
-                                                                 text=True, check=True, env=env).stdout)
-    assert status[0] is None and (status[1] == "off (MLX_PERSONA_JIT=0)" or sys.platform != "linux"), status
-    assert (child_path, tmpdir) == (path, str(tmp_path))
-    assert gxx == shutil.which("g++", path=path)
+            "print(json.dumps([b.jit_status(), os.environ['PATH'], os.environ['TMPDIR'], shutil.which('g++')]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
+    status, child_path, tmpdir, gxx = json.loads(out.splitlines()[-1])
+    assert status[0] is None and ("MLX_PERSONA_JIT=0" in status[1] or sys.platform != "linux"), status
+    assert (child_path, tmpdir) == (os.environ["PATH"], str(tmp_path))
+    assert gxx == shutil.which("g++")
     if sys.platform == "linux" and gxx:  # MLX fused the kernel with the plain g++, into its own cache
         assert list((tmp_path / "mlx").rglob("*.so")), sorted(tmp_path.rglob("*"))
-        assert not list(tmp_path.glob("mlx_persona-jit-*"))
 
 
 def test_fast_gelu_mlp_equals_mlx_lm_s(tiny_path):
     from mlx_lm.models import gemma3_text
 
-    from mlx_persona.models import load_model, use_fast_gelu
+    from mlx_persona.models import load_model
 
     model, _ = load_model(tiny_path)
     mlp = model.model.layers[0].mlp
@@ -92,9 +97,8 @@ def test_fast_gelu_mlp_equals_mlx_lm_s(tiny_path):
     np.testing.assert_allclose(np.array(ours), np.array(theirs), rtol=1e-5, atol=1e-6)
     g = mx.random.normal((4096,)) * 4
     ref = nn.gelu_approx(g)
-    assert use_fast_gelu(model) == len(model.model.layers)  # idempotent: swaps again, same class
-    from mlx_persona.models import _gelu_approx
-
+    assert cpu_ops.use_fast_gelu(model) == len(model.model.layers)  # idempotent: swaps again, same class
+    _gelu_approx = cpu_ops._gelu_approx
     np.testing.assert_allclose(np.array(_gelu_approx(g)), np.array(ref), atol=1e-6)
     dg = mx.grad(lambda v: _gelu_approx(v).sum())(g)
     dref = mx.grad(lambda v: nn.gelu_approx(v).sum())(g)
@@ -105,8 +109,7 @@ def test_fast_gelu_mlp_equals_mlx_lm_s(tiny_path):
     (4, 1, 7, 7, "causal"), (4, 2, 5, 9, "causal"),  # queries after a cache: the last n of s positions
     (4, 4, 6, 6, None), (4, 1, 8, 8, "window"), (4, 2, 8, 8, "additive"), (4, 2, 8, 8, "per-head")])
 def test_cpu_attention_matches_mlx_fast_attention(heads, kv_heads, n, s, mask):
-    from mlx_persona.models import _composite_attention
-
+    _composite_attention = cpu_ops._composite_attention
     mx.random.seed(1)
     q, k, v = (mx.random.normal((2, heads, n, 32)), mx.random.normal((2, kv_heads, s, 32)),
                mx.random.normal((2, kv_heads, s, 32)))
@@ -127,19 +130,17 @@ def test_cpu_attention_matches_mlx_fast_attention(heads, kv_heads, n, s, mask):
 def test_gemma_uses_the_cpu_attention_only_where_it_applies():
     import mlx_lm.models.gemma3_text as gemma3
 
-    from mlx_persona import models
-
-    models.use_cpu_attention()
+    cpu_ops.use_cpu_attention()
     sdpa = gemma3.scaled_dot_product_attention
-    assert sdpa is not models._ORIGINAL_SDPA["gemma3"]
+    assert sdpa is not cpu_ops._ORIGINAL_SDPA["gemma3"]
     q, k = mx.random.normal((1, 4, 3, 16)), mx.random.normal((1, 1, 3, 16))
     calls = []
-    saved = models._composite_attention
-    models._composite_attention = lambda *a: calls.append("ours") or a[0]
+    saved = cpu_ops._composite_attention
+    cpu_ops._composite_attention = lambda *a: calls.append("ours") or a[0]
     try:
         sdpa(q, k, k, None, 0.25, "causal")
         sdpa(q[:, :, :1], k, k, None, 0.25, None)  # decoding one token: mlx-lm's
         sdpa(q.astype(mx.bfloat16), k.astype(mx.bfloat16), k.astype(mx.bfloat16), None, 0.25, "causal")
     finally:
-        models._composite_attention = saved
+        cpu_ops._composite_attention = saved
     assert calls == ["ours"]

@@ -1,7 +1,8 @@
-"""MLX's cblas_sgemm layer (mlx_persona/sgemm.py): matrix-vector products to sgemv, and
+"""MLX's cblas_sgemm layer (mlx_persona/backend/sgemm.py): matrix-vector products to sgemv, and
 MLX_PERSONA_MATMUL=bf16 (bfloat16 inputs through oneMKL, x86-64 Linux).
 
-Each check runs in a child process, because the BLAS is chosen when mlx_persona is first imported.
+Each check runs in a child process, because the BLAS is chosen by mlx_persona.backend.setup(), once,
+before mlx.core is imported.
 The oracle for the rounding is PyTorch's float32 -> bfloat16 conversion (round to nearest even); the
 products are then taken in float64.
 """
@@ -37,7 +38,8 @@ def _child(code: str, mode: str | None = "bf16") -> dict:
 
 CHECK = """
 import json
-import mlx_persona
+import mlx_persona.backend
+mlx_persona.backend.setup()
 from mlx_persona.backend import sgemm
 import mlx.core as mx, numpy as np, torch
 
@@ -96,7 +98,8 @@ def test_large_products_round_inputs_to_bf16_and_accumulate_in_fp32():
 
 GRAD = """
 import json
-import mlx_persona
+import mlx_persona.backend
+mlx_persona.backend.setup()
 from mlx_persona.backend import sgemm
 import mlx.core as mx, mlx.nn as nn, numpy as np
 mx.random.seed(0)
@@ -125,7 +128,7 @@ def test_training_gradients_stay_close_to_fp32():
 
 @needs_mkl
 def test_off_by_default_and_a_bad_value_is_reported():
-    code = ("import json, mlx_persona; from mlx_persona import sgemm, platform as p; "
+    code = ("import json, mlx_persona.backend as p; p.setup(); from mlx_persona.backend import sgemm; "
             "print(json.dumps([sgemm.bf16_active(), sgemm.bf16_status(), p.blas_status()[1]]))")
     active, reason, blas = _child(code, mode=None)
     assert not active and "MLX_PERSONA_MATMUL=bf16" in reason and blas == "loaded"
@@ -153,7 +156,8 @@ def test_training_run_says_it_used_bf16_matmuls(tiny_path, small_data, tmp_path)
 
 GEMV = """
 import json
-import mlx_persona
+import mlx_persona.backend
+mlx_persona.backend.setup()
 from mlx_persona.backend import sgemm
 import mlx.core as mx, numpy as np
 rng = np.random.default_rng(0)
@@ -194,7 +198,8 @@ def test_matrix_vector_products_go_to_sgemv_and_stay_exact(mode):
 
 @linux
 def test_the_layer_can_be_turned_off():
-    code = ("import json, mlx_persona, mlx.core as mx; from mlx_persona import sgemm; "
+    code = ("import json, mlx_persona.backend as p; p.setup(); import mlx.core as mx; "
+            "from mlx_persona.backend import sgemm; "
             "a = mx.ones((1, 8)) @ mx.ones((8, 4)); "
             "print(json.dumps([sgemm.active(), sgemm.status(), sgemm.counts()['sgemv'], a.tolist()]))")
     env_off = {**os.environ, "MLX_PERSONA_SGEMM": "0"}

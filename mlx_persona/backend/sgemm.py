@@ -2,9 +2,10 @@
 bf16 inputs for large products (``MLX_PERSONA_MATMUL=bf16``).
 
 MLX's CPU backend sends every float32 matmul to ``cblas_sgemm``, whichever BLAS the process loaded.
-:func:`setup` (called by ``platform.setup`` before ``mlx.core`` is imported) builds ``native/sgemm.c``
-with ``gcc`` into the cache and loads it with ``RTLD_GLOBAL`` *before* the BLAS, so that MLX's calls
-land in it; it forwards to the BLAS:
+:func:`setup` (called by :func:`mlx_persona.backend.setup` before ``mlx.core`` is imported) builds
+``native/sgemm.c`` with ``gcc`` into a private folder of the cache (ours, mode 0700: a library in a folder
+another user can write is never loaded) and loads it with ``RTLD_GLOBAL`` *before* the BLAS, so that
+MLX's calls land in it; it forwards to the BLAS:
 
 - **m == 1 or n == 1 -> cblas_sgemv.** Decoding one token is all matrix-vector products. Debian's
   OpenBLAS 0.3.21 runs them through its full GEMM path, packing the whole weight matrix each call:
@@ -27,16 +28,15 @@ from __future__ import annotations
 
 import ctypes
 import glob
-import hashlib
 import os
-import platform
 import shutil
-import subprocess
 import sys
-from pathlib import Path
+
+from mlx_persona.backend import native
+from mlx_persona.backend.cpu import cpu_flags, is_x86_64, warn
+from mlx_persona.backend.folders import UnsafeFolder
 
 ENV = "MLX_PERSONA_MATMUL"
-SOURCE = Path(__file__).parent / "native" / "sgemm.c"
 # Products with m*n*k below MIN_WORK, or any side below MIN_DIM, stay exact float32 in bf16 mode.
 MIN_WORK = 1 << 21
 MIN_DIM = 32
@@ -76,35 +76,12 @@ def find_mkl() -> str | None:
 
 def cpu_support() -> str:
     """What the CPU multiplies bfloat16 with: 'AMX', 'AVX512-BF16', or '' (oneMKL emulates it, slowly)."""
-    from mlx_persona.backend import cpu_flags  # platform imports this module
-
     flags = cpu_flags()
     if "amx_bf16" in flags:
         return "AMX"
     if "avx512_bf16" in flags:
         return "AVX512-BF16"
     return ""
-
-
-def _build(cc: str) -> Path:
-    """Compiles the layer once per source, compiler and CPU into the cache; returns the library."""
-    from mlx_persona.backend import file_stamp  # the package imports this module
-    from mlx_persona.paths import cache_dir
-
-    key = hashlib.sha256(repr((SOURCE.read_bytes(), file_stamp(cc), CFLAGS, cpu_support(),
-                               platform.machine())).encode()).hexdigest()[:12]
-    lib = cache_dir() / "sgemm" / key / "libmlxp_sgemm.so"
-    if lib.exists():
-        return lib
-    lib.parent.mkdir(parents=True, exist_ok=True)
-    tmp = lib.with_name(f"{lib.name}.{os.getpid()}.tmp")
-    proc = subprocess.run([cc, *CFLAGS, str(SOURCE), "-o", str(tmp), "-ldl"], capture_output=True, text=True,
-                          timeout=120)
-    if proc.returncode != 0:
-        tmp.unlink(missing_ok=True)
-        raise OSError((proc.stderr.strip().splitlines() or ["compile failed"])[-1])
-    os.replace(tmp, lib)
-    return lib
 
 
 def choose_blas(openblas: str | None) -> tuple[str | None, bool]:
@@ -116,7 +93,7 @@ def choose_blas(openblas: str | None) -> tuple[str | None, bool]:
         return openblas, False
     if not want:
         return openblas, False
-    if platform.machine() not in ("x86_64", "AMD64"):
+    if not is_x86_64():
         _state["bf16_reason"] = "not x86-64 (on a Mac, MLX runs bf16 on the GPU itself)"
         return openblas, False
     mkl = find_mkl()
@@ -126,8 +103,21 @@ def choose_blas(openblas: str | None) -> tuple[str | None, bool]:
     if _layer_off():
         _state["bf16_reason"] = "needs the sgemm layer, which MLX_PERSONA_SGEMM=0 turns off"
         return openblas, False
-    os.environ.setdefault("MKL_THREADING_LAYER", "GNU")  # the same OpenMP runtime as the layer's conversions
     return mkl, True
+
+
+def _mkl_gnu_threads(mkl: str) -> None:
+    """oneMKL on GNU OpenMP, the runtime of the layer's conversions, unless $MKL_THREADING_LAYER says.
+
+    ``MKL_Set_Threading_Layer`` does what that variable does, for this process alone (no environment
+    change for child processes); it must come before any other oneMKL call.
+    """
+    if os.environ.get("MKL_THREADING_LAYER"):
+        return
+    try:
+        ctypes.CDLL(mkl, mode=os.RTLD_LOCAL).MKL_Set_Threading_Layer(3)  # MKL_THREADING_GNU
+    except (OSError, AttributeError):
+        pass  # mlxp_bind reports a library that cannot be loaded
 
 
 def setup(blas: str, bf16: bool) -> bool:
@@ -150,11 +140,17 @@ def setup(blas: str, bf16: bool) -> bool:
             _state["bf16_reason"] = "needs gcc to build the sgemm layer"
         return False
     try:
-        path = _build(cc)
+        path = native.build("sgemm.c", cc, CFLAGS, folder="sgemm", name="libmlxp_sgemm.so", libs=("-ldl",))
         lib = ctypes.CDLL(str(path), mode=os.RTLD_LOCAL)
-    except (OSError, subprocess.TimeoutExpired) as e:
+    except UnsafeFolder as e:
+        warn(f"not loading the sgemm layer: {e}")
+        _state["reason"] = f"refused: {e}; MLX calls the BLAS's cblas_sgemm directly"
+        return False
+    except OSError as e:
         _state["reason"] = f"could not build or load the sgemm layer: {e}"
         return False
+    if bf16:
+        _mkl_gnu_threads(blas)
     lib.mlxp_bind.argtypes = [ctypes.c_char_p]
     lib.mlxp_configure.argtypes = [ctypes.c_int, ctypes.c_double, ctypes.c_int]
     lib.mlxp_count.restype = ctypes.c_long
