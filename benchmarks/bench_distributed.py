@@ -63,9 +63,10 @@ def run(n: int, a, data: Path, out: Path) -> dict:
 
 
 def max_rel_diff(a: Path, b: Path) -> float:
-    import mlx.core as mx
+    import mlx_persona.backend
 
-    import mlx_persona  # noqa: F401  (fast BLAS before mlx.core, as machine_info reports it)
+    mlx_persona.backend.setup()  # the Linux speed layer, before mlx loads
+    import mlx.core as mx
 
     wa, wb = mx.load(str(a)), mx.load(str(b))
     return max((mx.abs(wa[k] - wb[k]).max() / mx.maximum(mx.abs(wa[k]).max(), 1e-12)).item() for k in wa)

@@ -34,7 +34,9 @@ Q4_LIMIT_MB = 300  # the 270M q4 folder must fit (DESIGN: the browser download)
 
 
 def bench_model(preset: str) -> Path:
-    import mlx_persona  # noqa: F401
+    import mlx_persona.backend
+
+    mlx_persona.backend.setup()  # the Linux speed layer, before mlx loads
     from mlx_persona.models import init_model
     from mlx_persona.paths import cache_dir
 
@@ -77,7 +79,9 @@ def ort_decode(path: Path, config: dict, prompt: int = 32, steps: int = 16) -> d
 
 
 def worker(a) -> dict:
-    import mlx_persona  # noqa: F401
+    import mlx_persona.backend
+
+    mlx_persona.backend.setup()  # the Linux speed layer, before mlx loads
     from mlx_persona.export.hf import fuse
     from mlx_persona.export.onnx import DTYPE_FILES, export_onnx
 

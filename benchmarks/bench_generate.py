@@ -51,9 +51,11 @@ def _time_mlx(model, ids, n_new, sampler, processors) -> tuple[float, float]:
 
 
 def bench_mlx(model_path: Path, n_new: int, trials: int) -> dict:
+    import mlx_persona.backend
+
+    mlx_persona.backend.setup()  # the Linux speed layer, before mlx loads
     from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
-    import mlx_persona  # noqa: F401
     from mlx_persona.generation import build_prompt, end_token_ids
     from mlx_persona.models import load_model
     from mlx_persona.sampling import make_sampler_and_processors, preset

@@ -62,7 +62,9 @@ def max_rss_gb() -> float:
 
 def bench_model(preset: str) -> Path:
     """The shared fp32 model folder of `preset` (random weights), built once."""
-    import mlx_persona  # noqa: F401
+    import mlx_persona.backend
+
+    mlx_persona.backend.setup()  # the Linux speed layer, before mlx loads
     from mlx_persona.models import init_model
     from mlx_persona.paths import cache_dir
 
@@ -351,6 +353,9 @@ def read_bandwidth_torch(device: str = "cpu") -> float:
 
 def worker_train_mlx(job: dict) -> dict:
     """mlx_persona.tuner.run.run on the job's data; a callback saves its initial adapters for the PyTorch run."""
+    import mlx_persona.backend
+
+    mlx_persona.backend.setup()  # the Linux speed layer, before mlx loads
     import mlx.core as mx
     import numpy as np
     from mlx.utils import tree_flatten
@@ -484,10 +489,12 @@ def worker_train_torch(job: dict) -> dict:
 
 def worker_generate_mlx(job: dict) -> dict:
     """mlx-lm's decode loop with mlx_persona's sampler, timed exactly as benchmarks/bench_generate.py does."""
+    import mlx_persona.backend
+
+    mlx_persona.backend.setup()  # the Linux speed layer, before mlx loads
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
-    import mlx_persona  # noqa: F401
     from benchmarks.bench_generate import _time_mlx
     from mlx_persona.models import load_model
     from mlx_persona.sampling import GenerationConfig, make_sampler_and_processors

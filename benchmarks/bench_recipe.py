@@ -194,9 +194,11 @@ def worker_original(job: dict) -> dict:
 
 def worker_persona(job: dict) -> dict:
     """mlx_persona.tuner.run.run with the default LoRA recipe (configs/bluey-270m-pt.yaml) on another model."""
+    import mlx_persona.backend
+
+    mlx_persona.backend.setup()  # the Linux speed layer, before mlx loads
     import mlx.core as mx
 
-    import mlx_persona  # noqa: F401
     from mlx_persona.tuner.config import load_config
     from mlx_persona.tuner.run import run
 

@@ -39,7 +39,9 @@ def make_data(n: int, dst: Path) -> Path:
 
 
 def bench_model(preset: str) -> Path:
-    import mlx_persona  # noqa: F401
+    import mlx_persona.backend
+
+    mlx_persona.backend.setup()  # the Linux speed layer, before mlx loads
     from mlx_persona.models import init_model
     from mlx_persona.paths import cache_dir
 
@@ -51,7 +53,9 @@ def bench_model(preset: str) -> Path:
 
 # ------------------------------------------------------------------------------------------ workers
 def worker_mlx_persona(a) -> dict:
-    import mlx_persona  # noqa: F401
+    import mlx_persona.backend
+
+    mlx_persona.backend.setup()  # the Linux speed layer, before mlx loads
     from mlx_persona.tuner.config import load_config
     from mlx_persona.tuner.run import run
 
@@ -75,6 +79,9 @@ def worker_mlx_persona(a) -> dict:
 
 
 def worker_mlx_lm(a) -> dict:
+    import mlx_persona.backend
+
+    mlx_persona.backend.setup()  # before mlx loads: the same BLAS and kernel flags for both trainers
     import types
 
     import mlx.core as mx
@@ -83,8 +90,6 @@ def worker_mlx_lm(a) -> dict:
     from mlx_lm import lora as mlx_lora
     from mlx_lm.tuner.callbacks import TrainingCallback
     from mlx_lm.tuner.datasets import load_dataset
-
-    import mlx_persona  # noqa: F401  (first: the same BLAS and kernel flags for both trainers)
 
     rows = []
 

@@ -13,7 +13,9 @@ RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
 
 def machine_info() -> dict:
-    import mlx_persona  # noqa: F401  (fast BLAS first)
+    import mlx_persona.backend
+
+    mlx_persona.backend.setup()  # the Linux speed layer, before mlx loads
     from mlx_persona.backend import describe
 
     info = describe()
