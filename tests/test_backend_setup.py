@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -245,3 +246,28 @@ def test_setup_refuses_folders_others_can_write_and_loads_nothing_from_them(tmp_
     assert r["folder"] is None and "refused" in r["jit"] and not r["command"], r
     assert not r["sgemm"] and r["blas"][1] == "loaded"  # the BLAS still replaces the reference one
     assert r["loaded_from_cache"] == [] and _files(*bad) == set()  # nothing built there, nothing loaded
+
+
+HOOK = """
+import ctypes, json, shutil
+from mlx_persona.backend import jit, native
+lib = ctypes.CDLL(str(native.build("jit_hook.cpp", shutil.which("g++"), jit._HOOK_FLAGS, folder="jit-hook",
+                                   name="libmlxp_jit.so", libs=("-ldl",))))
+lib.mlxp_jit_install.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
+lib.mlxp_jit_error.restype = ctypes.c_char_p
+out = [lib.mlxp_jit_install(b"g++", b"/nonexistent"), lib.mlxp_jit_error().decode()]  # no libmlx.so yet
+import mlx.core
+out += [lib.mlxp_jit_install(b"g++", b"/nonexistent"), lib.mlxp_jit_error().decode()]
+out += [lib.mlxp_jit_install(b"g++", b"/nonexistent"), lib.mlxp_jit_error().decode()]
+print(json.dumps(out))
+"""
+
+
+@linux
+@pytest.mark.skipif(shutil.which("g++") is None, reason="the hook is built with g++")
+def test_the_hook_says_why_it_cannot_install_and_installs_once(tmp_path):
+    env, _ = _fresh(tmp_path)
+    (rc1, why1, rc2, why2, rc3, why3), _ = _child(HOOK, env)
+    assert (rc1, why1) == (2, "libmlx.so is not loaded")
+    assert rc2 == 0 and why2.startswith("installed in ") and why2.endswith("libmlx.so"), why2
+    assert (rc3, why3) == (7, "installed already")

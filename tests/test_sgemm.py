@@ -24,6 +24,7 @@ linux = pytest.mark.skipif(sys.platform != "linux", reason="the sgemm layer is f
 needs_mkl = pytest.mark.skipif(
     sys.platform != "linux" or platform.machine() != "x86_64" or sgemm.find_mkl() is None,
     reason="bf16 matmuls need x86-64 Linux and oneMKL (pip install mkl; the test extra installs it)")
+needs_layer = pytest.mark.skipif(sgemm._layer_off(), reason="MLX_PERSONA_SGEMM=0: bf16 inputs need the sgemm layer")
 
 
 def _child(code: str, mode: str | None = "bf16") -> dict:
@@ -81,6 +82,7 @@ print(json.dumps(out))
 
 
 @needs_mkl
+@needs_layer
 def test_large_products_round_inputs_to_bf16_and_accumulate_in_fp32():
     r = _child(CHECK)
     assert r["active"], r["status"]
@@ -115,6 +117,7 @@ print(json.dumps({"active": sgemm.bf16_active(), "loss": value.item(),
 
 
 @needs_mkl
+@needs_layer
 def test_training_gradients_stay_close_to_fp32():
     fast, exact = _child(GRAD), _child(GRAD, mode=None)
     assert fast["active"] and not exact["active"]
@@ -141,6 +144,7 @@ def test_off_by_default_and_a_bad_value_is_reported():
 
 
 @needs_mkl
+@needs_layer
 def test_training_run_says_it_used_bf16_matmuls(tiny_path, small_data, tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, sgemm.ENV: "bf16"}

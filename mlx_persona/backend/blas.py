@@ -34,12 +34,12 @@ _CANDIDATES = (
     "/usr/lib/libopenblas.so.0",
 )
 
-# Measured on this project's 2-core AVX-512 Linux VM (MLX 0.32.4, Debian's OpenBLAS 0.3.21), in two
-# processes with backend.matmul_gflops(2048, mx.float32): with setup() first ~127 GFLOP/s, with
-# mlx.core imported first (MLX's bundled reference BLAS) ~3.6 GFLOP/s.
+# Measured on this project's shared 2-core AVX-512 Linux VM (MLX 0.32.4, Debian's OpenBLAS 0.3.21), in two
+# processes each, with backend.matmul_gflops(2048, mx.float32): setup() first 127 GFLOP/s (load 6) and
+# 43-44 (load 14); mlx.core imported first, i.e. MLX's bundled reference BLAS, 3.6 and 2.9-3.1.
 TOO_LATE = ("mlx.core was imported before mlx_persona.backend.setup(), so MLX keeps the reference BLAS its "
-            "Linux wheel bundles: float32 matmuls run ~35x slower (2048x2048: ~3.6 against ~127 GFLOP/s "
-            "measured). Call mlx_persona.backend.setup() before importing mlx or mlx_lm.")
+            "Linux wheel bundles: float32 matmuls run 10-35x slower (2048x2048 measured: ~3 GFLOP/s against "
+            "43-127 with OpenBLAS). Call mlx_persona.backend.setup() before importing mlx or mlx_lm.")
 
 _state = {"path": None, "reason": "not set up", "core": None}
 
@@ -86,6 +86,9 @@ def setup() -> None:
     if "mlx.core" in sys.modules:
         _too_late()
         return
+    if os.environ.get("MLX_PERSONA_BLAS", "").lower() in ("0", "none", "off"):
+        _state["reason"] = "off (MLX_PERSONA_BLAS=0): MLX's bundled reference BLAS"
+        return
     openblas = find_openblas()
     path, bf16 = sgemm.choose_blas(openblas)  # oneMKL in OpenBLAS's place for MLX_PERSONA_MATMUL=bf16
     if path is None:
@@ -115,8 +118,8 @@ def _too_late() -> None:
     if os.environ.get("LD_PRELOAD"):
         _state["reason"] = "mlx.core was imported first; the BLAS is whatever LD_PRELOAD put first"
         return
-    if find_openblas() is None and os.environ.get("MLX_PERSONA_BLAS"):
-        _state["reason"] = "off (MLX_PERSONA_BLAS)"
+    if os.environ.get("MLX_PERSONA_BLAS", "").lower() in ("0", "none", "off"):
+        _state["reason"] = "off (MLX_PERSONA_BLAS=0): MLX's bundled reference BLAS"
         return
     _state["reason"] = "mlx.core was imported before mlx_persona.backend.setup(): MLX's bundled reference BLAS"
     warn(TOO_LATE)
