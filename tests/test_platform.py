@@ -20,7 +20,7 @@ from mlx_persona import backend as plat
 from mlx_persona.backend import cpu_ops, jit
 
 linux_with_gxx = pytest.mark.skipif(sys.platform != "linux" or plat.jit_status()[0] is None,
-                                    reason="MLX's kernel compiler is changed on Linux machines with g++")
+                                    reason=f"MLX's kernel compiler is not changed here: {plat.jit_status()[1]}")
 
 
 @linux_with_gxx
