@@ -81,6 +81,7 @@ def write_text_atomic(path: Path, text: str) -> None:
     tmp.write_text(text)
     _fsync_file(tmp)
     os.replace(tmp, path)
+    _fsync_dir(path.parent)  # the rename itself survives a power cut only once the folder is synced
 
 
 def move_files_into(src: Path, dst: Path) -> None:
