@@ -91,3 +91,18 @@ def save_result(model, cfg, adapter_config: dict, base: Path, out: Path) -> None
     else:
         save_adapters(model, tmp, adapter_config)
     ckpt.move_files_into(tmp, out)
+
+
+def summarize(cfg, loop: dict, n_trainable: int, data_report: dict) -> dict:
+    """The run's ``summary.json``: what was trained, how far, how fast, the best validation loss."""
+    from mlx_persona.backend import sgemm
+
+    return {
+        "model": cfg.model, "method": cfg.method, "steps": loop["step"], "epochs": loop["epoch"],
+        "stop_reason": loop["stop_reason"], "train_time_sec": round(loop["train_time"], 3),
+        "tokens": loop["tokens"], "loss_tokens": loop["loss_tokens"],
+        "tokens_per_sec": loop["tokens"] / max(loop["train_time"], 1e-9),
+        "peak_memory_gb": mx.get_peak_memory() / 1e9, "trainable_parameters": n_trainable,
+        "best_val_loss": loop["best_val"], "best_step": loop["best_step"], "data": data_report,
+        "matmul_inputs": "bfloat16" if sgemm.bf16_active() else "exact",  # MLX_PERSONA_MATMUL
+    }

@@ -9,7 +9,6 @@ model folder, ``summary.json``, ``loss.png``). Only rank 0 of a data-parallel ru
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 import mlx.core as mx
@@ -27,7 +26,7 @@ from mlx_persona.tuner.adapters import attach_adapters, trainable_parameter_coun
 from mlx_persona.tuner.batching import batch_plan
 from mlx_persona.tuner.config import ConfigError, TrainConfig, config_diff, to_dict
 from mlx_persona.tuner.progress import Progress
-from mlx_persona.tuner.results import MetricsWriter, save_result
+from mlx_persona.tuner.results import MetricsWriter, save_result, summarize
 from mlx_persona.tuner.trainer import (Callbacks, TrainingArgs, TrainingCallback, TrainingError, build_schedule,
                                        new_loop_state, train)
 
@@ -211,15 +210,7 @@ def run(cfg: TrainConfig, *, resume: bool = False, force: bool = False, log=prin
     finally:
         progress.close()
 
-    summary = {
-        "model": cfg.model, "method": cfg.method, "steps": loop["step"], "epochs": loop["epoch"],
-        "stop_reason": loop["stop_reason"], "train_time_sec": round(loop["train_time"], 3),
-        "tokens": loop["tokens"], "loss_tokens": loop["loss_tokens"],
-        "tokens_per_sec": loop["tokens"] / max(loop["train_time"], 1e-9),
-        "peak_memory_gb": mx.get_peak_memory() / 1e9, "trainable_parameters": n_trainable,
-        "best_val_loss": loop["best_val"], "best_step": loop["best_step"], "data": train_ds.report,
-        "matmul_inputs": "bfloat16" if sgemm.bf16_active() else "exact",  # MLX_PERSONA_MATMUL
-    }
+    summary = summarize(cfg, loop, n_trainable, train_ds.report)
     if rank == 0:
         save_result(model, cfg, adapter_config, base, out)
         ckpt.write_json_atomic(out / "summary.json", summary)
