@@ -7,33 +7,16 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+from test_layout import import_graph
+
 PACKAGE = Path(__file__).resolve().parents[1] / "mlx_persona"
 EVAL = PACKAGE / "eval"
 
 
-def _module_name(path: Path) -> str:
-    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-
-
-def _imports(path: Path) -> set[str]:
-    """Every mlx_persona module `path` imports, at any depth of the file (``from a import b``: ``a.b`` when
-    ``b`` is a module, else ``a``)."""
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.Import):
-            found |= {a.name for a in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            for a in node.names:
-                sub = f"{node.module}.{a.name}"
-                is_module = (PACKAGE.parent / sub.replace(".", "/")).with_suffix(".py").is_file() or \
-                    (PACKAGE.parent / sub.replace(".", "/") / "__init__.py").is_file()
-                found.add(sub if is_module else node.module)
-    return {m for m in found if m == "mlx_persona" or m.startswith("mlx_persona.")}
-
-
 def _eval_graph() -> dict[str, set[str]]:
-    return {_module_name(p): _imports(p) for p in sorted(EVAL.glob("*.py"))}
+    """The eval modules and every package module each imports (test_layout's walk of the whole package)."""
+    graph, _ = import_graph()
+    return {m: set(edges) for m, edges in graph.items() if m == "mlx_persona.eval" or m.startswith("mlx_persona.eval.")}
 
 
 def _reachable(graph: dict[str, set[str]], start: str) -> set[str]:

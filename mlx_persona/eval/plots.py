@@ -87,6 +87,15 @@ def plot_lengths(rows: list[dict], names: list[str], early_words: float,
     return _png(fig)
 
 
+def _share_axis(ax, xlabel: str) -> None:
+    """A horizontal bar panel of shares (0-1): first row on top, grid, legend."""
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    ax.set_xlabel(xlabel)
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+
+
 def plot_rates(summaries: dict[str, dict]) -> bytes:
     """Grouped horizontal bars of the 0-1 metrics, one bar per model (and the reference)."""
     import numpy as np
@@ -101,11 +110,7 @@ def plot_rates(summaries: dict[str, dict]) -> bytes:
         ax.barh(y + (i - (len(names) - 1) / 2) * h, [v if v is not None else 0 for v in vals], height=h,
                 label=name, hatch="//" if name.startswith("reference") else None)
     ax.set_yticks(y, [label for _, label in RATE_ROWS])
-    ax.invert_yaxis()
-    ax.set_xlim(0, 1)
-    ax.set_xlabel("share of replies / score (0-1)")
-    ax.grid(axis="x", alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    _share_axis(ax, "share of replies / score (0-1)")
     return _png(fig)
 
 
@@ -131,9 +136,5 @@ def plot_sweep(rows: list[dict]) -> bytes:
                                       ("length_stop", "hit max_new_tokens"))):
         a2.barh(x + (i - 1) * h, [r[key] or 0 for r in rows], height=h, label=label)
     a2.set_yticks(x, [""] * len(rows))
-    a2.invert_yaxis()
-    a2.set_xlim(0, 1)
-    a2.set_xlabel("share of replies")
-    a2.grid(axis="x", alpha=0.3)
-    a2.legend(fontsize=8, loc="lower right")
+    _share_axis(a2, "share of replies")
     return _png(fig)
