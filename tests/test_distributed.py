@@ -18,7 +18,13 @@ from training_runs import REPO, bitwise_equal, cli_args, config, metrics, refere
 LAUNCH = Path(sys.executable).parent / "mlx.launch"
 # Dropout off: the two runs draw different random numbers. 9 examples in batches of 4 make global batches of
 # 4, 4 and 1: the last leaves rank 1 with nothing (it joins with a zero-loss stand-in), the others split 2/2.
-DIST = {"steps": 4, "lora.dropout": 0.0, "eval_every": 2}
+# optim.eps 1e-4 instead of 1e-8: two processes add a batch's two halves in another order than one process
+# (~1e-7 apart), and MLX's AdamW (no bias correction) turns that into a large change of the update of any
+# weight whose gradient is within a few orders of eps: with eps 1e-8 the adapters were already 1e-3 apart
+# (relative) after step 1 while the gradient norms agreed to 2e-7, and 5e-3 apart after 4 steps, which moved
+# the step-4 gradient norm by 1.2e-3 (AMD EPYC, 2026-12-01). With eps 1e-4 the same runs agree to 4e-7 in
+# every loss and gradient norm, the step with the stand-in included, and to 3.6e-5 in the adapters.
+DIST = {"steps": 4, "lora.dropout": 0.0, "eval_every": 2, "optim.eps": 1e-4}
 
 
 @pytest.fixture(scope="module")
@@ -64,12 +70,12 @@ def test_two_ring_processes_match_one_process(tiny_path, nine, tmp_path_factory)
     for r1, r2 in zip(m1, m2):
         for key in ("loss", "val_loss", "grad_norm"):
             if key in r1:
-                assert r2[key] == pytest.approx(r1[key], rel=1e-4), (key, r1, r2)
+                assert r2[key] == pytest.approx(r1[key], rel=1e-5), (key, r1, r2)  # measured <= 4.4e-7
     w1, w2 = mx.load(str(ref / "adapters.safetensors")), mx.load(str(out / "adapters.safetensors"))
     assert sorted(w1) == sorted(w2)
     worst = max(_rel(w2[k], w1[k]) for k in w1)
     print(f"2 processes vs 1: adapters max relative diff {worst:.2e}")
-    assert worst <= 1e-4
+    assert worst <= 3e-4  # measured 3.6e-5
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in ref.iterdir())
 
 
