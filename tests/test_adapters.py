@@ -20,7 +20,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 from mlx_persona.models import load_model
-from mlx_persona.tuning import attach_adapters
+from mlx_persona.tuner.adapters import attach_adapters
 
 RANK, ALPHA = 4, 12.0  # scale alpha / rank = 3, so scale = alpha (12) or 1 would be caught
 SCALE = ALPHA / RANK

@@ -6,7 +6,7 @@ Small hand-made arrays, no model."""
 import numpy as np
 import pytest
 
-from mlx_persona.batching import PAD_LEN_TO, PAD_LOSS_TO, _round_up, batch_plan, collate, shard_batch
+from mlx_persona.tuner.batching import PAD_LEN_TO, PAD_LOSS_TO, _round_up, batch_plan, collate, shard_batch
 
 
 def _ex(tokens, mask):

@@ -24,7 +24,7 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 
-from mlx_persona import checkpoint as ckpt
+from mlx_persona.tuner import checkpoint as ckpt
 
 REPO = Path(__file__).resolve().parents[1]
 WRITE_MODES = set("wax+")
@@ -154,7 +154,7 @@ def test_save_checkpoint_fsyncs_everything_and_writes_the_manifest_last(tmp_path
 _SAVE_SCRIPT = textwrap.dedent("""
     import sys
     import mlx.core as mx
-    from mlx_persona import checkpoint as ckpt
+    from mlx_persona.tuner import checkpoint as ckpt
     weights = {"a": mx.arange(64, dtype=mx.float32).reshape(16, 4)}
     opt = {"step": mx.array(3, mx.uint64), "a": {"m": mx.zeros((16, 4)), "v": mx.ones((16, 4))}}
     ckpt.save_checkpoint(sys.argv[1], 3, weights, opt, {"loop": {"step": 3}, "rng": [0, 1]})

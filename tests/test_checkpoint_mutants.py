@@ -15,7 +15,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_persona import checkpoint as ckpt
+from mlx_persona.tuner import checkpoint as ckpt
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -277,7 +277,7 @@ TWO_RANKS = textwrap.dedent("""
     import json, sys
     from pathlib import Path
     import mlx.core as mx, numpy as np
-    from mlx_persona import checkpoint as ckpt
+    from mlx_persona.tuner import checkpoint as ckpt
     root = Path(sys.argv[1])
     rank = mx.distributed.init().rank()
     like_w = {"a": mx.zeros((2,)), "b": mx.zeros((1, 2), mx.int32)}

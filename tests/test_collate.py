@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from mlx_persona import data
-from mlx_persona.batching import PAD_LEN_TO, PAD_LOSS_TO, collate, shard_batch
+from mlx_persona.data.tokenizer import unwrap_tokenizer
+from mlx_persona.tuner.batching import PAD_LEN_TO, PAD_LOSS_TO, collate, shard_batch
 from mlx_persona.models import load_model
 
 SYSTEM, USER1, REPLY1, USER2, REPLY2 = "Be Bluey.", "Hi there", "Hello! Want to play?", "Sure", "Keepy uppy time."
@@ -49,7 +50,7 @@ def _examples():
 
 
 def _ids(tok, text):
-    return list(data._hf(tok)(text, add_special_tokens=False)["input_ids"])
+    return list(unwrap_tokenizer(tok)(text, add_special_tokens=False)["input_ids"])
 
 
 def _expected(tok, segments):
@@ -85,7 +86,7 @@ def test_the_literal_segments_are_what_the_pipeline_renders(tok, encoded):
     for ex, segments, ids in zip(_examples(), (LONG, SHORT), encoded.tokens):
         assert data.render(tok, ex) == "".join(t for t, _ in segments)
         assert ids.tolist() == _expected(tok, segments)[0]
-    eot = data._hf(tok).convert_tokens_to_ids("<end_of_turn>")
+    eot = unwrap_tokenizer(tok).convert_tokens_to_ids("<end_of_turn>")
     assert _ids(tok, "<end_of_turn>") == [eot]
 
 
@@ -95,7 +96,7 @@ def test_single_example_targets_are_exactly_the_replies_and_their_end_of_turn(to
     b = collate([encoded.tokens[0]], [encoded.masks[0]])
     ids, want = _expected(tok, LONG)
     assert _pairs(b, 0) == want, "loss pairs differ from the hand-built (position, target) list"
-    hf = data._hf(tok)
+    hf = unwrap_tokenizer(tok)
     targets = [t for _, t in _pairs(b, 0)]
     eot = hf.convert_tokens_to_ids("<end_of_turn>")
     cut = targets.index(eot) + 1

@@ -11,7 +11,7 @@
 2. Against PyTorch. The same LoRA run, rebuilt from scratch with transformers + peft: the test renders the
    conversations with the tokenizer's chat template itself, finds each reply's characters in the text,
    builds the loss mask from token offsets, pads the batches in transformers' way (``labels = -100``) and
-   takes the same AdamW steps, without using `mlx_persona.data`, `mlx_persona.batching` or the trainer's
+   takes the same AdamW steps, without using `mlx_persona.data`, `mlx_persona.tuner.batching` or the trainer's
    loss. Only the batch *order* is restated (sorted by length, cut, batches shuffled per epoch by
    ``default_rng([seed, epoch])``), and the initial adapters are copied from the MLX run.
 
@@ -31,7 +31,7 @@ import math
 import numpy as np
 import pytest
 
-from mlx_persona.config import load_config
+from mlx_persona.tuner.config import load_config
 
 # The runs behind the golden values (self-contained: changing another test's config must not move them).
 RUN = {"steps": 10, "batch_size": 4, "max_seq_len": 128, "seed": 0, "lora.rank": 4, "lora.alpha": 16.0,
@@ -63,10 +63,10 @@ RTOL = 1e-5
 
 
 def _train(tiny_path, data, out, **changes):
-    from mlx_persona.train import train
+    from mlx_persona.tuner.run import run
 
     values = {"model": str(tiny_path), "data": str(data), "output": str(out), **RUN, **changes}
-    train(load_config(None, values), log=lambda *a, **k: None)
+    run(load_config(None, values), log=lambda *a, **k: None)
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
@@ -138,23 +138,21 @@ def test_lora_matches_transformers_peft(tiny_path, small_data, tmp_path, monkeyp
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import mlx_persona.train as T
+    from mlx.utils import tree_flatten
+
+    from mlx_persona.tuner.run import run
+    from mlx_persona.tuner.trainer import TrainingCallback
 
     # The MLX run, keeping its initial adapters.
     init = {}
-    attach = T.attach_adapters
 
-    def attach_and_keep(model, *args, **kwargs):
-        from mlx.utils import tree_flatten
+    class KeepInitialAdapters(TrainingCallback):
+        def on_start(self, model, loop):
+            init.update({k: np.array(v) for k, v in tree_flatten(model.trainable_parameters())})
 
-        result = attach(model, *args, **kwargs)
-        init.update({k: np.array(v) for k, v in tree_flatten(model.trainable_parameters())})
-        return result
-
-    monkeypatch.setattr(T, "attach_adapters", attach_and_keep)
     out = tmp_path / "mlx"
     cfg = load_config(None, {"model": str(tiny_path), "data": str(small_data), "output": str(out), **TORCH_RUN})
-    T.train(cfg, log=lambda *a, **k: None)
+    run(cfg, log=lambda *a, **k: None, callback=KeepInitialAdapters())
     rows = [r for r in (json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     assert init and all(not v.any() for k, v in init.items() if k.endswith("lora_b"))
 

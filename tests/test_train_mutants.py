@@ -11,9 +11,10 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from mlx_persona.config import OptimConfig, TrainConfig
+from mlx_persona.tuner.config import OptimConfig, TrainConfig
 from mlx_persona.models import load_model
-from mlx_persona.train import build_schedule, evaluate_loss
+from mlx_persona.tuner.losses import evaluate_loss
+from mlx_persona.tuner.trainer import build_schedule
 
 
 def _lr(lr, warmup, total, ratio, step):
@@ -29,7 +30,7 @@ def _lr(lr, warmup, total, ratio, step):
 @pytest.mark.parametrize("warmup, total", [(3, 10), (0, 5), (4, 4), (9, 4), (2, 1), (0, 1), (1, 2)])
 def test_schedule_known_values(warmup, total):
     cfg = TrainConfig(optim=OptimConfig(learning_rate=1e-3, warmup_steps=warmup, min_lr_ratio=0.1))
-    schedule = build_schedule(cfg, total)
+    schedule = build_schedule(cfg.optim, total)
     for step in range(total + 2):
         # float32 schedule arithmetic: measured relative error <= 3.4e-7.
         np.testing.assert_allclose(float(schedule(mx.array(step))), _lr(1e-3, warmup, total, 0.1, step),
@@ -38,7 +39,7 @@ def test_schedule_known_values(warmup, total):
 
 def test_schedule_first_step_and_end():
     cfg = TrainConfig(optim=OptimConfig(learning_rate=2e-3, warmup_steps=4, min_lr_ratio=0.25))
-    s = build_schedule(cfg, 12)
+    s = build_schedule(cfg.optim, 12)
     got = [float(s(mx.array(i))) for i in (0, 2, 4, 8, 12, 20)]
     want = [5e-4, 1.25e-3, 2e-3, 2e-3 * (0.25 + 0.75 * 0.5 * (1 + math.cos(math.pi / 2))), 5e-4, 5e-4]
     np.testing.assert_allclose(got, want, rtol=3e-6)

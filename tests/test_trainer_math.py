@@ -18,12 +18,15 @@ import pytest
 import torch
 from mlx.utils import tree_flatten, tree_map
 
-import mlx_persona.train as train_mod
+import mlx_persona.tuner.trainer as train_mod
 from mlx_persona import data as data_mod
-from mlx_persona.batching import batch_plan, collate
+from mlx_persona.tuner.batching import batch_plan, collate
 from mlx_persona.models import load_model
-from mlx_persona.train import clip_by_global_norm, global_norm, track_validation, train
-from mlx_persona.tuning import attach_adapters, loss_fn
+from mlx_persona.tuner.config import TrainConfig
+from mlx_persona.tuner.run import run
+from mlx_persona.tuner.trainer import clip_by_global_norm, global_norm, track_validation
+from mlx_persona.tuner.adapters import attach_adapters
+from mlx_persona.tuner.losses import loss_fn
 from training_runs import bitwise_equal, config, metrics, weights
 
 quiet = dict(log=lambda *a: None)
@@ -76,7 +79,7 @@ def _train_rows(out: Path) -> list[dict]:
 
 
 def _run(tiny_path, data, out, **changes):
-    train(config(tiny_path, data, out, **{**SGD, **changes}), **quiet)
+    run(config(tiny_path, data, out, **{**SGD, **changes}), **quiet)
     return out
 
 
@@ -172,7 +175,7 @@ def _step_gradients(tiny_path, uneven, unclipped: Path):
     of lora_a is exactly 0, and with betas (0, 0) a zero gradient moves nothing.
     """
     model, tok = load_model(tiny_path)
-    attach_adapters(model, "lora", 4, 16.0, 0.0, train_mod.TrainConfig().lora.modules)
+    attach_adapters(model, "lora", 4, 16.0, 0.0, TrainConfig().lora.modules)
     saved = weights(unclipped / "adapters.safetensors")
     model.load_weights([(k, v if k.endswith("lora_a") else mx.zeros_like(v)) for k, v in saved.items()], strict=False)
     ds = data_mod.prepare_dataset(tok, data_mod.load_splits(uneven)[0], 1024)
@@ -266,7 +269,7 @@ def test_training_stops_early_at_the_expected_step_with_the_best_adapters(tiny_p
     out = tmp_path / "early"
     cfg = config(tiny_path, uneven, out, steps=12, batch_size=2, eval_every=1, early_stopping_patience=2,
                  save_every=1, keep_checkpoints=50, **{"lora.dropout": 0.0})
-    train(cfg, **quiet)
+    run(cfg, **quiet)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 4, f"stopped after {summary['steps']} steps, expected 4"
     assert summary["stop_reason"].startswith("early stopping") and "2 evaluations" in summary["stop_reason"]

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from mlx_persona.models import load_model
-from mlx_persona.tuning import _rows, lm_head_cross_entropy, lm_head_weight, loss_fn
+from mlx_persona.tuner.losses import _rows, lm_head_cross_entropy, lm_head_weight, loss_fn
 
 
 def _reference(h, w, t):
