@@ -16,6 +16,7 @@ from typing import Callable
 from mlx_persona.eval.entries import NAMED, ModelEntry, parse_model_arg, resolve_all
 from mlx_persona.eval.evaluate import evaluate
 from mlx_persona.eval.options import EvalError, EvalOptions, check_inputs
+from mlx_persona.safe_io import InputError, clip, load_yaml, shorten
 from mlx_persona.sampling import GenerationConfig
 
 _VARIANT_KEYS = ("name", "model", "adapter", "train", "set")
@@ -46,15 +47,12 @@ class Recipe:
 
 
 def _read_yaml(path: Path):
-    import yaml
-
     if not path.is_file():
         raise EvalError(f"{path}: no such recipe file")
-    try:
-        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        raise EvalError(f"{path}:{mark.line + 1 if mark else '?'}: invalid YAML: {getattr(e, 'problem', e)}") from None
+    try:  # no anchors or aliases, at most 64 kB, strict UTF-8 (see mlx_persona.safe_io)
+        return load_yaml(path) or {}
+    except InputError as e:
+        raise EvalError(str(e)) from None
 
 
 def _check_variants(variants, fail) -> None:
@@ -70,11 +68,11 @@ def _check_variants(variants, fail) -> None:
                 fail(f"{where}.{key}", f"unknown key; known keys: {', '.join(_VARIANT_KEYS)}")
         for key in v:
             if key != "set" and not isinstance(v[key], str):
-                fail(f"{where}.{key}", f"must be a string, got {v[key]!r}")
+                fail(f"{where}.{key}", f"must be a string, got {shorten(v[key])}")
         if not v.get("name") or not NAMED.match(f"{v['name']}=x"):
             fail(f"{where}.name", "required: letters, digits, _ . + -")
         if v["name"] in names:
-            fail(f"{where}.name", f"{v['name']!r} is used twice")
+            fail(f"{where}.name", f"{shorten(v['name'])} is used twice")
         names.add(v["name"])
         if ("model" in v) == ("train" in v):
             fail(where, "give exactly one of model (load it) or train (a training config to run, then load)")
@@ -94,7 +92,7 @@ def _eval_options(ev, fail) -> EvalOptions:
         kind = _EVAL_KINDS.get(key, str)
         if not (isinstance(value, kind) and not (kind is int and isinstance(value, bool))) and \
                 not (key == "valid" and value is None):
-            fail(f"eval.{key}", f"expected {kind.__name__}, got {value!r}")
+            fail(f"eval.{key}", f"expected {kind.__name__}, got {shorten(value)}")
     try:
         return EvalOptions(**ev).validate()
     except EvalError as e:
@@ -126,8 +124,8 @@ def load_recipe(path: str | Path) -> Recipe:
     path = Path(path)
     data = _read_yaml(path)
 
-    def fail(key, why):
-        raise EvalError(f"{path}: {key}: {why}")
+    def fail(key, why):  # keys and reasons shortened: a recipe's value never becomes a huge message
+        raise EvalError(f"{path}: {clip(key, 120)}: {clip(why, 400)}")
 
     if not isinstance(data, dict):
         fail("(top level)", f"expected a mapping with keys {', '.join(_RECIPE_KEYS)}")
@@ -139,6 +137,8 @@ def load_recipe(path: str | Path) -> Recipe:
         fail("output", "required: the report folder")
     _check_variants(data.get("variants"), fail)
     options = _eval_options(data.get("eval") or {}, fail)
+    if not isinstance(data.get("generation") or {}, dict):
+        fail("generation", "expected a mapping")
     generation = _generation(dict(data.get("generation") or {}), fail)
     return Recipe(path, output, data["variants"], options, generation)
 

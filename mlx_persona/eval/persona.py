@@ -11,7 +11,8 @@ vocabulary: [mum, ...]         # single words of her voice; matched case-insensi
 breaking_phrases: [as an ai]   # phrases that break character; matched like catchphrases
 ```
 Unknown or repeated keys, missing required keys, wrong types, empty entries and multi-word vocabulary
-are errors, each reported as ``path:line: key: reason`` (invalid YAML as ``path:line: invalid YAML: reason``).
+are errors, each reported as ``path:line: key: reason`` (invalid YAML as ``path:line: invalid YAML: reason``;
+anchors and aliases are refused, values are shortened, at most ``MAX_PROBLEMS`` lines).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
+from mlx_persona.safe_io import InputError, clip, parse_yaml, read_text, shorten
 
 
 class PersonaError(ValueError):
@@ -40,10 +41,26 @@ _LISTS = ("catchphrases", "vocabulary", "breaking_phrases")
 _STRINGS = ("name", "description", "system_prompt")
 _KEYS = _STRINGS + _LISTS
 _REQUIRED = ("name", "description")
+MAX_PROBLEMS = 20
+
+
+class _Problems(list):
+    """The problems found; those past MAX_PROBLEMS are only counted."""
+
+    extra = 0
+
+    def append(self, problem: str) -> None:
+        if len(self) < MAX_PROBLEMS:
+            super().append(problem)
+        else:
+            self.extra += 1
+
+    def text(self) -> str:
+        return "\n".join(self) + (f"\n... and {self.extra} more problems" if self.extra else "")
 
 
 def _describe(value) -> str:
-    return f"{type(value).__name__} {value!r}" if value is not None else "nothing (null)"
+    return f"{type(value).__name__} {shorten(value)}" if value is not None else "nothing (null)"
 
 
 def load_persona(path: str | Path) -> Persona:
@@ -62,27 +79,25 @@ def load_persona(path: str | Path) -> Persona:
     path = Path(path)
     if not path.is_file():
         raise PersonaError(f"{path}: no such file")
-    text = path.read_text(encoding="utf-8")
     try:
-        # The node tree keeps each key's and list item's line; the values come from the same text.
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        raise PersonaError(f"{path}:{mark.line + 1 if mark else 1}: invalid YAML: {getattr(e, 'problem', e)}") \
-            from None
-    if not isinstance(root, yaml.MappingNode) or not isinstance(data, dict):
+        # The node tree keeps each key's and list item's line; the values are built from the same tree.
+        root, data = parse_yaml(read_text(path), str(path))
+    except InputError as e:
+        raise PersonaError(str(e)) from None
+    if not isinstance(data, dict):
         line = root.start_mark.line + 1 if root is not None else 1
         raise PersonaError(f"{path}:{line}: (top level): expected a mapping with keys {', '.join(_KEYS)}")
-    problems = []
+    problems = _Problems()
     lines: dict[str, int] = {}
     items: dict[str, list[int]] = {}
     for key_node, value_node in root.value:
         key, line = key_node.value, key_node.start_mark.line + 1
+        if not isinstance(key, str):  # a key that is itself a list or mapping: reported as unknown below
+            continue
         if key in lines:
-            problems.append(f"{path}:{line}: {key}: given twice (first at line {lines[key]})")
+            problems.append(f"{path}:{line}: {clip(key)}: given twice (first at line {lines[key]})")
         lines[key] = line
-        if isinstance(value_node, yaml.SequenceNode):
+        if type(value_node).__name__ == "SequenceNode":
             items[key] = [n.start_mark.line + 1 for n in value_node.value]
 
     def where(key: str, index: int | None = None) -> str:
@@ -92,7 +107,7 @@ def load_persona(path: str | Path) -> Persona:
 
     for key in data:
         if key not in _KEYS:
-            problems.append(f"{where(str(key))}: {key}: unknown key; known keys: {', '.join(_KEYS)}")
+            problems.append(f"{where(str(key))}: {clip(key)}: unknown key; known keys: {', '.join(_KEYS)}")
     for key in _STRINGS:
         if key not in data:
             if key in _REQUIRED:
@@ -116,8 +131,8 @@ def load_persona(path: str | Path) -> Persona:
             elif not item.strip():
                 problems.append(f"{where(key, i)}: {key}[{i}]: must not be empty")
             elif key == "vocabulary" and len(item.split()) != 1:
-                problems.append(f"{where(key, i)}: vocabulary[{i}]: {item!r} is not a single word "
+                problems.append(f"{where(key, i)}: vocabulary[{i}]: {shorten(item)} is not a single word "
                                 "(vocabulary matches whole words; put phrases under catchphrases)")
     if problems:
-        raise PersonaError("\n".join(problems))
+        raise PersonaError(problems.text())
     return Persona(**{k: data[k] for k in _KEYS if k in data})

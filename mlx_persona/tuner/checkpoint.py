@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import time
@@ -30,8 +31,14 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
+from mlx_persona import safe_io
+
 PREFIX = "step-"
 FILES = ("weights.safetensors", "optimizer.safetensors", "state.json")
+MAX_JSON_BYTES = 1 << 20  # state.json holds the loop position and the config: a few kB
+# state.json's "loop": what tuner.trainer.new_loop_state holds, each key with its check.
+LOOP_KEYS = ("step", "epoch", "batch", "best_val", "best_step", "bad_evals", "stop_reason", "tokens",
+             "loss_tokens", "train_time")
 
 
 class CheckpointError(Exception):
@@ -78,9 +85,10 @@ def write_text_atomic(path: Path, text: str) -> None:
     """Writes text to a temporary name next to `path`, fsyncs, renames over `path`."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    _fsync_file(tmp)
-    os.replace(tmp, path)
+    with safe_io.writing(path, tmp):  # a full disk: one line naming `path`, and no temporary file left
+        tmp.write_text(text)
+        _fsync_file(tmp)
+        os.replace(tmp, path)
     _fsync_dir(path.parent)  # the rename itself survives a power cut only once the folder is synced
 
 
@@ -110,6 +118,18 @@ def set_rng_state(key: list[int]) -> None:
 
 
 def save_checkpoint(root: str | Path, step: int, weights: dict, optimizer_state: dict, state: dict) -> Path:
+    """Writes one checkpoint atomically (see :func:`_save_checkpoint`).
+
+    Raises:
+        safe_io.WriteError: it could not be written (a full disk): one line naming the checkpoint; its
+            temporary folder is removed, so a failed save holds no space.
+    """
+    root = Path(root)
+    with safe_io.writing(root / f"{PREFIX}{step:08d}", root / f".tmp-{PREFIX}{step:08d}"):
+        return _save_checkpoint(root, step, weights, optimizer_state, state)
+
+
+def _save_checkpoint(root: Path, step: int, weights: dict, optimizer_state: dict, state: dict) -> Path:
     """Writes one checkpoint atomically.
 
     Args:
@@ -161,7 +181,7 @@ def verify(path: Path) -> str | None:
     if not manifest.exists():
         return "no manifest (incomplete)"
     try:
-        info = json.loads(manifest.read_text())
+        info = json.loads(safe_io.read_text(manifest, MAX_JSON_BYTES))
         files = info["files"]
         sizes = {name: int(files[name]["size"]) for name in FILES}
         sums = {name: str(files[name]["sha256"]) for name in FILES}
@@ -181,6 +201,60 @@ def verify(path: Path) -> str | None:
     return None
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x) -> bool:
+    return (isinstance(x, (int, float)) and not isinstance(x, bool)) and math.isfinite(x)
+
+
+def check_state(state, step: int, total_steps: int, batches_per_epoch: int | None) -> str | None:
+    """What is wrong with a checkpoint's ``state.json`` for this run, or None when it can be resumed from.
+
+    Args:
+        state: the parsed ``state.json``.
+        step: the checkpoint's step (its folder's name, which its manifest repeats).
+        total_steps: this run's optimizer steps.
+        batches_per_epoch: the global batches of one epoch of this run's data; None when the data
+            differ from the checkpoint's (a ``--force`` resume), so that no position can be checked.
+    """
+    if not isinstance(state, dict):
+        return "state.json: expected a mapping"
+    loop, rng = state.get("loop"), state.get("rng")
+    if not (isinstance(rng, list) and len(rng) == 2 and all(_is_int(x) and 0 <= x < 2**32 for x in rng)):
+        return f"state.json: rng is {safe_io.shorten(rng)}, expected two integers in [0, 2**32)"
+    if not isinstance(state.get("data"), str):
+        return f"state.json: data is {safe_io.shorten(state.get('data'))}, expected the data's fingerprint"
+    if not isinstance(loop, dict):
+        return f"state.json: loop is {safe_io.shorten(loop)}, expected a mapping"
+    if sorted(loop) != sorted(LOOP_KEYS):
+        missing, extra = sorted(set(LOOP_KEYS) - set(loop)), sorted(map(str, set(loop) - set(LOOP_KEYS)))
+        return f"state.json: loop has missing keys {missing} and unknown keys {safe_io.shorten(extra)}"
+    n = batches_per_epoch if batches_per_epoch is not None else 2**63
+    L = loop
+    checks = [  # (key, check, what it must be), in order: a later check may assume an earlier one
+        ("step", lambda: _is_int(L["step"]) and L["step"] == step, f"the checkpoint's step, {step}"),
+        ("step", lambda: L["step"] <= total_steps, f"at most this run's {total_steps} steps"),
+        ("epoch", lambda: _is_int(L["epoch"]) and 0 <= L["epoch"] < 2**31, "an integer >= 0"),
+        ("batch", lambda: _is_int(L["batch"]) and 0 <= L["batch"] < n, f"an integer in [0, {n}) (an epoch's batches)"),
+        ("best_step", lambda: L["best_step"] is None or (_is_int(L["best_step"]) and 0 < L["best_step"] <= step),
+         f"null or an integer in [1, {step}]"),
+        ("best_val", lambda: (L["best_val"] is None) == (L["best_step"] is None) and
+         (L["best_val"] is None or _is_number(L["best_val"])), "a finite number (null when best_step is)"),
+        ("bad_evals", lambda: _is_int(L["bad_evals"]) and 0 <= L["bad_evals"] <= step, f"an integer in [0, {step}]"),
+        ("stop_reason", lambda: isinstance(L["stop_reason"], str) and len(L["stop_reason"]) <= 200, "a short text"),
+        ("tokens", lambda: _is_int(L["tokens"]) and L["tokens"] >= 0, "an integer >= 0"),
+        ("loss_tokens", lambda: _is_int(L["loss_tokens"]) and 0 <= L["loss_tokens"] <= L["tokens"],
+         "an integer in [0, tokens]"),
+        ("train_time", lambda: _is_number(L["train_time"]) and L["train_time"] >= 0, "a finite number >= 0"),
+    ]
+    for key, ok, expected in checks:
+        if not ok():
+            return f"state.json: loop.{key} is {safe_io.shorten(L[key])}, expected {expected}"
+    return None
+
+
 def _step_of(path: Path) -> int:
     return int(path.name[len(PREFIX):])
 
@@ -195,8 +269,13 @@ def list_checkpoints(root: str | Path) -> list[Path]:
     return sorted(found, key=_step_of)
 
 
-def load_latest(root: str | Path, log=print) -> tuple[Path, dict, dict, dict] | None:
+def load_latest(root: str | Path, log=print, check=None) -> tuple[Path, dict, dict, dict] | None:
     """Loads the newest intact checkpoint, reporting and skipping damaged ones.
+
+    A checkpoint is damaged when its files do not match its manifest, cannot be read, hold NaN or inf,
+    or when ``check(step, state)`` (e.g. :func:`check_state` for this run) says what is wrong with its
+    state: one that passes its checksums but is impossible was damaged before the checksums (by a bug,
+    an edit, or tampering), and an older checkpoint, written independently, may still be good.
 
     Returns:
         ``(path, weights, optimizer_state, state)`` or None when there is no checkpoint at all.
@@ -210,11 +289,14 @@ def load_latest(root: str | Path, log=print) -> tuple[Path, dict, dict, dict] | 
         if problem is None:
             try:
                 weights = mx.load(str(path / "weights.safetensors"))
-                opt = tree_unflatten(list(mx.load(str(path / "optimizer.safetensors")).items()))
-                state = json.loads((path / "state.json").read_text())
-                return path, weights, opt, state
+                opt_flat = mx.load(str(path / "optimizer.safetensors"))
+                state = json.loads(safe_io.read_text(path / "state.json", MAX_JSON_BYTES))
+                bad = safe_io.first_nonfinite(weights) or safe_io.first_nonfinite(opt_flat)
+                problem = f"{bad} holds NaN or inf" if bad else check and check(_step_of(path), state)
+                if not problem:
+                    return path, weights, tree_unflatten(list(opt_flat.items())), state
             except (ValueError, RuntimeError, OSError) as e:  # intact bytes MLX cannot read
-                problem = f"unreadable ({e})"
+                problem = f"unreadable ({safe_io.clip(' '.join(str(e).split()), 200)})"
         log(f"warning: checkpoint {path} is unusable: {problem}; trying an older one")
         damaged.append(path)
     if damaged:

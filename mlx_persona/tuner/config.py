@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+from mlx_persona.safe_io import InputError, clip, load_yaml, parse_yaml, shorten
 
 
 class ConfigError(ValueError):
@@ -84,7 +84,8 @@ class TrainConfig:
                               "optim.min_lr_ratio", "optim.max_grad_norm") if not math.isfinite(_get(self, k))]
         finite += [f"optim.betas[{i}]" for i, b in enumerate(self.optim.betas) if not math.isfinite(b)]
         if finite:
-            raise ConfigError(f"{finite[0]}: must be a finite number (got {_get(self, finite[0].split('[')[0])!r})")
+            got = shorten(_get(self, finite[0].split('[')[0]))
+            raise ConfigError(f"{finite[0]}: must be a finite number (got {got})")
         checks = [
             (self.method in ("lora", "dora", "full"), "method", "must be lora, dora or full"),
             (self.output.strip() != "", "output", "must name a folder"),
@@ -121,7 +122,7 @@ class TrainConfig:
         ]
         for ok, key, why in checks:
             if not ok:
-                raise ConfigError(f"{key}: {why} (got {_get(self, key)!r})")
+                raise ConfigError(f"{key}: {why} (got {shorten(_get(self, key))})")
         return self
 
 
@@ -142,16 +143,16 @@ def _check_type(key: str, value: Any, annotation) -> Any:
         return _check_type(key, value, inner[0])
     if origin is list:
         if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {shorten(value)}")
         return [_check_type(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
     if annotation is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        raise ConfigError(f"{key}: expected true or false, got {shorten(value)}")
     if annotation is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        raise ConfigError(f"{key}: expected an integer, got {shorten(value)}")
     if annotation is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
@@ -160,23 +161,23 @@ def _check_type(key: str, value: Any, annotation) -> Any:
                 return float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+        raise ConfigError(f"{key}: expected a number, got {shorten(value)}")
     if annotation is str:
         if isinstance(value, str):
             return value
-        raise ConfigError(f"{key}: expected a string, got {value!r}")
+        raise ConfigError(f"{key}: expected a string, got {shorten(value)}")
     raise ConfigError(f"{key}: unsupported type {annotation}")  # pragma: no cover
 
 
 def from_dict(cls, data: dict, prefix: str = ""):
     """Builds dataclass `cls` from a nested dict; unknown keys are errors that name the key."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {shorten(data)}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in data.items():
-        name = f"{prefix}{key}"
+        name = f"{prefix}{clip(key)}"
         if key not in fields:
             close = [k for k in fields if k.replace("_", "") == str(key).replace("_", "").replace("-", "")]
             hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -196,9 +197,12 @@ def to_dict(cfg) -> dict:
 
 def _parse_override(item: str) -> tuple[str, Any]:
     if "=" not in item:
-        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set optim.learning_rate=1e-4")
+        raise ConfigError(f"--set {shorten(item)}: expected KEY=VALUE, e.g. --set optim.learning_rate=1e-4")
     key, raw = item.split("=", 1)
-    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        return key.strip(), parse_yaml(raw, f"--set {clip(key.strip())}")[1] if raw.strip() else ""
+    except InputError as e:
+        raise ConfigError(str(e).replace(":1: invalid YAML", ": invalid YAML", 1)) from None
 
 
 def _merge(base: dict, dotted: str, value: Any) -> None:
@@ -207,7 +211,7 @@ def _merge(base: dict, dotted: str, value: Any) -> None:
     for part in parts[:-1]:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"{dotted}: {part} is not a section")
+            raise ConfigError(f"{clip(dotted)}: {clip(part)} is not a section")
         node = child
     node[parts[-1]] = value
 
@@ -229,12 +233,10 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None,
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"{p}: no such config file")
-        try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f"{p}:{mark.line + 1}" if mark else str(p)
-            raise ConfigError(f"{where}: invalid YAML: {getattr(e, 'problem', e)}") from None
+        try:  # no anchors or aliases, at most 64 kB, strict UTF-8 (see mlx_persona.safe_io)
+            loaded = load_yaml(p)
+        except InputError as e:
+            raise ConfigError(str(e)) from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):

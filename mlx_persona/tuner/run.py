@@ -40,7 +40,11 @@ def _prepare_output(out: Path, cfg: TrainConfig, resume: bool, force: bool) -> N
         saved = out / "config.yaml"
         if not saved.exists():
             raise TrainingError(f"{out}: nothing to resume (no config.yaml); run without --resume")
-        old = yaml.safe_load(saved.read_text())
+        from mlx_persona.safe_io import load_yaml  # no aliases, bounded; its InputError is one line
+
+        old = load_yaml(saved)
+        if not isinstance(old, dict):
+            raise TrainingError(f"{saved}: not a training config (expected a mapping)")
         diff = [k for k in config_diff(old, to_dict(cfg)) if k not in RESUME_MAY_CHANGE]
         if diff and not force:
             raise TrainingError(f"{out}: the config differs from the run being resumed in: {', '.join(diff)}. "
@@ -60,11 +64,13 @@ def _data_id(ds) -> str:
     return h.hexdigest()[:16]
 
 
-def _resume(out: Path, model, optimizer, data_id: str, force: bool, rank: int, size: int, log) -> dict | None:
+def _resume(out: Path, model, optimizer, data_id: str, force: bool, rank: int, size: int, log,
+            limits: tuple[int, int]) -> dict | None:
     """Loads the newest intact checkpoint into the model, the optimizer and the PRNG.
 
     Rank 0 reads it and checks that it fits this model and data (unless `force`); other ranks receive it
-    from rank 0.
+    from rank 0. A checkpoint whose state is impossible for this run (`limits`: its total steps and the
+    batches of an epoch; see ``checkpoint.check_state``) is skipped like a damaged one, for an older one.
 
     Returns:
         The checkpoint's loop state, or None when there is no checkpoint yet (a run stopped before its
@@ -74,7 +80,9 @@ def _resume(out: Path, model, optimizer, data_id: str, force: bool, rank: int, s
     found = None
     if rank == 0:
         try:
-            found = ckpt.load_latest(out / "checkpoints", log=log)
+            total_steps, n_batches = limits
+            found = ckpt.load_latest(out / "checkpoints", log=log, check=lambda step, state: ckpt.check_state(
+                state, step, total_steps, n_batches if state.get("data") == data_id else None))
         except ckpt.CheckpointError as e:
             raise TrainingError(str(e)) from None
         problem = found and ckpt.mismatch(found[1], found[2], weights_like, optimizer.state)
@@ -180,8 +188,8 @@ def run(cfg: TrainConfig, *, resume: bool = False, force: bool = False, log=prin
     train_ds, valid_ds = _load_data(cfg, tokenizer, log)
     adapter_config, n_trainable = _attach(model, cfg, base, log)
 
-    steps_per_epoch = max(len(batch_plan([len(t) for t in train_ds.tokens], cfg.batch_size))
-                          // cfg.grad_accumulation, 1)
+    n_batches = len(batch_plan([len(t) for t in train_ds.tokens], cfg.batch_size))
+    steps_per_epoch = max(n_batches // cfg.grad_accumulation, 1)
     total_steps = cfg.steps or cfg.epochs * steps_per_epoch
     optimizer = optim.AdamW(learning_rate=build_schedule(cfg.optim, total_steps), betas=cfg.optim.betas,
                             eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
@@ -189,7 +197,7 @@ def run(cfg: TrainConfig, *, resume: bool = False, force: bool = False, log=prin
 
     loop, data_id = new_loop_state(), _data_id(train_ds)
     if resume:
-        loop = _resume(out, model, optimizer, data_id, force, rank, size, log) or loop
+        loop = _resume(out, model, optimizer, data_id, force, rank, size, log, (total_steps, n_batches)) or loop
         log(f"resuming at step {loop['step']} of {total_steps} (epoch {loop['epoch']}, batch {loop['batch']})")
     metrics = MetricsWriter(out / "metrics.jsonl", cfg.log_every, total_steps, enabled=rank == 0)
     if rank == 0:
@@ -218,7 +226,7 @@ def run(cfg: TrainConfig, *, resume: bool = False, force: bool = False, log=prin
             from mlx_persona.eval.plots import plot_loss
 
             plot_loss(out / "metrics.jsonl", out / "loss.png")
-        except ImportError as e:  # matplotlib is a core dependency; keep training results regardless
+        except (ImportError, OSError) as e:  # matplotlib is a core dependency; keep training results regardless
             log(f"warning: no loss plot ({e})")
     log(f"done: {loop['step']} steps in {loop['train_time']:.1f}s, {summary['tokens_per_sec']:.0f} tokens/s, "
         f"peak memory {summary['peak_memory_gb']:.2f} GB"
