@@ -59,9 +59,12 @@ def export_onnx_cmd(hf_dir, out, dtypes, overwrite):
 
 @click.command()
 @click.argument("web_dir", type=click.Path())
-@click.option("--port", default=8000, show_default=True, help="Port on 127.0.0.1 (0 = any free port).")
+@click.option("--port", default=8000, show_default=True, help="Port to listen on (0 = any free port).")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on: one address (not 0.0.0.0); requests must name it or a loopback "
+                   "name (127.0.0.1, localhost, [::1]) with the port in their Host header.")
 @click.option("--no-serve", is_flag=True, help="Only copy the page and runtime into WEB_DIR.")
-def web(web_dir, port, no_serve):
+def web(web_dir, port, host, no_serve):
     """Put the chat page next to an ONNX export and serve it on 127.0.0.1 (runs in the browser)."""
     from mlx_persona.export.web import WebError, install_page, serve
 
@@ -72,6 +75,6 @@ def web(web_dir, port, no_serve):
     click.echo(f"page installed in {web_dir}")
     if not no_serve:
         try:
-            serve(web_dir, port=port, log=lambda m: click.echo(m))
-        except OSError as e:
-            fail(f"cannot serve on 127.0.0.1:{port}: {e}")
+            serve(web_dir, port=port, host=host, log=lambda m: click.echo(m))
+        except (OSError, ValueError) as e:
+            fail(f"cannot serve on {host}:{port}: {e}")

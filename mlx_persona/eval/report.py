@@ -95,9 +95,25 @@ def fmt(summary: dict | None, key: str, kind: str) -> str:
     return f"{v:.1f}"
 
 
-def _md_cell(text: str) -> str:
-    text = html.escape(text, quote=False).replace("|", "\\|")
+# Markdown's inline punctuation: emphasis, code, links and images, tables, strike-through, escapes.
+_MD_ESCAPE = str.maketrans({c: "\\" + c for c in "\\`*_[]!|~"})
+
+
+def _md_cell(text) -> str:
+    """`text` shown as is in markdown, on one line (a table cell, a heading): what it shows is never markup.
+
+    ``<``, ``>``, ``&`` become entities (no raw HTML: a model folder named ``run<img onerror=…>`` runs
+    nothing), markdown punctuation is backslash-escaped (no link, image, emphasis, or ``|`` cell break),
+    line breaks become ``<br>``.
+    """
+    text = html.escape(str(text), quote=False).translate(_MD_ESCAPE)
     return "<br>".join(text.splitlines()) or " "
+
+
+def _md_code(text) -> str:
+    """`text` in ``<code>``, on one line, escaped as :func:`_md_cell` does (no code span: a backtick in
+    `text` would end one, and a renderer that is not CommonMark may take its content as HTML)."""
+    return f"<code>{_md_cell(' '.join(str(text).splitlines()))}</code>"
 
 
 def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -190,12 +206,13 @@ def _intro(result: dict, seeds: list[int]) -> list[tuple[str, str]]:
 
 def _eval_md(result, header, table, grouped, seeds, names, early_tokens, figures) -> str:
     lines = ["# Persona evaluation", ""]
-    lines += [f"- **{k}**: `{v}`" if k == "command" else f"- **{k}**: {v}" for k, v in _intro(result, seeds)]
+    lines += [f"- **{k}**: {_md_code(v) if k == 'command' else _md_cell(v)}" for k, v in _intro(result, seeds)]
     lines += ["", "## Models", ""]
     lines += _md_table(["name", "model", "adapter", "how"],
-                       [[n, f"`{m['model']}`", f"`{m['adapter']}`" if m["adapter"] else "–", m["note"] or "–"]
+                       [[_md_cell(n), _md_code(m["model"]),
+                         _md_code(m["adapter"]) if m["adapter"] else "–", _md_cell(m["note"] or "–")]
                         for n, m in result["models"].items()])
-    lines += ["", "## Summary", ""] + _md_table(header, table)
+    lines += ["", "## Summary", ""] + _md_table([_md_cell(c) for c in header], table)
     for png in figures:
         lines += ["", f"![{FIGURE_ALT.get(png, png)}]({png})"]
     lines += ["", "## Definitions", ""]
@@ -210,7 +227,7 @@ def _eval_md(result, header, table, grouped, seeds, names, early_tokens, figures
                 r = g["cells"].get((seed, n))
                 cells.append("–" if r is None else f"{_md_cell(r['text'])}<br>*{_md_cell(_meta(r))}*")
             body.append([str(seed)] + cells)
-        lines += _md_table(["seed"] + names, body) + [""]
+        lines += _md_table(["seed"] + [_md_cell(n) for n in names], body) + [""]
     return "\n".join(lines) + "\n"
 
 
@@ -294,14 +311,17 @@ def write_sweep_report(out: Path, result: dict) -> None:
                         *("" if r.get(c) is None else r[c] for c in SWEEP_COLUMNS)])
     early_tokens = result["options"]["early_tokens"]
     header = ["model", "setting"] + [label for _, label, _ in _SWEEP_MD]
-    table = [[r["model"], r["setting"]] + [fmt(r, k, kind) for k, _, kind in _SWEEP_MD] for r in rows]
+    table = [[_md_cell(r["model"]), _md_cell(r["setting"])] + [fmt(r, k, kind) for k, _, kind in _SWEEP_MD]
+             for r in rows]
     if result.get("reference"):
         table.append(["reference", "validation replies"] + [fmt(result["reference"], k, kind) for k, _, kind in _SWEEP_MD])
     o = result["options"]
-    lines = ["# Generation sweep", "", f"- **command**: `{result.get('command') or '–'}`", f"- **written**: {_now()}",
-             f"- **base settings**: {_settings_line(result['generation'])}",
-             "- **grid**: " + "; ".join(f"{k} = {', '.join(map(str, v))}" for k, v in result["grid"].items()),
-             f"- **prompts**: {len(result['prompts'])} from {o['prompts']}; **seeds**: {', '.join(map(str, o['seeds']))}",
+    grid = "; ".join(f"{k} = {', '.join(map(str, v))}" for k, v in result["grid"].items())
+    lines = ["# Generation sweep", "", f"- **command**: {_md_code(result.get('command') or '–')}",
+             f"- **written**: {_now()}", f"- **base settings**: {_md_cell(_settings_line(result['generation']))}",
+             f"- **grid**: {_md_cell(grid)}",
+             (f"- **prompts**: {len(result['prompts'])} from {_md_cell(o['prompts'])}; "
+              f"**seeds**: {_md_cell(', '.join(map(str, o['seeds'])))}"),
              f"- **system prompt**: {'the persona card' if result.get('system') else 'none'}", ""]
     lines += _md_table(header, table)
     lines += ["", "![sweep](sweep.png)", "", "## Definitions", ""] + [f"- {d}" for d in definitions(early_tokens)]

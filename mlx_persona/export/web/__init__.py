@@ -10,9 +10,12 @@
 - ``web.json``: the dtypes the folder has, so the page offers only those.
 
 The JavaScript packages come from ``npm ci`` in this folder (versions pinned in package.json and
-package-lock.json); ``MLX_PERSONA_NODE_MODULES`` may point at another ``node_modules``. The server is
-Python's ``http.server`` with the MIME types browsers insist on (``.wasm`` application/wasm, ``.mjs``
-text/javascript) and cross-origin isolation headers, which let onnxruntime-web use threads.
+package-lock.json); ``MLX_PERSONA_NODE_MODULES`` may point at another ``node_modules``. The server
+(:mod:`.server`, shared by every server of mlx-persona) serves the folder's regular files and nothing else
+(no symlink out of it, no listing, no ``mlx_persona.json``), only to ``Host: 127.0.0.1:PORT`` /
+``localhost:PORT`` / ``[::1]:PORT``, GET/HEAD only, with read timeouts and at most 32 connections; with
+the MIME types browsers insist on (``.wasm`` application/wasm, ``.mjs`` text/javascript) and
+cross-origin isolation headers, which let onnxruntime-web use threads.
 """
 
 from __future__ import annotations
@@ -20,10 +23,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
-from functools import partial
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+
+from mlx_persona.export.web.server import (
+    MAX_CONNECTIONS,
+    REQUEST_TIMEOUT,
+    LocalOnlyServer,
+    StaticFileHandler,
+)
 
 __all__ = ["WebError", "install_page", "make_server", "serve", "node_modules", "PAGE_DIR"]
 
@@ -122,15 +129,11 @@ def install_page(web_dir: str | Path) -> Path:
     return web
 
 
-class _Handler(SimpleHTTPRequestHandler):
-    extensions_map = {**SimpleHTTPRequestHandler.extensions_map, **MIME}
+class _PageHandler(StaticFileHandler):
+    """The folder's files (never mlx_persona.json: provenance, not for the page) with cross-origin isolation."""
 
-    def guess_type(self, path):
-        # ".onnx_data" is not a suffix mimetypes knows; match it (and the rest) by name.
-        for ext, mime in MIME.items():
-            if str(path).endswith(ext):
-                return mime
-        return super().guess_type(path)
+    mime = MIME
+    hidden = frozenset({"mlx_persona.json"})
 
     def end_headers(self):
         # Cross-origin isolation enables SharedArrayBuffer, i.e. multi-threaded WASM.
@@ -139,32 +142,26 @@ class _Handler(SimpleHTTPRequestHandler):
         self.send_header("Cache-Control", "no-cache")
         super().end_headers()
 
-    def log_message(self, format, *args):
-        if self.server.log is not None:
-            self.server.log(f"{self.address_string()} {format % args}")
 
+def make_server(web_dir: str | Path, port: int = 0, log=None, *, host: str = "127.0.0.1",
+                timeout: float = REQUEST_TIMEOUT, max_connections: int = MAX_CONNECTIONS) -> LocalOnlyServer:
+    """An HTTP server for `web_dir` on `host` (port 0 = a free port; see ``server.server_port``).
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def handle_error(self, request, client_address):
-        # A browser that navigates away mid-download resets the connection: not an error worth a traceback.
-        if isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError)):
-            return
-        super().handle_error(request, client_address)
-
-
-def make_server(web_dir: str | Path, port: int = 0, log=None) -> ThreadingHTTPServer:
-    """An HTTP server for `web_dir` on 127.0.0.1 (port 0 = a free port; see ``server.server_port``)."""
-    server = _Server(("127.0.0.1", port), partial(_Handler, directory=str(Path(web_dir).resolve())))
-    server.log = log
+    It serves the folder's regular files and nothing else, to requests naming the bound address only,
+    with `timeout` seconds per read and `max_connections` at once: see :mod:`mlx_persona.export.web.server`.
+    """
+    root = Path(web_dir).resolve(strict=True)
+    server = LocalOnlyServer((host, port), _PageHandler, request_timeout=timeout, max_connections=max_connections,
+                             log=log)
+    server.root = root
     return server
 
 
-def serve(web_dir: str | Path, port: int = 8000, log=print, request_log=None) -> None:
-    """Serves `web_dir` on 127.0.0.1 until interrupted."""
-    server = make_server(web_dir, port, request_log)
-    log(f"serving {Path(web_dir).resolve()} at http://127.0.0.1:{server.server_port}/ (Ctrl-C to stop)")
+def serve(web_dir: str | Path, port: int = 8000, log=print, request_log=None, host: str = "127.0.0.1") -> None:
+    """Serves `web_dir` on `host` (127.0.0.1 by default) until interrupted."""
+    server = make_server(web_dir, port, request_log, host=host)
+    shown = f"[{host}]" if ":" in host else host
+    log(f"serving {Path(web_dir).resolve()} at http://{shown}:{server.server_port}/ (Ctrl-C to stop)")
     try:
         server.serve_forever()
     except KeyboardInterrupt:
