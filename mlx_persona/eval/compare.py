@@ -16,6 +16,7 @@ from typing import Callable
 from mlx_persona.eval.entries import NAMED, ModelEntry, parse_model_arg, resolve_all
 from mlx_persona.eval.evaluate import evaluate
 from mlx_persona.eval.options import EvalError, EvalOptions, check_inputs
+from mlx_persona.outputs import output_lock
 from mlx_persona.safe_io import InputError, clip, load_yaml, shorten
 from mlx_persona.sampling import GenerationConfig
 
@@ -160,12 +161,13 @@ def _trained_entry(v: dict, retrain: bool, log) -> ModelEntry:
     cfg = _train_config(v, retrain)
     out = Path(cfg.output)
     summary_path = out / "summary.json"
-    if summary_path.is_file() and not retrain:
-        log(f"{v['name']}: using the finished run {out} (pass --retrain to train again)")
-    else:
-        log(f"{v['name']}: training {cfg.model} with {v['train']} -> {out}")
-        run(cfg, resume=False, force=False, log=log)
-    summary = json.loads(summary_path.read_text())
+    with output_lock(out):  # reuse-or-train decided, and the summary read, while no one else writes it
+        if summary_path.is_file() and not retrain:
+            log(f"{v['name']}: using the finished run {out} (pass --retrain to train again)")
+        else:
+            log(f"{v['name']}: training {cfg.model} with {v['train']} -> {out}")
+            run(cfg, resume=False, force=False, log=log)
+        summary = json.loads(summary_path.read_text())
     sets = ", ".join(f"{k}={val}" for k, val in _flatten(v.get("set") or {}).items())
     best = summary.get("best_val_loss")
     note = (f"trained: {v['train']}" + (f" with {sets}" if sets else "") +
@@ -196,17 +198,18 @@ def compare(recipe_path: str | Path, *, out: str | None = None, overwrite: bool 
         options = dataclasses.replace(options, seeds=list(seeds))
     check_inputs(options)  # before any training
     target = Path(out or recipe.output)
-    if target.exists() and any(target.iterdir()) and not overwrite:
-        raise EvalError(f"{target}: already exists and is not empty; pass --overwrite to replace it")
-    # Every config checked and every model resolved (fetched) before the first training run starts.
-    loaded = {}
-    for v in recipe.variants:
-        if "train" in v:
-            resolve_model(_train_config(v, retrain).model)
-        else:
-            entry = parse_model_arg(f"{v['name']}={v['model']}" + (f"@{v['adapter']}" if v.get("adapter") else ""))
-            resolve_all([entry])
-            loaded[v["name"]] = dataclasses.replace(entry, note="loaded as is")
-    entries = [_trained_entry(v, retrain, log) if "train" in v else loaded[v["name"]] for v in recipe.variants]
-    return evaluate(entries, recipe.generation, options, target, overwrite=overwrite,
-                    command=command or f"mlx-persona compare {recipe_path}", log=log)
+    with output_lock(target):  # the report folder is ours from its check to evaluate's last file
+        if target.exists() and any(target.iterdir()) and not overwrite:
+            raise EvalError(f"{target}: already exists and is not empty; pass --overwrite to replace it")
+        # Every config checked and every model resolved (fetched) before the first training run starts.
+        loaded = {}
+        for v in recipe.variants:
+            if "train" in v:
+                resolve_model(_train_config(v, retrain).model)
+            else:
+                entry = parse_model_arg(f"{v['name']}={v['model']}" + (f"@{v['adapter']}" if v.get("adapter") else ""))
+                resolve_all([entry])
+                loaded[v["name"]] = dataclasses.replace(entry, note="loaded as is")
+        entries = [_trained_entry(v, retrain, log) if "train" in v else loaded[v["name"]] for v in recipe.variants]
+        return evaluate(entries, recipe.generation, options, target, overwrite=overwrite,
+                        command=command or f"mlx-persona compare {recipe_path}", log=log)

@@ -25,7 +25,7 @@ from mlx_persona.eval import plots
 from mlx_persona.eval.entries import ModelEntry, check_names, load_entry, release, resolve_all
 from mlx_persona.eval.metrics import WORDS_PER_TOKEN, StyleModel, reply_metrics, summarize, word_count
 from mlx_persona.eval.options import EvalError, EvalOptions, assistant_replies, check_inputs, load_prompts
-from mlx_persona.outputs import prepare_output_dir
+from mlx_persona.outputs import output_lock, prepare_output_dir
 from mlx_persona.sampling import GenerationConfig
 
 
@@ -147,30 +147,31 @@ def evaluate(models: list[ModelEntry], config: GenerationConfig, options: EvalOp
 
     check_names(models)
     config.validate()
-    ctx = Context.load(options)
-    resolve_all(models)
-    out = prepare_output_dir(out, overwrite)
-    all_rows, per_model = [], {}
-    for entry in models:
-        model, tok, end_ids = load_entry(entry, log)
-        rows = generate_replies(model, tok, end_ids, ctx, config, name=entry.name, log=log)
-        summary = summarize_rows(rows)
-        if options.valid:
-            summary.update(losses.validation_loss(model, tok, options.valid, max_seq_len=options.max_seq_len))
-            log(f"  {entry.name}: validation loss {summary['val_loss']:.4f} (perplexity {summary['val_ppl']:.1f})")
-        per_model[entry.name] = {"model": entry.model, "adapter": entry.adapter, "note": entry.note, **summary}
-        all_rows += rows
-        del model, tok
-        release()
-    reference_texts = ctx.reference_texts()
-    result = {
-        "out": str(out), "command": command, "generation": config.to_dict(), "options": dataclasses.asdict(options),
-        "prompts": ctx.prompts, "system": ctx.system, "models": per_model,
-        "reference": reference_summary(ctx, reference_texts),
-    }
-    write_results(out, all_rows, result)
-    figures = _figures(result, all_rows, reference_texts)
-    for name, png in figures.items():
-        (out / name).write_bytes(png)
-    report.write_eval_report(out, result, all_rows, figures)
-    return result
+    with output_lock(out):  # one writer per folder, from before the check to the last file
+        ctx = Context.load(options)
+        resolve_all(models)
+        out = prepare_output_dir(out, overwrite)
+        all_rows, per_model = [], {}
+        for entry in models:
+            model, tok, end_ids = load_entry(entry, log)
+            rows = generate_replies(model, tok, end_ids, ctx, config, name=entry.name, log=log)
+            summary = summarize_rows(rows)
+            if options.valid:
+                summary.update(losses.validation_loss(model, tok, options.valid, max_seq_len=options.max_seq_len))
+                log(f"  {entry.name}: validation loss {summary['val_loss']:.4f} (perplexity {summary['val_ppl']:.1f})")
+            per_model[entry.name] = {"model": entry.model, "adapter": entry.adapter, "note": entry.note, **summary}
+            all_rows += rows
+            del model, tok
+            release()
+        reference_texts = ctx.reference_texts()
+        result = {
+            "out": str(out), "command": command, "generation": config.to_dict(), "options": dataclasses.asdict(options),
+            "prompts": ctx.prompts, "system": ctx.system, "models": per_model,
+            "reference": reference_summary(ctx, reference_texts),
+        }
+        write_results(out, all_rows, result)
+        figures = _figures(result, all_rows, reference_texts)
+        for name, png in figures.items():
+            (out / name).write_bytes(png)
+        report.write_eval_report(out, result, all_rows, figures)
+        return result

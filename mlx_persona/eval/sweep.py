@@ -14,7 +14,7 @@ from mlx_persona.eval import plots
 from mlx_persona.eval.entries import ModelEntry, check_names, load_entry, release, resolve_all
 from mlx_persona.eval.evaluate import Context, generate_replies, reference_summary, summarize_rows, write_results
 from mlx_persona.eval.options import EvalError, EvalOptions
-from mlx_persona.outputs import prepare_output_dir
+from mlx_persona.outputs import output_lock, prepare_output_dir
 from mlx_persona.sampling import GenerationConfig
 
 # Generation settings a sweep may vary (numbers only; `stop` and `seed` are not grid axes).
@@ -90,24 +90,26 @@ def sweep(models: list[ModelEntry], base: GenerationConfig, grid: dict[str, list
     check_names(models)
     settings = grid_settings(grid)
     configs = _configs(base, settings)
-    ctx = Context.load(options)
-    resolve_all(models)
-    out = prepare_output_dir(out, overwrite)
-    table, all_rows = [], []
-    for entry in models:
-        model, tok, end_ids = load_entry(entry, log)
-        for s, cfg in zip(settings, configs):
-            label = setting_label(s)
-            log(f"{entry.name}: {label}")
-            rows = generate_replies(model, tok, end_ids, ctx, cfg, name=entry.name, extra={"setting": label}, log=log)
-            table.append({"model": entry.name, "setting": label, **s, **summarize_rows(rows)})
-            all_rows += rows
-        del model, tok
-        release()
-    result = {"command": command, "generation": base.to_dict(), "grid": grid, "options": dataclasses.asdict(options),
-              "prompts": ctx.prompts, "system": ctx.system, "rows": table,
-              "reference": reference_summary(ctx, ctx.reference_texts())}
-    write_results(out, all_rows, result)
-    (out / "sweep.png").write_bytes(plots.plot_sweep(table))
-    report.write_sweep_report(out, result)
-    return table
+    with output_lock(out):  # one writer per folder, from before the check to the last file
+        ctx = Context.load(options)
+        resolve_all(models)
+        out = prepare_output_dir(out, overwrite)
+        table, all_rows = [], []
+        for entry in models:
+            model, tok, end_ids = load_entry(entry, log)
+            for s, cfg in zip(settings, configs):
+                label = setting_label(s)
+                log(f"{entry.name}: {label}")
+                rows = generate_replies(model, tok, end_ids, ctx, cfg, name=entry.name, extra={"setting": label},
+                                        log=log)
+                table.append({"model": entry.name, "setting": label, **s, **summarize_rows(rows)})
+                all_rows += rows
+            del model, tok
+            release()
+        result = {"command": command, "generation": base.to_dict(), "grid": grid,
+                  "options": dataclasses.asdict(options), "prompts": ctx.prompts, "system": ctx.system, "rows": table,
+                  "reference": reference_summary(ctx, ctx.reference_texts())}
+        write_results(out, all_rows, result)
+        (out / "sweep.png").write_bytes(plots.plot_sweep(table))
+        report.write_sweep_report(out, result)
+        return table

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from mlx_persona import __version__
 from mlx_persona.export.errors import ExportError
-from mlx_persona.outputs import atomic_output_dir, check_output_dir
+from mlx_persona.outputs import atomic_output_dir, check_output_dir, output_lock
 from mlx_persona.runs import adapter_config, recorded_base
 
 __all__ = ["fuse", "fuse_model", "write_tokenizer", "write_generation_config"]
@@ -180,37 +180,39 @@ def fuse(model_spec, adapter_dir, out_dir, *, overwrite: bool = False, generatio
         model_spec = recorded_base(adapter_cfg)
         if not model_spec:
             raise ExportError(f"{adapter}: adapter_config.json names no base model; pass --model")
-    base = resolve_model(model_spec)
-    out = check_output_dir(out_dir, overwrite, inputs=(base, adapter))
+    # One writer per folder: the lock (beside out_dir) outlives atomic_output_dir's rename.
+    with output_lock(out_dir):
+        base = resolve_model(model_spec)
+        out = check_output_dir(out_dir, overwrite, inputs=(base, adapter))
 
-    model, tokenizer = load_model(str(base), adapter_path=adapter, dtype="float32")
-    n_fused = fuse_model(model)
-    weights = {k: v.astype(getattr(mx, dtype)) for k, v in tree_flatten(model.parameters())}
-    expected = _base_keys(base)
-    if expected and set(weights) != expected and set(weights) != expected - {"lm_head.weight"}:
-        extra, missing = sorted(set(weights) - expected), sorted(expected - set(weights))
-        raise ExportError(f"{base}: the fused parameters do not match the base checkpoint's names "
-                          f"(unexpected: {extra[:3]}, missing: {missing[:3]}); this model type cannot be "
-                          "exported as a Hugging Face folder")
+        model, tokenizer = load_model(str(base), adapter_path=adapter, dtype="float32")
+        n_fused = fuse_model(model)
+        weights = {k: v.astype(getattr(mx, dtype)) for k, v in tree_flatten(model.parameters())}
+        expected = _base_keys(base)
+        if expected and set(weights) != expected and set(weights) != expected - {"lm_head.weight"}:
+            extra, missing = sorted(set(weights) - expected), sorted(expected - set(weights))
+            raise ExportError(f"{base}: the fused parameters do not match the base checkpoint's names "
+                              f"(unexpected: {extra[:3]}, missing: {missing[:3]}); this model type cannot be "
+                              "exported as a Hugging Face folder")
 
-    config = json.loads((base / "config.json").read_text())
-    for key in ("quantization", "quantization_config"):
-        config.pop(key, None)
-    config["torch_dtype"] = dtype
-    config["dtype"] = dtype
-    if "lm_head.weight" not in weights:
-        config["tie_word_embeddings"] = True
+        config = json.loads((base / "config.json").read_text())
+        for key in ("quantization", "quantization_config"):
+            config.pop(key, None)
+        config["torch_dtype"] = dtype
+        config["dtype"] = dtype
+        if "lm_head.weight" not in weights:
+            config["tie_word_embeddings"] = True
 
-    with atomic_output_dir(out) as tmp:
-        mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        write_tokenizer(tokenizer, base, tmp)
-        write_generation_config(tmp / "generation_config.json", tokenizer, base, generation)
-        provenance = {}
-        if (base / "mlx_persona.json").exists():
-            provenance = json.loads((base / "mlx_persona.json").read_text())
-        provenance.update({"mlx_persona": __version__, "fused": {
-            "base": str(base), "model_spec": str(model_spec), "adapter": str(adapter) if adapter else None,
-            "fine_tune_type": adapter_cfg.get("fine_tune_type"), "layers_fused": n_fused, "dtype": dtype}})
-        (tmp / "mlx_persona.json").write_text(json.dumps(provenance, indent=2) + "\n")
-    return out
+        with atomic_output_dir(out) as tmp:
+            mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "pt"})
+            (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+            write_tokenizer(tokenizer, base, tmp)
+            write_generation_config(tmp / "generation_config.json", tokenizer, base, generation)
+            provenance = {}
+            if (base / "mlx_persona.json").exists():
+                provenance = json.loads((base / "mlx_persona.json").read_text())
+            provenance.update({"mlx_persona": __version__, "fused": {
+                "base": str(base), "model_spec": str(model_spec), "adapter": str(adapter) if adapter else None,
+                "fine_tune_type": adapter_cfg.get("fine_tune_type"), "layers_fused": n_fused, "dtype": dtype}})
+            (tmp / "mlx_persona.json").write_text(json.dumps(provenance, indent=2) + "\n")
+        return out

@@ -50,7 +50,7 @@ from mlx_persona.export.errors import ExportError
 from mlx_persona.export.onnx_decoder import build_decoder
 from mlx_persona.export.onnx_graph import OPSET
 from mlx_persona.export.q4 import Q4_BLOCK, quantize_matmul_q4
-from mlx_persona.outputs import atomic_output_dir, check_output_dir
+from mlx_persona.outputs import atomic_output_dir, check_output_dir, output_lock
 
 __all__ = ["export_onnx", "build_decoder", "quantize_matmul_q4", "DTYPE_FILES", "OPSET"]
 
@@ -242,18 +242,20 @@ def export_onnx(hf_dir, out_dir, dtypes=("fp32", "q4"), *, overwrite: bool = Fal
     hf_dir = Path(hf_dir).expanduser()
     dtypes = tuple(dict.fromkeys(dtypes))
     config = _check_source(hf_dir, dtypes)
-    out = check_output_dir(out_dir, overwrite, inputs=(hf_dir,))
+    # One writer per folder: the lock (beside out_dir) outlives atomic_output_dir's rename.
+    with output_lock(out_dir):
+        out = check_output_dir(out_dir, overwrite, inputs=(hf_dir,))
 
-    t0 = time.perf_counter()
-    weights = _load_weights(hf_dir)
-    external, timings = {}, {}
-    with atomic_output_dir(out) as tmp:
-        for dtype in dtypes:
-            t = time.perf_counter()
-            path = tmp / "onnx" / DTYPE_FILES[dtype]
-            external[path.name] = _write_decoder(config, weights, dtype, path)
-            timings[dtype] = time.perf_counter() - t
-            log(f"{dtype}: {path.relative_to(tmp)} in {timings[dtype]:.1f}s")
-        _write_metadata(tmp, hf_dir, config, dtypes, external, timings)
-    log(f"total {_files_size(out) / 1e6:.1f} MB in {time.perf_counter() - t0:.1f}s")
-    return out
+        t0 = time.perf_counter()
+        weights = _load_weights(hf_dir)
+        external, timings = {}, {}
+        with atomic_output_dir(out) as tmp:
+            for dtype in dtypes:
+                t = time.perf_counter()
+                path = tmp / "onnx" / DTYPE_FILES[dtype]
+                external[path.name] = _write_decoder(config, weights, dtype, path)
+                timings[dtype] = time.perf_counter() - t
+                log(f"{dtype}: {path.relative_to(tmp)} in {timings[dtype]:.1f}s")
+            _write_metadata(tmp, hf_dir, config, dtypes, external, timings)
+        log(f"total {_files_size(out) / 1e6:.1f} MB in {time.perf_counter() - t0:.1f}s")
+        return out

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from mlx_persona.version import __version__
 from mlx_persona.models.errors import ModelError
-from mlx_persona.outputs import check_output_dir
+from mlx_persona.outputs import check_output_dir, output_lock
 from mlx_persona.paths import DEFAULT_DATA, cache_dir
 
 # Real Gemma 3 text shapes (from the published config.json files). The built-ins use them with random
@@ -127,55 +127,57 @@ def init_model(out: str | Path, preset: str, *, seed: int = 0, overwrite: bool =
 
     if preset not in _GEMMA_SHAPES:
         raise ModelError(f"unknown preset {preset!r}; choose one of {', '.join(builtin_names())}")
-    out = check_output_dir(out, overwrite)
-    data_dir = Path(data_dir) if data_dir else DEFAULT_DATA
+    # One writer per folder: the lock (beside `out`) outlives the rename below.
+    with output_lock(out):
+        out = check_output_dir(out, overwrite)
+        data_dir = Path(data_dir) if data_dir else DEFAULT_DATA
 
-    tokenizer = train_tokenizer(_training_texts(data_dir), vocab_size=TINY_TOKENIZER_VOCAB)
-    special = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    config = gemma3_config(preset, len(tokenizer), special)
-    dtype = dtype or ("float32" if preset == "tiny" else "bfloat16")
-    config["torch_dtype"] = dtype
+        tokenizer = train_tokenizer(_training_texts(data_dir), vocab_size=TINY_TOKENIZER_VOCAB)
+        special = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+        config = gemma3_config(preset, len(tokenizer), special)
+        dtype = dtype or ("float32" if preset == "tiny" else "bfloat16")
+        config["torch_dtype"] = dtype
 
-    args = gemma3_text.ModelArgs.from_dict(config)
-    model = gemma3_text.Model(args)
-    # Tied embeddings, as in the published checkpoints.
-    model.tie_word_embeddings = True
-    model.pop("lm_head")
-    mx.random.seed(seed)
-    std = config["initializer_range"]
+        args = gemma3_text.ModelArgs.from_dict(config)
+        model = gemma3_text.Model(args)
+        # Tied embeddings, as in the published checkpoints.
+        model.tie_word_embeddings = True
+        model.pop("lm_head")
+        mx.random.seed(seed)
+        std = config["initializer_range"]
 
-    def init(path, p):
-        # Gemma's RMSNorm scales by (1 + w): zeros are the identity.
-        return mx.zeros_like(p) if "norm" in path else std * mx.random.normal(p.shape)
+        def init(path, p):
+            # Gemma's RMSNorm scales by (1 + w): zeros are the identity.
+            return mx.zeros_like(p) if "norm" in path else std * mx.random.normal(p.shape)
 
-    model.update(tree_map_with_path(init, model.parameters()))
-    weights = {k: v.astype(getattr(mx, dtype)) for k, v in tree_flatten(model.parameters())}
+        model.update(tree_map_with_path(init, model.parameters()))
+        weights = {k: v.astype(getattr(mx, dtype)) for k, v in tree_flatten(model.parameters())}
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        tokenizer.save_pretrained(str(tmp))
-        generation = {
-            "bos_token_id": special["<bos>"],
-            "pad_token_id": special["<pad>"],
-            "eos_token_id": [special["<eos>"], special["<end_of_turn>"]],
-        }
-        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-        (tmp / "mlx_persona.json").write_text(json.dumps(
-            {"preset": preset, "seed": seed, "random_weights": True, "mlx_persona": __version__,
-             "tokenizer_data": _data_fingerprint(data_dir)}, indent=2) + "\n")
-        if out.exists():
-            if not overwrite:  # another process (e.g. a second rank) built it meanwhile: keep theirs
-                shutil.rmtree(tmp, ignore_errors=True)
-                return out
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        try:
+            mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "pt"})
+            (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+            tokenizer.save_pretrained(str(tmp))
+            generation = {
+                "bos_token_id": special["<bos>"],
+                "pad_token_id": special["<pad>"],
+                "eos_token_id": [special["<eos>"], special["<end_of_turn>"]],
+            }
+            (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+            (tmp / "mlx_persona.json").write_text(json.dumps(
+                {"preset": preset, "seed": seed, "random_weights": True, "mlx_persona": __version__,
+                 "tokenizer_data": _data_fingerprint(data_dir)}, indent=2) + "\n")
+            if out.exists():
+                if any(out.iterdir()) and not overwrite:  # built meanwhile by a process without the lock
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    return out
+                shutil.rmtree(out)
+            os.replace(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return out
 
 
 def builtin_path(name: str) -> Path:
@@ -187,5 +189,7 @@ def builtin_path(name: str) -> Path:
     key = f"{base}-{_data_fingerprint(DEFAULT_DATA)}-v{__version__}"
     path = cache_dir() / "models" / key
     if not (path / "config.json").exists():
-        init_model(path, base)
+        with output_lock(path, wait=True):  # another process (e.g. a second rank) may be building it
+            if not (path / "config.json").exists():
+                init_model(path, base)
     return path

@@ -13,8 +13,9 @@ half-written temporary folder that the next save removes. Loading verifies the m
 truncated or corrupted checkpoint for the previous good one. Old checkpoints are renamed aside before
 they are deleted, so a crash while pruning never leaves a half-deleted one behind.
 
-Test-only hook: ``MLX_PERSONA_TEST_PAUSE_IN_SAVE=SECONDS`` sleeps that long after each file of a
-checkpoint is written (before the rename), so that tests can kill a process inside a save.
+Test-only hooks: ``MLX_PERSONA_TEST_PAUSE_IN_SAVE=SECONDS`` sleeps that long after each file of a
+checkpoint is written (before the rename), and ``MLX_PERSONA_TEST_HOLD=save:N:FILE`` holds the process
+there (:mod:`mlx_persona.testing`), so that tests can kill a process inside a save.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from mlx_persona import safe_io
+from mlx_persona import safe_io, testing
 
 PREFIX = "step-"
 FILES = ("weights.safetensors", "optimizer.safetensors", "state.json")
@@ -151,9 +152,12 @@ def _save_checkpoint(root: Path, step: int, weights: dict, optimizer_state: dict
     tmp.mkdir()
     mx.save_safetensors(str(tmp / "weights.safetensors"), weights)
     _test_pause()
+    testing.hold(f"save:{step}:weights.safetensors")
     mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(optimizer_state)))
     _test_pause()
+    testing.hold(f"save:{step}:optimizer.safetensors")
     (tmp / "state.json").write_text(json.dumps(state, indent=2) + "\n")
+    testing.hold(f"save:{step}:state.json")
     files = {}
     for name in FILES:
         p = tmp / name
@@ -163,6 +167,7 @@ def _save_checkpoint(root: Path, step: int, weights: dict, optimizer_state: dict
     _fsync_file(tmp / "manifest.json")
     _fsync_dir(tmp)
     _test_pause()
+    testing.hold(f"save:{step}:manifest.json")
     if final.exists():  # re-saving a step (e.g. over a damaged checkpoint after a resume): replace it
         old = root / f".del-{PREFIX}{step:08d}"
         shutil.rmtree(old, ignore_errors=True)
@@ -172,6 +177,7 @@ def _save_checkpoint(root: Path, step: int, weights: dict, optimizer_state: dict
     else:
         os.replace(tmp, final)
     _fsync_dir(root)
+    testing.hold(f"save:{step}:renamed")
     return final
 
 

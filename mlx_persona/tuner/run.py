@@ -1,14 +1,17 @@
 """``run(cfg)``: what ``mlx-persona train`` does around the loop.
 
-It checks the output folder, loads the model and the data, attaches adapters, builds the optimizer,
-restores a checkpoint on ``--resume``, calls :func:`mlx_persona.tuner.trainer.train` with callbacks
-that write ``metrics.jsonl``, the progress bar and ``best/``, then writes the results (adapters or a
-model folder, ``summary.json``, ``loss.png``). Only rank 0 of a data-parallel run touches the folder.
+It locks the output folder for the run's life (:func:`mlx_persona.outputs.output_lock`: a second
+writer fails at once, before it reads or changes anything), checks it, loads the model and the data,
+attaches adapters, builds the optimizer, restores a checkpoint on ``--resume``, calls
+:func:`mlx_persona.tuner.trainer.train` with callbacks that write ``metrics.jsonl``, the progress bar
+and ``best/``, then writes the results (adapters or a model folder, ``summary.json``, ``loss.png``).
+Only rank 0 of a data-parallel run touches the folder (and takes its lock).
 """
 
 from __future__ import annotations
 
 import hashlib
+from contextlib import nullcontext
 from pathlib import Path
 
 import mlx.core as mx
@@ -18,9 +21,10 @@ import yaml
 from mlx.utils import tree_flatten
 
 from mlx_persona import data as data_mod
+from mlx_persona import testing
 from mlx_persona.backend import sgemm
 from mlx_persona.models import load_model, resolve_model
-from mlx_persona.outputs import prepare_output_dir
+from mlx_persona.outputs import output_lock, prepare_output_dir
 from mlx_persona.tuner import checkpoint as ckpt
 from mlx_persona.tuner.adapters import attach_adapters, trainable_parameter_count
 from mlx_persona.tuner.batching import batch_plan
@@ -146,6 +150,13 @@ class _ProgressBar(TrainingCallback):
         self.progress.note(f"step {info['step']}: val_loss {info['val_loss']:.4f}")
 
 
+class _TestHold(TrainingCallback):
+    """Test-only (:mod:`mlx_persona.testing`): ``MLX_PERSONA_TEST_HOLD=step:N`` holds the run after step N."""
+
+    def on_step(self, info):
+        testing.hold(f"step:{info['step']}")
+
+
 class _BestWriter(TrainingCallback):
     """Writes ``OUT/best/`` whenever the validation loss is the best so far."""
 
@@ -178,6 +189,16 @@ def run(cfg: TrainConfig, *, resume: bool = False, force: bool = False, log=prin
     if cfg.batch_size < size:
         raise ConfigError(f"batch_size: {cfg.batch_size} is smaller than the number of processes ({size})")
     out = Path(cfg.output)
+    # One writer per folder: taken before the folder is first looked at (the "already exists" check,
+    # --resume's checkpoints), held until the last result is written. Other ranks never touch OUT.
+    with output_lock(out) if rank == 0 else nullcontext():
+        testing.hold("start")
+        return _run(cfg, out, rank, size, resume, force, log, callback)
+
+
+def _run(cfg: TrainConfig, out: Path, rank: int, size: int, resume: bool, force: bool, log,
+         callback: TrainingCallback | None) -> dict:
+    """:func:`run` once the output folder is this process's."""
     if rank == 0:
         _prepare_output(out, cfg, resume, force)
     mx.random.seed(cfg.seed)
@@ -214,12 +235,14 @@ def run(cfg: TrainConfig, *, resume: bool = False, force: bool = False, log=prin
     best = _BestWriter(model, cfg, adapter_config, base, out) if rank == 0 else None
     try:
         loop = train(model, optimizer, train_ds, valid_ds, args, loop=loop,
-                     callback=Callbacks(metrics, _ProgressBar(progress), best, callback))
+                     callback=Callbacks(metrics, _ProgressBar(progress), best, callback,
+                                        _TestHold() if testing.requested() else None))
     finally:
         progress.close()
 
     summary = summarize(cfg, loop, n_trainable, train_ds.report)
     if rank == 0:
+        testing.hold("results")
         save_result(model, cfg, adapter_config, base, out)
         ckpt.write_json_atomic(out / "summary.json", summary)
         try:
