@@ -1,7 +1,9 @@
 """Helpers shared by the resume, crash, signal, safety and distributed tests.
 
 `reference_run` trains once per session per config (in this process) and returns its output folder, so
-that several test modules compare against the same uninterrupted run. The standard config (`RUN`) uses
+that several test modules compare against the same uninterrupted run. `Held` starts a `train` process
+that stops at the test-only hold points of :mod:`mlx_persona.testing`, for a test to kill it there or to
+act while it waits. The standard config (`RUN`) uses
 LoRA dropout, so that resuming must also restore the PRNG key, and 12 examples in batches of 4, so that
 6 steps cross an epoch boundary (the data order is re-shuffled per epoch).
 """
@@ -14,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mlx.core as mx
@@ -82,9 +85,64 @@ def cli_args(tiny_path, data, out, **changes) -> list[str]:
 def train_process(args: list[str], env: dict | None = None, **popen) -> subprocess.Popen:
     """`python -m mlx_persona.train ARGS` in a new process (stdout/stderr to pipes)."""
     full_env = {**os.environ, **(env or {})}
+    popen = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, **popen}
     return subprocess.Popen([sys.executable, "-m", "mlx_persona.train", *args], cwd=REPO, env=full_env,
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, **popen)
+                            stdin=subprocess.DEVNULL, text=True, **popen)
+
+
+class Held:
+    """`python -m mlx_persona.train ARGS` that waits at each of `points` (``MLX_PERSONA_TEST_HOLD``).
+
+    `wait(point)` returns once the process waits there; `release()` lets it go on (to its next point);
+    `kill()` SIGKILLs it where it waits. Its output goes to a file (`log`), so it never blocks on a pipe.
+    Use it as a context manager: a process still running at the end is killed.
+    """
+
+    def __init__(self, args: list[str], points: list[str], folder: Path, env: dict | None = None):
+        folder.mkdir(parents=True, exist_ok=True)
+        self.file, self.log = folder / f"hold-{id(self)}", folder / f"log-{id(self)}"
+        self.file.unlink(missing_ok=True)
+        self._log = open(self.log, "w")
+        self.proc = train_process(args, env={"MLX_PERSONA_TEST_HOLD": ",".join(points),
+                                             "MLX_PERSONA_TEST_HOLD_FILE": str(self.file), **(env or {})},
+                                  stdout=self._log, stderr=subprocess.STDOUT)
+        self.pid = self.proc.pid
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+    def held(self, point: str) -> bool:
+        """Whether the process waits at `point` now."""
+        try:
+            return self.proc.poll() is None and self.file.read_text() == f"held {point} pid {self.pid}\n"
+        except FileNotFoundError:
+            return False
+
+    def wait(self, point: str, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.held(point):
+            if self.proc.poll() is not None:
+                raise AssertionError(f"exited {self.proc.returncode} before reaching {point}:\n{self.output()}")
+            assert time.monotonic() < deadline, f"timed out waiting for {point}:\n{self.output()}"
+            time.sleep(0.02)
+
+    def release(self) -> None:
+        self.file.unlink()
+
+    def kill(self) -> int:
+        self.proc.kill()
+        return self.proc.wait(timeout=60)
+
+    def finish(self, timeout: float = 300) -> int:
+        return self.proc.wait(timeout=timeout)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.proc.poll() is None:
+            self.kill()
+        self._log.close()
 
 
 class SignalAtStep:
