@@ -243,9 +243,13 @@ def test_setup_refuses_folders_others_can_write_and_loads_nothing_from_them(tmp_
     why = "writable by group and others (mode 0777)" if how == "mode 0777" else f"owned by uid {NOBODY}"
     for folder in bad:
         assert any(str(folder) in w and why in w for w in warnings), (folder, warnings)
-    assert r["folder"] is None and "refused" in r["jit"] and not r["command"], r
-    assert not r["sgemm"] and r["blas"][1] == "loaded"  # the BLAS still replaces the reference one
+    # Built instead in a private folder of this run (never MLX's shared $TMPDIR/mlx), removed at exit.
+    run = Path(r["folder"]).parents[1]  # TMPDIR/mlx_persona-run-XXXX/jit/<key>
+    assert run.parent == roots[2] and run.name.startswith("mlx_persona-run-"), r["folder"]
+    assert "for this run alone" in r["jit"] and str(run) in r["command"] and r["kernels"], r
+    assert r["sgemm"] and r["blas"][1] == "loaded", r
     assert r["loaded_from_cache"] == [] and _files(*bad) == set()  # nothing built there, nothing loaded
+    assert not run.exists() and not (roots[2] / "mlx").exists()
 
 
 HOOK = """

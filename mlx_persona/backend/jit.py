@@ -13,8 +13,18 @@ there.
 compiler's absolute path; any other command runs unchanged) and ``std::filesystem::temp_directory_path``
 (the kernel folder becomes ``cache_dir()/jit/<key>``, created 0700 and checked to be ours alone before
 use). ``os.environ`` (``PATH``, ``TMPDIR``), child processes and every other library are untouched.
-Anything that does not fit (no ``g++``, an unsafe folder, a ``libmlx.so`` without those imports)
-leaves MLX as it is, with the reason in :func:`status`. ``MLX_PERSONA_JIT=0`` turns it off.
+
+MLX loads any library it finds in its kernel folder, so that folder is never one another user can write:
+- a cache that is refused (not ours alone, or reached through a folder or link another user can change)
+  or cannot be written: the hook and the kernels go to a fresh private folder of this run
+  (:func:`mlx_persona.backend.folders.run_dir`), with a warning naming the refused folder;
+- the hook cannot be put in place (it does not build, a ``libmlx.so`` without those imports, no safe
+  run folder): MLX keeps its own folder, ``$TMPDIR/mlx/<version>/cpu``, which is then created 0700 (or
+  checked to be ours alone); if it is not ours, MLX's kernel compiler is turned off
+  (``mx.disable_compile()``), with a warning naming the folder.
+
+No ``g++``: MLX does not fuse kernels on the CPU at all. ``MLX_PERSONA_JIT=0`` turns all of this off:
+MLX as it is, kernels in ``$TMPDIR/mlx`` unchecked (set a private ``TMPDIR`` then; see SECURITY.md).
 """
 
 from __future__ import annotations
@@ -25,10 +35,11 @@ import os
 import platform
 import shlex
 import shutil
+from pathlib import Path
 
 from mlx_persona.backend import native
 from mlx_persona.backend.cpu import cpu_flags, file_stamp, warn
-from mlx_persona.backend.folders import UnsafeFolder, private_dir
+from mlx_persona.backend.folders import private_dir
 from mlx_persona.paths import cache_dir
 
 # Added to MLX's `g++ -std=c++17 -O3 -Wall -fPIC -shared` for its fused CPU kernels (see the module doc).
@@ -43,15 +54,47 @@ def requested() -> bool:
     return os.environ.get("MLX_PERSONA_JIT", "1").lower() not in ("0", "off", "no", "false")
 
 
-def kernel_folder(gxx: str):
-    """``cache_dir()/jit/<key>``, one per compiler, flags and CPU (kernels built for this CPU only fit it).
+def kernel_folder(gxx: str, root: Path | None = None) -> Path:
+    """``<root>/jit/<key>`` (root: ``cache_dir()``), one per compiler, flags and CPU (kernels built for
+    this CPU only fit it).
 
     Raises:
         UnsafeFolder: a folder on the way is not ours alone.
     """
     key = hashlib.sha256(repr((file_stamp(gxx), JIT_FLAGS, sorted(cpu_flags()), platform.machine()))
                          .encode()).hexdigest()[:12]
-    return private_dir(cache_dir(), "jit", key)
+    return private_dir(root or cache_dir(), "jit", key)
+
+
+def _hook_in(gxx: str, root: Path) -> tuple[Path, ctypes.CDLL]:
+    """(the kernel folder, the hook library loaded), both under `root`."""
+    folder = kernel_folder(gxx, root)
+    path = native.build("jit_hook.cpp", gxx, _HOOK_FLAGS, folder="jit-hook", name="libmlxp_jit.so",
+                        libs=("-ldl",), root=root)
+    return folder, ctypes.CDLL(str(path), mode=os.RTLD_LOCAL)
+
+
+def mlx_kernel_folder() -> Path:
+    """The folder MLX itself keeps its kernels in: ``std::filesystem::temp_directory_path()/mlx/<version>/cpu``."""
+    import mlx.core as mx
+
+    base = next((os.environ[k] for k in ("TMPDIR", "TMP", "TEMP", "TEMPDIR") if os.environ.get(k)), "/tmp")
+    return Path(base) / "mlx" / mx.__version__ / "cpu"
+
+
+def _guard_mlx_folder(reason: str) -> None:
+    """The hook is not in place: MLX's own kernel folder must be ours alone, or MLX compiles no kernels."""
+    import mlx.core as mx
+
+    folder = mlx_kernel_folder()
+    try:
+        private_dir(folder.parents[2], *folder.parts[-3:], shared_root=True)
+    except OSError as e:
+        warn(f"MLX's fused CPU kernels are off (mx.disable_compile()): its kernel folder is not safe: {e}")
+        mx.disable_compile()
+        _state["reason"] = f"{reason}; MLX's kernel folder refused ({e}): compiled kernels off"
+        return
+    _state["reason"] = f"{reason}; MLX's own compiler flags, kernels in {folder} (checked: ours, 0700)"
 
 
 def install() -> None:
@@ -66,20 +109,15 @@ def install() -> None:
         _state["reason"] = "no g++ on the PATH: MLX does not fuse kernels on the CPU"
         return
     try:
-        folder = kernel_folder(gxx)
-        path = native.build("jit_hook.cpp", gxx, _HOOK_FLAGS, folder="jit-hook", name="libmlxp_jit.so",
-                            libs=("-ldl",))
-        lib = ctypes.CDLL(str(path), mode=os.RTLD_LOCAL)
-    except UnsafeFolder as e:
-        warn(f"MLX's kernels keep MLX's own compiler flags and folder: {e}")
-        _state["reason"] = f"refused: {e}; MLX's own compiler flags and kernel folder"
-        return
+        (folder, lib), refused = native.cache_or_run_dir(lambda root: _hook_in(gxx, root))
     except native.BuildError as e:
-        _state["reason"] = f"g++ cannot build the hook with {' '.join(JIT_FLAGS)}: {e}"
+        _guard_mlx_folder(f"g++ cannot build the hook with {' '.join(JIT_FLAGS)}: {e}")
         return
-    except OSError as e:  # e.g. a read-only cache: MLX still works, only slower
-        _state["reason"] = f"not set up: {e}"
+    except OSError as e:  # no safe folder to build in, even for this run alone
+        _guard_mlx_folder(f"not set up: {e}")
         return
+    if refused is not None:
+        warn(f"MLX's kernels are built in {folder}, for this run alone (not kept): {refused}")
     import mlx.core  # noqa: F401  (loads libmlx.so, whose table entries are written)
 
     lib.mlxp_jit_install.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
@@ -90,9 +128,10 @@ def install() -> None:
     compiler = " ".join(shlex.quote(word) for word in (gxx, *JIT_FLAGS))
     rc = lib.mlxp_jit_install(compiler.encode(), str(folder).encode())
     if rc != 0:
-        _state["reason"] = f"not installed ({lib.mlxp_jit_error().decode()}): MLX's own compiler flags and folder"
+        _guard_mlx_folder(f"not installed ({lib.mlxp_jit_error().decode()})")
         return
-    _state.update(lib=lib, folder=str(folder), reason=f"g++ {' '.join(JIT_FLAGS)}; kernels in {folder}")
+    where = f" (for this run alone: {refused})" if refused is not None else ""
+    _state.update(lib=lib, folder=str(folder), reason=f"g++ {' '.join(JIT_FLAGS)}; kernels in {folder}{where}")
 
 
 def status() -> tuple[str | None, str]:

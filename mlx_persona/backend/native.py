@@ -1,4 +1,5 @@
-"""Building the speed layer's native code (``native/*.c``, ``*.cpp``) once into the private cache."""
+"""Building the speed layer's native code (``native/*.c``, ``*.cpp``) once into the private cache (or,
+when the cache is refused, into a private folder of this run: :func:`cache_or_run_dir`)."""
 
 from __future__ import annotations
 
@@ -6,13 +7,16 @@ import hashlib
 import os
 import platform
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from mlx_persona.backend.cpu import cpu_flags, file_stamp
-from mlx_persona.backend.folders import check_file, private_dir
+from mlx_persona.backend.folders import check_file, private_dir, run_dir
 from mlx_persona.paths import cache_dir
 
 SOURCES = Path(__file__).parent / "native"
+T = TypeVar("T")
 
 
 class BuildError(OSError):
@@ -20,8 +24,10 @@ class BuildError(OSError):
 
 
 def build(source: str, compiler: str, flags: tuple[str, ...], *, folder: str, name: str,
-          libs: tuple[str, ...] = ()) -> Path:
-    """Compiles ``native/<source>`` into ``cache_dir()/<folder>/<key>/<name>`` unless it is there already.
+          libs: tuple[str, ...] = (), root: Path | None = None) -> Path:
+    """Compiles ``native/<source>`` into ``<root>/<folder>/<key>/<name>`` unless it is there already.
+
+    `root` is ``cache_dir()`` unless given.
 
     The key covers the source, the compiler, the flags and the CPU (the flags may say -march=native).
 
@@ -33,7 +39,7 @@ def build(source: str, compiler: str, flags: tuple[str, ...], *, folder: str, na
     src = SOURCES / source
     key = hashlib.sha256(repr((src.read_bytes(), file_stamp(compiler), flags, libs, sorted(cpu_flags()),
                                platform.machine())).encode()).hexdigest()[:12]
-    home = private_dir(cache_dir(), folder, key)
+    home = private_dir(root or cache_dir(), folder, key)
     lib = home / name
     if lib.exists():
         check_file(lib)
@@ -49,3 +55,17 @@ def build(source: str, compiler: str, flags: tuple[str, ...], *, folder: str, na
         raise BuildError((proc.stderr.strip().splitlines() or ["compile failed"])[-1])
     os.replace(tmp, lib)
     return lib
+
+
+def cache_or_run_dir(use: Callable[[Path], T]) -> tuple[T, OSError | None]:
+    """``use(cache_dir())``; if the cache is refused or cannot be written, ``use(run_dir())`` instead.
+
+    Returns (what `use` returned, the cache's problem or None). A :class:`BuildError` is raised as it is
+    (another folder would not help); so is an :class:`UnsafeFolder` for the run folder.
+    """
+    try:
+        return use(cache_dir()), None
+    except BuildError:
+        raise
+    except OSError as e:
+        return use(run_dir()), e

@@ -4,8 +4,9 @@ bf16 inputs for large products (``MLX_PERSONA_MATMUL=bf16``).
 MLX's CPU backend sends every float32 matmul to ``cblas_sgemm``, whichever BLAS the process loaded.
 :func:`setup` (called by :func:`mlx_persona.backend.setup` before ``mlx.core`` is imported) builds
 ``native/sgemm.c`` with ``gcc`` into a private folder of the cache (ours, mode 0700: a library in a folder
-another user can write is never loaded) and loads it with ``RTLD_GLOBAL`` *before* the BLAS, so that
-MLX's calls land in it; it forwards to the BLAS:
+another user can write is never loaded; a refused cache means a private folder of this run instead)
+and loads it with ``RTLD_GLOBAL`` *before* the BLAS, so that MLX's calls land in it; it forwards to the
+BLAS:
 
 - **m == 1 or n == 1 -> cblas_sgemv.** Decoding one token is all matrix-vector products. Debian's
   OpenBLAS 0.3.21 runs them through its full GEMM path, packing the whole weight matrix each call:
@@ -140,15 +141,19 @@ def setup(blas: str, bf16: bool) -> bool:
             _state["bf16_reason"] = "needs gcc to build the sgemm layer"
         return False
     try:
-        path = native.build("sgemm.c", cc, CFLAGS, folder="sgemm", name="libmlxp_sgemm.so", libs=("-ldl",))
+        path, refused = native.cache_or_run_dir(
+            lambda root: native.build("sgemm.c", cc, CFLAGS, folder="sgemm", name="libmlxp_sgemm.so",
+                                      libs=("-ldl",), root=root))
         lib = ctypes.CDLL(str(path), mode=os.RTLD_LOCAL)
-    except UnsafeFolder as e:
+    except UnsafeFolder as e:  # not even a private folder of this run
         warn(f"not loading the sgemm layer: {e}")
         _state["reason"] = f"refused: {e}; MLX calls the BLAS's cblas_sgemm directly"
         return False
     except OSError as e:
         _state["reason"] = f"could not build or load the sgemm layer: {e}"
         return False
+    if refused is not None:
+        warn(f"the sgemm layer is built in {path.parent}, for this run alone (not kept): {refused}")
     if bf16:
         _mkl_gnu_threads(blas)
     lib.mlxp_bind.argtypes = [ctypes.c_char_p]
@@ -163,7 +168,8 @@ def setup(blas: str, bf16: bool) -> bool:
         _state["bf16_reason"] = f"{blas} has no cblas_gemm_bf16bf16f32"
         bf16 = False
     lib.mlxp_configure(int(bf16), float(MIN_WORK), MIN_DIM)
-    _state.update(lib=lib, bf16=bf16, reason="matrix-vector products to sgemv")
+    where = f" (built for this run alone: {refused})" if refused is not None else ""
+    _state.update(lib=lib, bf16=bf16, reason=f"matrix-vector products to sgemv{where}")
     if bf16:
         _state["bf16_reason"] = f"bf16 inputs, fp32 accumulate: oneMKL ({cpu_support() or 'emulated'})"
     return True
