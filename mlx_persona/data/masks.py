@@ -46,8 +46,12 @@ def _apply_template(tokenizer, messages: list[dict], add_generation_prompt: bool
     """Render messages to text with the tokenizer's chat template.
 
     Called on the object given (not the HF tokenizer behind a wrapper) because mlx-lm's wrapper may
-    carry its own template function for some models.
+    carry its own template function for some models. Templates render with size limits
+    (:mod:`mlx_persona.data.template_limits`).
     """
+    from mlx_persona.data.template_limits import install
+
+    install()
     out = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     if not isinstance(out, str):
         raise TypeError(f"apply_chat_template(tokenize=False) returned {type(out).__name__}, expected str")
@@ -106,7 +110,9 @@ def _render_messages(tokenizer, messages: list[dict], source: str, add_generatio
     try:
         return _apply_template(tokenizer, messages, add_generation_prompt)
     except Exception as err:  # noqa: BLE001 - Jinja raises many types; all mean the same to the user
-        raise DataError(f"{source}: the chat template failed: {err}") from err
+        from mlx_persona.data.template_limits import describe_error
+
+        raise DataError(f"{source}: the chat template failed: {describe_error(err)}") from err
 
 
 def _loss_spans(tokenizer, example: Example) -> tuple[str, list[tuple[int, int]]]:

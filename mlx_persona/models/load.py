@@ -90,6 +90,7 @@ def load_model(spec: str | Path, adapter_path: str | Path | None = None, dtype: 
                                     trust_remote_code=False)
     except (ValueError, FileNotFoundError) as e:
         raise ModelError(f"{path}: cannot be loaded by mlx-lm: {e}") from None
+    _check_loaded(path, model, tokenizer)
     cast_model(model, dtype_from_name(dtype))
     if cpu_rewrites_enabled():  # Linux, CPU backend: Gemma's GELU and attention written for it
         use_fast_gelu(model)
@@ -101,6 +102,26 @@ def load_model(spec: str | Path, adapter_path: str | Path | None = None, dtype: 
     model.eval()
     mx.eval(model.parameters())
     return model, tokenizer
+
+
+def _check_loaded(path: Path, model, tokenizer) -> None:
+    """A chat template that does not compile, or a weight holding NaN or inf, is a ModelError naming `path`.
+
+    Chat templates are rendered with size limits from here on (:mod:`mlx_persona.data.template_limits`).
+    The NaN/inf check is one pass over the weights, which are read here anyway.
+    """
+    from mlx.utils import tree_flatten
+
+    from mlx_persona.data.template_limits import check_compiles
+    from mlx_persona.data.tokenizer import unwrap_tokenizer
+    from mlx_persona.safe_io import first_nonfinite
+
+    problem = check_compiles(unwrap_tokenizer(tokenizer))
+    if problem:
+        raise ModelError(f"{path}: chat template failed: {problem}")
+    bad = first_nonfinite(dict(tree_flatten(model.parameters())))
+    if bad:
+        raise ModelError(f"{path}: weight {bad} holds NaN or inf values")
 
 
 def cast_model(model, dtype) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
+from mlx_persona import safe_io
 from mlx_persona.tuner import checkpoint as ckpt
 from mlx_persona.tuner.adapters import save_adapters
 from mlx_persona.tuner.trainer import TrainingCallback
@@ -33,7 +34,7 @@ class MetricsWriter(TrainingCallback):
 
     def _record(self, row: dict) -> None:
         if self.enabled:
-            with open(self.path, "a") as f:
+            with safe_io.writing(self.path), open(self.path, "a") as f:  # a torn last line: see truncate
                 f.write(json.dumps(row) + "\n")
 
     def on_step(self, info: dict) -> None:
@@ -85,12 +86,13 @@ def save_result(model, cfg, adapter_config: dict, base: Path, out: Path) -> None
     """Writes the adapters (or a model folder, for full fine-tuning) into `out`, each file atomically."""
     tmp = out / ".tmp-result"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    if cfg.method == "full":
-        _write_model_folder(model, base, tmp)
-    else:
-        save_adapters(model, tmp, adapter_config)
-    ckpt.move_files_into(tmp, out)
+    with safe_io.writing(out, tmp):  # a full disk: one line, and the temporary folder removed
+        tmp.mkdir(parents=True)
+        if cfg.method == "full":
+            _write_model_folder(model, base, tmp)
+        else:
+            save_adapters(model, tmp, adapter_config)
+        ckpt.move_files_into(tmp, out)
 
 
 def summarize(cfg, loop: dict, n_trainable: int, data_report: dict) -> dict:
