@@ -86,7 +86,13 @@ def build_prompt(tokenizer, prompt: str | list[dict], *, system: str | None = No
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
     if system:
         messages = [{"role": "system", "content": system}] + messages
-    text = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    try:
+        text = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except Exception as err:  # noqa: BLE001 - Jinja raises many types; all mean "the template failed"
+        from mlx_persona.data.template_limits import describe_error
+        from mlx_persona.models import ModelError
+
+        raise ModelError(f"the chat template failed: {describe_error(err)}") from None
     return hf.encode(text, add_special_tokens=False)
 
 

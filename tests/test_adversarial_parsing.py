@@ -558,3 +558,24 @@ def test_full_disk_is_one_line_and_leaves_no_temporary_file(tiny_path, small_dat
         one_error_line(result, f"{disk / path}: no space left on device (")
         assert (logs / f"{name}-left.txt").read_text() == "", name
     assert "model:" in (logs / "config.yaml").read_text()  # the resumed run's config is whole
+
+
+def test_generate_with_a_raising_template_is_one_line(tiny_path, tmp_path):
+    """`mlx-persona generate` with a chat template that raises (or is refused by the size cap): one line, exit 1."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_path, model)
+    cfg_path = model / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["chat_template"] = "{{ raise_exception('no roles here') if messages else '' }}"
+    cfg_path.write_text(json.dumps(cfg))
+    (model / "chat_template.jinja").unlink(missing_ok=True)
+    proc = subprocess.run([sys.executable, "-m", "mlx_persona", "generate", "--model", str(model), "--prompt", "Hi"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and "chat template failed: no roles here" in proc.stderr, proc.stderr[-2000:]
+    assert len(proc.stderr.strip().splitlines()) <= 2, proc.stderr  # the error line (and at most a setup warning)

@@ -90,10 +90,13 @@ def generate(model, adapter, prompt, system, persona, raw, as_json, preset, **se
     except user_errors() as e:
         fail(str(e))
     result = None
-    for chunk in stream_generate(m, tok, prompt, config, system=system, end_ids=end_ids, chat_template=not raw):
-        if chunk.text and not as_json:
-            click.echo(chunk.text, nl=False)
-        result = chunk.result or result
+    try:
+        for chunk in stream_generate(m, tok, prompt, config, system=system, end_ids=end_ids, chat_template=not raw):
+            if chunk.text and not as_json:
+                click.echo(chunk.text, nl=False)
+            result = chunk.result or result
+    except user_errors() as e:  # e.g. the chat template failed on this prompt
+        fail(f"{model}: {e}")
     if as_json:
         click.echo(_json.dumps(dataclasses.asdict(result), indent=2))
     else:
@@ -114,4 +117,7 @@ def chat(model, adapter, system, persona, preset, **settings):
 
     config = make_generation_config(preset, **settings)
     system, m, tok, path = _load_for_generation(model, adapter, system, persona)
-    run_chat(ChatSession(m, tok, config, system=system, model_path=path))
+    try:
+        run_chat(ChatSession(m, tok, config, system=system, model_path=path))
+    except user_errors() as e:  # e.g. the chat template failed on the conversation
+        fail(f"{model}: {e}")
