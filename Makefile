@@ -17,5 +17,9 @@ bench-smoke:  ## the benchmarks' smoke test (tiny model, 1-2 steps)
 # under build/mutate/ (the working tree is never mutated); each target's summary, with every
 # surviving mutant's diff, is build/mutate/NAME/summary.txt. One target: make mutate TARGETS=batching;
 # only the last run's survivors again: make mutate TARGETS=batching MUTATE_FLAGS=--survivors.
-mutate:  ## mutation testing, target by target; minutes per target on 2 CPU cores
+# cosmic-ray rather than mutmut 3: mutmut forks every mutant's test run from a process that has already
+# imported MLX, and in its default fork mode every mutant timed out (MLX's CPU worker threads do not
+# survive a fork); cosmic-ray starts one fresh pytest process per mutant.
+# One target takes 3-15 min on 2 CPU cores (the sampling and train-loop targets longer); all of them, hours.
+mutate:  ## mutation testing, target by target (TARGETS=...; `python mutation/run.py --list`)
 	$(PYTHON) mutation/run.py $(MUTATE_FLAGS) $(TARGETS)

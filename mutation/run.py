@@ -10,8 +10,8 @@ Each run works in a fresh copy of the repository (tracked and untracked, not ign
 build/mutate/NAME/src, because cosmic-ray writes each mutant into the source file itself: the
 working tree is never touched, so tests run elsewhere meanwhile see the real code. Per target:
 a clean run of its tests (must pass; its time sets the per-mutant timeout), `cosmic-ray init`,
-the operator and function filters of targets.toml, `cosmic-ray exec` (one subprocess per mutant),
-then a summary (build/mutate/NAME/summary.txt) listing every survivor with its diff.
+the operator and function filters of targets.toml (and none inside annotations), `cosmic-ray exec`
+(one subprocess per mutant), then a summary (build/mutate/NAME/summary.txt) listing every survivor with its diff.
 """
 
 from __future__ import annotations
@@ -77,22 +77,53 @@ def write_config(path: Path, module: str, command: str, timeout: float) -> None:
     )
 
 
-def apply_filters(session: Path, exclude_operators: list[str], functions: list[str]) -> int:
-    """Marks as skipped the mutations of excluded operators and those outside `functions`."""
+def annotation_spans(source: str) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """(start, end) positions, as (line, column), of every annotation in `source`.
+
+    With ``from __future__ import annotations`` (the package's modules have it) annotations are never
+    evaluated, so a mutant inside one (``str | Path`` -> ``str & Path``) cannot change behaviour; without
+    it the module fails to import. Either way it tells nothing, so such mutants are skipped.
+    """
+    import ast
+
+    spans = []
+    for node in ast.walk(ast.parse(source)):
+        found = []
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            a = node.args
+            found = [x.annotation for x in (*a.posonlyargs, *a.args, *a.kwonlyargs, a.vararg, a.kwarg)
+                     if x is not None and x.annotation is not None] + [node.returns]
+        elif isinstance(node, ast.AnnAssign):
+            found = [node.annotation]
+        spans += [((n.lineno, n.col_offset), (n.end_lineno, n.end_col_offset)) for n in found if n is not None]
+    return spans
+
+
+def apply_filters(session: Path, src: Path, exclude_operators: list[str], functions: list[str]) -> int:
+    """Marks as skipped the mutations of excluded operators, those outside `functions` and in annotations."""
     from cosmic_ray.work_db import WorkDB, use_db
     from cosmic_ray.work_item import WorkerOutcome, WorkResult
 
     pattern = re.compile("|".join(f"(?:{e})" for e in exclude_operators)) if exclude_operators else None
     wanted = set(functions)
+    spans: dict[str, list] = {}
+
+    def in_annotation(m) -> bool:
+        path = str(m.module_path)
+        if path not in spans:
+            spans[path] = annotation_spans((src / path).read_text())
+        return any(a <= tuple(m.start_pos) and tuple(m.end_pos) <= b for a, b in spans[path])
+
     with use_db(str(session), WorkDB.Mode.open) as db:
         skip = []
         for item in db.pending_work_items:
             for m in item.mutations:
-                if (pattern and pattern.match(m.operator_name)) or (wanted and m.definition_name not in wanted):
+                if (pattern and pattern.match(m.operator_name)) or (wanted and m.definition_name not in wanted) \
+                        or in_annotation(m):
                     skip.append(item.job_id)
                     break
         if skip:
-            db.set_multiple_results(skip, WorkResult(output="filtered by mutation/targets.toml",
+            db.set_multiple_results(skip, WorkResult(output="filtered by mutation/run.py",
                                                      worker_outcome=WorkerOutcome.SKIPPED))
         return db.num_work_items - len(skip)
 
@@ -110,7 +141,7 @@ def reset_survivors(session: Path) -> int:
 
 def _killer(output: str | None) -> str | None:
     """The first failing test in pytest's output (-x stops there), as path::name."""
-    found = re.search(r"^(?:FAILED|ERROR) (\S+::[^\s]+|\S+\.py)", output or "", re.M)
+    found = re.search(r"^(?:FAILED|ERROR) (\S+::[^\s]+|\S+\.py)", output or "", re.MULTILINE)
     return found.group(1) if found else None
 
 
@@ -180,7 +211,7 @@ def run_target(name: str, cfg: dict, mode: str) -> int:
         copy_repo(src)
     command = test_command(target, src)
     t0 = time.time()
-    clean = subprocess.run(shlex.split(command), cwd=src, env=env, capture_output=True, text=True)
+    clean = subprocess.run(shlex.split(command), check=False, cwd=src, env=env, capture_output=True, text=True)
     took = time.time() - t0
     if clean.returncode != 0:
         print(clean.stdout[-3000:], clean.stderr[-3000:])
@@ -189,10 +220,12 @@ def run_target(name: str, cfg: dict, mode: str) -> int:
     write_config(config, module, command, timeout)
     print(f"{name}: clean run {took:.1f} s, timeout {timeout:.0f} s per mutant\n  {command}", flush=True)
     if mode == "fresh":
-        subprocess.run([sys.executable, "-m", "cosmic_ray.cli", "init", str(config), str(session)], cwd=src, env=env, check=True)
-        n = apply_filters(session, settings.get("exclude-operators", []), target.get("functions", []))
+        subprocess.run([sys.executable, "-m", "cosmic_ray.cli", "init", str(config), str(session)], cwd=src, env=env,
+                       check=True)
+        n = apply_filters(session, src, settings.get("exclude-operators", []), target.get("functions", []))
         print(f"{name}: {n} mutants to run", flush=True)
-    subprocess.run([sys.executable, "-m", "cosmic_ray.cli", "exec", str(config), str(session)], cwd=src, env=env, check=True)
+    subprocess.run([sys.executable, "-m", "cosmic_ray.cli", "exec", str(config), str(session)], cwd=src, env=env,
+                   check=True)
     summary = summarise(name, module, session, time.time() - start)
     (work / "summary.txt").write_text(summary)
     print(summary, flush=True)

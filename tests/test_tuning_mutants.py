@@ -1,7 +1,7 @@
 """Known answers for tuning.py's loss where the other tests do not look, written to kill the mutants they
 let live (`make mutate TARGETS=tuning-loss`): logits far from zero (the online softmax's running max
 must start at -inf), the reduction's fast path, and every head `loss_fn` can meet (tied, untied, quantized,
-LoRA-wrapped), each against the model's own logits."""
+LoRA-wrapped), each against the model's own logits; and what `attach_adapters` adapts and returns."""
 
 from types import SimpleNamespace
 
@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from mlx_persona.models import load_model
+from mlx_persona.tuner.adapters import attach_adapters, trainable_parameter_count
 from mlx_persona.tuner.losses import _rows, lm_head_cross_entropy, lm_head_weight, loss_fn
 
 
@@ -138,3 +139,89 @@ def test_loss_fn_equals_the_models_own_logits_for_every_head(tiny_path, head):
     # Measured: relative difference <= 6.2e-8 (float32, the same head computed two ways); the masked-out
     # position 0 alone would add ~7.7 / 8.
     np.testing.assert_allclose(loss.item(), want, rtol=1e-6)
+
+
+# --- adapters (`make mutate TARGETS=tuning-adapters`) ----------------------------------------------
+
+
+def _adapted_blocks(model):
+    """Indices of the blocks with a LoRA/DoRA layer in them, and the set of adapted paths."""
+    from mlx_lm.tuner.dora import DoRALinear
+    from mlx_lm.tuner.lora import LoRALinear
+
+    blocks, paths = set(), set()
+    for i, layer in enumerate(model.layers):
+        for path, module in layer.named_modules():
+            if isinstance(module, (LoRALinear, DoRALinear)):
+                blocks.add(i)
+                paths.add(path)
+    return blocks, paths
+
+
+@pytest.mark.parametrize("num_layers, blocks", [(-1, {0, 1, 2, 3}), (None, {0, 1, 2, 3}), (2, {2, 3}),
+                                                (9, {0, 1, 2, 3}), (1, {3})])
+def test_attach_adapters_returns_mlx_lm_config_and_adapts_the_last_blocks(tiny_path, num_layers, blocks):
+    model, _ = load_model(tiny_path)
+    cfg = attach_adapters(model, "lora", rank=4, alpha=10.0, dropout=0.05, modules=["v_proj", "q_proj"],
+                          num_layers=num_layers)
+    assert cfg == {"fine_tune_type": "lora", "num_layers": len(blocks), "alpha": 10.0,
+                   "lora_parameters": {"rank": 4, "scale": 2.5, "dropout": 0.05,
+                                       "keys": ["self_attn.q_proj", "self_attn.v_proj"]}}
+    got_blocks, paths = _adapted_blocks(model)
+    assert got_blocks == blocks and paths == {"self_attn.q_proj", "self_attn.v_proj"}
+    # Frozen base: only the adapters train (2 layers x rank 4 x (in + out) per block).
+    assert trainable_parameter_count(model) == len(blocks) * 4 * ((64 + 64) + (64 + 32))
+
+
+def test_attach_adapters_dora_full_and_errors(tiny_path):
+    from mlx_lm.tuner.dora import DoRALinear
+
+    model, _ = load_model(tiny_path)
+    cfg = attach_adapters(model, "dora", rank=2, alpha=2.0, modules=["down_proj"])
+    assert cfg["fine_tune_type"] == "dora" and cfg["lora_parameters"]["scale"] == 1.0
+    assert isinstance(model.layers[0].mlp.down_proj, DoRALinear)
+    model, _ = load_model(tiny_path)
+    assert attach_adapters(model, "full", num_layers=2) == {"fine_tune_type": "full", "num_layers": 4}
+    model, _ = load_model(tiny_path)
+    with pytest.raises(ValueError, match="method must be lora, dora or full, not 'qlora'"):
+        attach_adapters(model, "qlora", modules=["q_proj"])
+    with pytest.raises(ValueError, match=r"lora.modules: no layer named nope, zzz in this model"):
+        attach_adapters(model, "lora", modules=["q_proj", "zzz", "nope"])
+    with pytest.raises(ValueError, match=r"no layer named input_layernorm"):  # a module, but not a Linear
+        attach_adapters(model, "lora", modules=["input_layernorm"])
+
+
+def test_attach_adapters_to_a_quantized_model(tiny_path):
+    model, _ = load_model(tiny_path)
+    nn.quantize(model, group_size=32, bits=8)
+    cfg = attach_adapters(model, "lora", rank=4, alpha=8.0, modules=["o_proj"])
+    assert cfg["lora_parameters"]["keys"] == ["self_attn.o_proj"]
+    assert _adapted_blocks(model) == ({0, 1, 2, 3}, {"self_attn.o_proj"})
+
+
+def test_attach_adapters_defaults(tiny_path):
+    model, _ = load_model(tiny_path)
+    assert attach_adapters(model, "lora", modules=["q_proj"]) == {
+        "fine_tune_type": "lora", "num_layers": 4, "alpha": 16.0,
+        "lora_parameters": {"rank": 8, "scale": 2.0, "dropout": 0.0, "keys": ["self_attn.q_proj"]}}
+    assert _adapted_blocks(model) == ({0, 1, 2, 3}, {"self_attn.q_proj"})
+
+
+def test_module_keys_finds_linear_layers_at_any_depth():
+    from mlx_persona.tuner.adapters import _module_keys
+
+    class Inner(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj = nn.Linear(4, 4)
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = {"inner": Inner()}
+            self.down_proj = nn.Linear(4, 4)
+
+    stub = SimpleNamespace(layers=[Block(), Block()])
+    assert _module_keys(stub, ["q_proj", "down_proj"]) == {"attn.inner.q_proj", "down_proj"}
+    with pytest.raises(ValueError, match="no layer named inner in this model"):
+        _module_keys(stub, ["q_proj", "inner"])  # a module, but not a Linear
