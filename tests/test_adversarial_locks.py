@@ -39,7 +39,7 @@ from training_runs import (
     train_process,
 )
 
-from mlx_persona.outputs import OutputError, OutputInUse, atomic_output_dir, lock_path, output_lock
+from mlx_persona.outputs import OutputError, OutputInUse, lock_path, output_lock
 
 A = {"seed": 1, "steps": 2}  # the run that should win
 B = {"seed": 2, "steps": 3, "save_every": 1}  # the contender (and, in (c), the run resumed)
