@@ -200,3 +200,20 @@ def _functions(tree: ast.AST, prefix: str = ""):
             yield from _functions(node, f"{prefix}{node.name}.")
         else:
             yield from _functions(node, prefix)
+
+
+def test_every_non_python_file_of_the_package_ships_in_the_wheel():
+    """pyproject's package-data must name every file the package reads at run time (C/C++ sources it builds,
+    the web page): a wheel without them fails only once installed (jit_hook.cpp was missing once)."""
+    import fnmatch
+    import subprocess
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["mlx_persona"]
+    tracked = subprocess.run(["git", "ls-files", "mlx_persona"], cwd=root, capture_output=True, text=True,
+                             check=True).stdout.split()
+    data = [f[len("mlx_persona/"):] for f in tracked if not f.endswith(".py")]
+    assert data, "no package data found"
+    missing = [f for f in data if not any(fnmatch.fnmatch(f, p) for p in patterns)]
+    assert not missing, f"not in [tool.setuptools.package-data]: {missing}"
