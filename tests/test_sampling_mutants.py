@@ -99,3 +99,40 @@ def test_output_shape_and_dtype_follow_the_logits():
     got = process_logits(cfg, [2], np.array([1.0, -2.0, 3.0, 0.5], np.float32), prompt_length=0,
                          eos_token_ids=None)
     _same(np.array(got), [1.0, -2.0, 2.0, 0.5])
+
+
+def test_no_repeat_ngram_never_scatters_an_id_past_the_vocabulary():
+    """A history id equal to the logits width (a tokenizer with more ids than the head has rows) that would be
+    banned must be skipped: MLX's scatter does not bound-check, and writing one past the row corrupted the
+    heap (glibc: "corrupted size vs. prev_size", abort) when the guard was `<=` instead of `<`. Run in a
+    child with glibc's heap checks on, so the corruption ends the child instead of this test process."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import mlx_persona.backend as b; b.setup()\n"
+        "import mlx.core as mx\n"
+        "from mlx_persona.sampling.processors import apply_no_repeat_ngram\n"
+        "V = 8\n"
+        "x = mx.arange(V, dtype=mx.float32)[None]\n"
+        "for _ in range(50):\n"
+        "    y = apply_no_repeat_ngram(x, mx.array([5, V, 5, 3, V + 2, 5, V, 5], dtype=mx.int32), 2)\n"
+        "    mx.eval(y)\n"
+        "assert y.tolist() == [[0.0, 1.0, 2.0, float('-inf'), 4.0, 5.0, 6.0, 7.0]], y.tolist()\n"
+        "print('ok')\n")
+    env = {**os.environ, "MALLOC_CHECK_": "3", "MALLOC_PERTURB_": "165"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), (proc.returncode, proc.stderr[-1000:])
+
+
+def test_apply_processors_takes_its_settings_by_keyword_only():
+    """`penalty_ids` and `history` are both thunks: passed by position, swapping them would silently penalise the
+    wrong tokens, so the signature keeps them keyword-only."""
+    import inspect
+
+    from mlx_persona.sampling.processors import apply_processors
+
+    params = list(inspect.signature(apply_processors).parameters.values())
+    assert params[0].kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in params[1:]), [(p.name, p.kind) for p in params]
