@@ -15,6 +15,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from benchmarks.common import free_ports
 from mlx_persona.tuner import checkpoint as ckpt
 
 REPO = Path(__file__).resolve().parents[1]
@@ -281,28 +282,6 @@ def test_broadcast_in_one_process_returns_the_checkpoint(tmp_path):
     assert opt["step"].item() == 2 and opt["step"].dtype == mx.uint64
 
 
-def _free_ports(n: int) -> int:
-    """A port p with p..p+n-1 free on 127.0.0.1 (the ring backend listens on consecutive ports)."""
-    import random
-    import socket
-
-    rng = random.Random(os.getpid())
-    for _ in range(100):
-        start, socks = rng.randrange(20000, 60000), []
-        try:
-            for p in range(start, start + n):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", p))
-            return start
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free ports")
-
-
 TWO_RANKS = textwrap.dedent("""
     import json, sys
     from pathlib import Path
@@ -331,7 +310,7 @@ def test_broadcast_over_two_processes_is_exact(tmp_path):
     script = tmp_path / "two_ranks.py"
     script.write_text(TWO_RANKS)
     env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([str(launch), "-n", "2", "--backend", "ring", "--starting-port", str(_free_ports(2)),
+    proc = subprocess.run([str(launch), "-n", "2", "--backend", "ring", "--starting-port", str(free_ports(2)),
                            "--", sys.executable, str(script), str(tmp_path / "checkpoints")],
                           check=False, cwd=REPO, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
                           timeout=120)
