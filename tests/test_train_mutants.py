@@ -133,7 +133,8 @@ TWO_RANKS = textwrap.dedent("""
 
 def test_validation_loss_over_two_processes_is_the_whole_datasets(tiny, tiny_path, tmp_path):
     """Each rank evaluates its shard; the all-reduce makes both report the loss of the whole dataset."""
-    from test_checkpoint_mutants import REPO, _free_ports
+    from benchmarks.common import free_ports
+    from test_checkpoint_mutants import REPO
 
     launch = Path(sys.executable).parent / "mlx.launch"
     if not launch.exists():
@@ -141,7 +142,7 @@ def test_validation_loss_over_two_processes_is_the_whole_datasets(tiny, tiny_pat
     script = tmp_path / "two_ranks.py"
     script.write_text(TWO_RANKS)
     env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([str(launch), "-n", "2", "--backend", "ring", "--starting-port", str(_free_ports(2)),
+    proc = subprocess.run([str(launch), "-n", "2", "--backend", "ring", "--starting-port", str(free_ports(2)),
                            "--", sys.executable, str(script), str(tiny_path), str(tmp_path), str(REPO / "tests")],
                           check=False, cwd=REPO, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
                           timeout=180)
