@@ -8,3 +8,13 @@ bash scripts/setup.sh core
 mlx-persona train --config configs/quickstart.yaml --overwrite
 mlx-persona generate --model runs/quickstart --preset persona --seed 0 \
   --prompt "Hi Bluey! What's your favourite game to play with Bingo?"
+cat >&2 <<'MSG'
+
+The built-in tiny model starts from random weights (4 layers, 0.3 M parameters) and has seen
+the 149 training conversations five times, so its reply above is word salad by design: it shows
+that the whole pipeline runs. For a real Bluey, fine-tune Gemma 3 1B from the Hugging Face hub (accept the Gemma
+licence on the hub and run `hf auth login` once), then talk to her:
+  . .venv/bin/activate
+  mlx-persona train --config configs/bluey-1b-it.yaml
+  mlx-persona chat --model google/gemma-3-1b-it --adapter runs/bluey-1b-it --preset persona
+MSG
