@@ -54,6 +54,18 @@ def _persona_system(system, persona):
     return load_persona(persona).system_prompt
 
 
+def _persona_name(persona):
+    """The card's name (the label of the model's turns in `chat`), or None without a card."""
+    if not persona:
+        return None
+    from mlx_persona.eval.persona import load_persona
+
+    try:
+        return load_persona(persona).name
+    except user_errors() as e:
+        fail(str(e))
+
+
 def _load_for_generation(model, adapter, system, persona):
     """(system prompt, model, tokenizer, resolved model path), or a clean exit on the user's mistakes."""
     from mlx_persona.models import load_model, resolve_model
@@ -112,12 +124,16 @@ def generate(model, adapter, prompt, system, persona, raw, as_json, preset, **se
 @click.option("--persona", type=click.Path(exists=True, dir_okay=False), help="Use a persona card's system_prompt.")
 @generation_options
 def chat(model, adapter, system, persona, preset, **settings):
-    """Interactive multi-turn chat (/reset, /settings, /system, /quit). Reads lines from a pipe too."""
+    """Interactive multi-turn chat (/reset, /settings, /system, /help, /quit). Reads lines from a pipe too.
+
+    At a terminal: line editing and history (kept in $MLX_PERSONA_HISTORY, default
+    ~/.local/state/mlx_persona/chat_history; empty: not kept), Ctrl-C stops a reply, Ctrl-D leaves."""
     from mlx_persona.chat import ChatSession, run_chat
 
     config = make_generation_config(preset, **settings)
+    name = _persona_name(persona)
     system, m, tok, path = _load_for_generation(model, adapter, system, persona)
     try:
-        run_chat(ChatSession(m, tok, config, system=system, model_path=path))
+        run_chat(ChatSession(m, tok, config, system=system, model_path=path, name=name))
     except user_errors() as e:  # e.g. the chat template failed on the conversation
         fail(f"{model}: {e}")
