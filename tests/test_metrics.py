@@ -3,6 +3,7 @@
 import pytest
 
 from mlx_persona.eval.metrics import (
+    BETTER,
     StyleModel,
     corpus_distinct_n,
     count_phrases,
@@ -66,11 +67,57 @@ def test_early_end_needs_an_end_token_and_fewer_than_three_quarters_of_the_token
 
 def test_marker_counts():
     text = "Hooray! HOORAY, I reckon we need pretend dollars. I’m sorry, but hoorays are free."
-    assert count_phrases(text, PERSONA.catchphrases) == {"hooray": 3, "i reckon": 1, "pretend dollars": 1}
+    # "hoorays" is another word: catchphrases match whole words.
+    assert count_phrases(text, PERSONA.catchphrases) == {"hooray": 2, "i reckon": 1, "pretend dollars": 1}
     assert count_phrases(text, PERSONA.breaking_phrases) == {"i'm sorry, but": 1}  # curly apostrophe matches
     words = "Mum and Dad played Keepy-Uppy with Bingo and Mummy. Ta-da! Mum laughed."
     assert count_words(words, PERSONA.vocabulary) == {"mum": 2, "dad": 1, "bingo": 1, "keepy": 1, "ta": 1}
     assert count_words("Mummy and Daddy", ["mum", "dad"]) == {}  # whole words only
+
+
+@pytest.mark.parametrize("text, phrase, n", [
+    ("Bikkie!", "bikkie", 1),
+    ("xbikkiex", "bikkie", 0),  # inside another word: random token soup does not count
+    ("bikkies", "bikkie", 0),
+    ("2bikkie", "bikkie", 0),
+    ("a bikkie-time snack", "bikkie", 1),  # a hyphen ends a word
+    ("_bikkie_ and 'bikkie' and (bikkie)", "bikkie", 3),  # emphasis, quotes, brackets
+    ("bikkie bikkie", "bikkie", 2),
+    ("I  reckon so", "i reckon", 1),  # multi-word, whitespace normalised
+    ("I\nreckon so", "i reckon", 1),
+    ("hi reckon", "i reckon", 0),
+    ("I reckoned", "i reckon", 0),
+    ("Ta-da! Ta-dah!", "ta-da", 1),
+    ("Easy peasy lemon squeezy", "easy peasy", 1),
+    ("as an aim", "as an ai", 0),
+    ("I’m sorry, but no", "i'm sorry, but", 1),
+    ("Wow!!!", "!!", 1),  # punctuation at the ends needs no word boundary
+])
+def test_phrases_match_on_word_boundaries(text, phrase, n):
+    assert count_phrases(text, [phrase]) == ({phrase: n} if n else {})
+
+
+def test_token_soup_has_no_catchphrase():
+    soup = "xbikkiexhoorayz brekkiesand ireckonwackadoo"
+    assert all(p in soup.replace(" ", "") for p in ("bikkie", "hooray", "brekkie", "wackadoo"))  # as substrings
+    assert count_phrases(soup, ["bikkie", "hooray", "brekkie", "wackadoo", "i reckon"]) == {}
+    assert reply_metrics(soup, "length", persona=PERSONA)["catchphrase_hits"] == 0
+
+
+def test_undecodable_replies_are_counted():
+    assert ends_mid_sentence("Hooray! \ufffd")  # broken bytes at the end are not an emoji
+    assert ends_mid_sentence("\ufffd\ufffd")
+    texts = ["Hooray! \ufffd\ufffd", "\ufffd", "Hooray!"]
+    rows = [reply_metrics(t, "end_token") for t in texts]
+    assert [r["replacement_chars"] for r in rows] == [2, 1, 0]
+    assert summarize(texts, rows, ["end_token"] * 3)["undecodable"] == pytest.approx(2 / 3)
+
+
+def test_every_summary_metric_declares_its_better_direction():
+    rows = [reply_metrics("Hi.", "end_token")]
+    keys = set(summarize(["Hi."], rows, ["end_token"])) - {"replies", "words_min", "words_max"}
+    assert keys <= set(BETTER) and set(BETTER.values()) == {"reference", "higher", "lower"}
+    assert (BETTER["words_mean"], BETTER["with_catchphrase"], BETTER["mid_sentence"]) == ("reference", "higher", "lower")
 
 
 def test_distinct_n_and_repetition():

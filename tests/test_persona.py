@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from mlx_persona.eval.metrics import count_phrases
 from mlx_persona.eval.persona import Persona, PersonaError, load_persona
 
 BLUEY = Path(__file__).resolve().parents[1] / "data" / "bluey"
@@ -30,7 +31,8 @@ def test_shipped_card_loads_and_fits_the_data():
                for m in json.loads(line)["messages"] if m["role"] == "assistant"]
     # The data README promises that no assistant reply breaks character.
     assert not [b for b in p.breaking_phrases for r in replies if b in r.replace("’", "'")]
-    assert sum(any(c in r for c in p.catchphrases) for r in replies) > len(replies) // 4
+    # A quarter of the human-written replies use a catchphrase, matched as the eval matches them (whole words).
+    assert sum(bool(count_phrases(r, p.catchphrases)) for r in replies) > len(replies) // 4
 
 
 def test_minimal_card_has_empty_optional_fields(tmp_path):

@@ -15,14 +15,25 @@ Definitions (the report repeats them):
   ``min_new_tokens``) in words at ~0.75 English words per Gemma token, i.e. fewer than 37.5 words.
   Replies cut by ``max_new_tokens`` or a stop string are never early ends.
 * **persona markers** (from a :class:`mlx_persona.eval.persona.Persona`), on text lower-cased with curly
-  apostrophes made straight: catchphrases and breaking phrases are counted as substrings (non-overlapping
-  occurrences), vocabulary as whole words of :func:`match_words`.
+  apostrophes made straight and whitespace runs made one space: catchphrases and breaking phrases are
+  counted as whole words (non-overlapping occurrences that no letter or digit touches on either side:
+  ``bikkie`` counts in ``Bikkie!`` and ``bikkie-time``, not in ``xbikkiex`` or ``bikkies``), vocabulary
+  as whole words of :func:`match_words`.
+* **undecodable** -- the reply holds U+FFFD (REPLACEMENT CHARACTER): the model emitted bytes that are not
+  UTF-8 and decoding replaced them. Counted per reply (``replacement_chars``); a trailing U+FFFD is not
+  decoration, so such a reply ends mid-sentence.
 * **distinct-n** -- distinct n-grams / all n-grams of :func:`match_words` (per reply; and over every
   reply of a model, n-grams never crossing a reply boundary). None when there is no n-gram.
 * **repetition (rep-3)** -- the share of a reply's word 3-grams that repeat an earlier 3-gram of the same
   reply, ``1 - distinct-3``; 0 when it has fewer than three words.
 * **style similarity** -- cosine between the reply's character n-gram (3-5) TF-IDF vector and the centroid
   of the training replies' vectors (see :class:`StyleModel`).
+
+Which way is better (:data:`BETTER`, used by the verdict): *closer to the reference* (the human-written
+validation replies) for reply length and distinct-n, where more or less is not better in itself; *higher*
+for the persona markers (catchphrases, vocabulary) and style similarity; *lower* for truncation (ends
+mid-sentence, early end, hit ``max_new_tokens``), breaking character, undecodable replies, repeated
+3-grams and the validation loss.
 """
 
 from __future__ import annotations
@@ -42,6 +53,17 @@ _TERMINAL = set(".!?…。！？")
 _CLOSERS = set("\"'”’»)]}*_~`")
 _APOSTROPHES = str.maketrans({"’": "'", "‘": "'", "ʼ": "'", "“": '"', "”": '"'})
 _MATCH_WORD = re.compile(r"[^\W_]+(?:'[^\W_]+)*")
+REPLACEMENT = "\ufffd"  # what decoding puts in place of bytes that are not UTF-8
+
+# The better direction of each summary metric: "reference" (closer to the reference's value), "higher", "lower".
+BETTER = {
+    "words_mean": "reference", "words_median": "reference", "mid_sentence": "lower", "early_end": "lower",
+    "length_stop": "lower", "with_catchphrase": "higher", "catchphrase_per_reply": "higher",
+    "vocabulary_per_100_words": "higher", "breaking": "lower", "undecodable": "lower", "distinct_1": "reference",
+    "distinct_2": "reference", "rep_3": "lower", "style": "higher", "val_loss": "lower", "val_ppl": "lower",
+    "decode_tps": "higher",
+}
+BETTER_TEXT = {"reference": "closer to reference", "higher": "higher", "lower": "lower"}
 
 
 # ------------------------------------------------------------------------------------------- words
@@ -67,6 +89,8 @@ def match_words(text: str) -> list[str]:
 def _is_trailing_decoration(ch: str) -> bool:
     if ch.isspace() or ch in _CLOSERS:
         return True
+    if ch == REPLACEMENT:  # a symbol (So) too, but it stands for broken bytes, not an emoji
+        return False
     # Emoji and other symbols (So/Sk), and the joiners/variation selectors (Mn/Cf) emoji come with.
     return unicodedata.category(ch) in ("So", "Sk", "Mn", "Cf")
 
@@ -87,12 +111,23 @@ def is_early_end(stop_reason: str, words: int, early_tokens: int = DEFAULT_EARLY
 
 
 # ------------------------------------------------------------------------------------------- markers
+def phrase_pattern(phrase: str) -> re.Pattern:
+    """The normalised `phrase` as a regular expression that no letter or digit may touch on either side.
+
+    Where the phrase itself starts or ends with punctuation (``ta-da!``), that end needs no boundary.
+    """
+    norm = normalize(phrase)
+    before = r"(?<![^\W_])" if _MATCH_WORD.match(norm[:1]) else ""
+    after = r"(?![^\W_])" if _MATCH_WORD.match(norm[-1:]) else ""
+    return re.compile(before + re.escape(norm) + after)
+
+
 def count_phrases(text: str, phrases: Iterable[str]) -> dict[str, int]:
-    """Non-overlapping, case-insensitive substring occurrences of each phrase (only those found)."""
+    """Non-overlapping, case-insensitive whole-word occurrences of each phrase (only those found)."""
     norm = normalize(text)
     found = {}
     for phrase in phrases:
-        n = norm.count(normalize(phrase))
+        n = len(phrase_pattern(phrase).findall(norm)) if phrase.strip() else 0
         if n:
             found[phrase] = n
     return found
@@ -193,7 +228,8 @@ def reply_metrics(text: str, stop_reason: str | None = None, *, persona=None, st
         early_tokens: see :func:`is_early_end`.
 
     Returns:
-        A flat dict: ``words``, ``mid_sentence``, ``early_end``, ``catchphrases`` (phrase -> count),
+        A flat dict: ``words``, ``mid_sentence``, ``early_end``, ``replacement_chars`` (U+FFFD count),
+        ``catchphrases`` (phrase -> count),
         ``catchphrase_hits``, ``vocabulary`` (word -> count), ``vocabulary_hits``, ``breaking``
         (phrase -> count), ``breaking_hits``, ``distinct_1``, ``distinct_2``, ``rep_3``, ``style``.
     """
@@ -203,6 +239,7 @@ def reply_metrics(text: str, stop_reason: str | None = None, *, persona=None, st
         "words": words,
         "mid_sentence": ends_mid_sentence(text),
         "early_end": None if stop_reason is None else is_early_end(stop_reason, words, early_tokens),
+        "replacement_chars": text.count(REPLACEMENT),
     }
     for key, hits, field, counter in (("catchphrases", "catchphrase_hits", "catchphrases", count_phrases),
                                       ("vocabulary", "vocabulary_hits", "vocabulary", count_words),
@@ -233,7 +270,8 @@ def summarize(texts: Sequence[str], rows: Sequence[dict], stop_reasons: Sequence
     Returns:
         ``replies``; ``words_mean``, ``words_median``, ``words_min``, ``words_max``; the shares (0-1)
         ``mid_sentence``, ``early_end``, ``length_stop`` (hit ``max_new_tokens``), ``with_catchphrase``,
-        ``breaking`` (replies with at least one breaking phrase); ``catchphrase_per_reply``,
+        ``breaking`` (replies with at least one breaking phrase), ``undecodable`` (replies holding U+FFFD);
+        ``catchphrase_per_reply``,
         ``vocabulary_per_100_words``; ``distinct_1``, ``distinct_2`` (pooled over the replies),
         ``rep_3``, ``style`` (means over replies). A share is None when nothing it needs exists.
     """
@@ -257,6 +295,7 @@ def summarize(texts: Sequence[str], rows: Sequence[dict], stop_reasons: Sequence
         "vocabulary_per_100_words": 100.0 * sum(r["vocabulary_hits"] for r in rows) / total_words
         if total_words else None,
         "breaking": _mean(r["breaking_hits"] > 0 for r in rows),
+        "undecodable": _mean(r["replacement_chars"] > 0 for r in rows),
         "distinct_1": corpus_distinct_n(texts, 1),
         "distinct_2": corpus_distinct_n(texts, 2),
         "rep_3": _mean(r["rep_3"] for r in rows),

@@ -6,7 +6,7 @@ description: >-                # required, non-empty
   ...
 system_prompt: >-              # optional: the system/persona prompt chat UIs can use
   ...
-catchphrases: [hooray, ...]    # phrases she says; matched case-insensitively as substrings
+catchphrases: [hooray, ...]    # phrases she says; matched case-insensitively as whole words
 vocabulary: [mum, ...]         # single words of her voice; matched case-insensitively as whole words
 breaking_phrases: [as an ai]   # phrases that break character; matched like catchphrases
 ```
