@@ -23,7 +23,7 @@ from typing import Callable
 
 from mlx_persona.eval import plots
 from mlx_persona.eval.entries import ModelEntry, check_names, load_entry, release, resolve_all
-from mlx_persona.eval.metrics import WORDS_PER_TOKEN, StyleModel, reply_metrics, summarize, word_count
+from mlx_persona.eval.metrics import StyleModel, reply_metrics, summarize, word_count
 from mlx_persona.eval.options import EvalError, EvalOptions, assistant_replies, check_inputs, load_prompts
 from mlx_persona.outputs import output_lock, prepare_output_dir
 from mlx_persona.sampling import GenerationConfig
@@ -112,13 +112,8 @@ def write_results(out: Path, rows: list[dict], result: dict) -> None:
 
 def _figures(result: dict, rows: list[dict], reference_texts: list[str]) -> dict[str, bytes]:
     """The eval report's plots as PNG bytes, by file name."""
-    early_words = WORDS_PER_TOKEN * result["options"]["early_tokens"]
     ref_words = [word_count(t) for t in reference_texts] if result.get("reference") else None
-    rates = dict(result["models"])
-    if result.get("reference"):
-        rates["reference (validation replies)"] = result["reference"]
-    return {"lengths.png": plots.plot_lengths(rows, list(result["models"]), early_words, ref_words),
-            "rates.png": plots.plot_rates(rates)}
+    return {name: plots.png(fig) for name, fig in plots.eval_figures(result, rows, ref_words).items()}
 
 
 # ------------------------------------------------------------------------------------------- eval

@@ -110,6 +110,7 @@ def sweep(models: list[ModelEntry], base: GenerationConfig, grid: dict[str, list
                   "options": dataclasses.asdict(options), "prompts": ctx.prompts, "system": ctx.system, "rows": table,
                   "reference": reference_summary(ctx, ctx.reference_texts())}
         write_results(out, all_rows, result)
-        (out / "sweep.png").write_bytes(plots.plot_sweep(table))
+        colours = plots.model_colours([m.name for m in models])
+        (out / "sweep.png").write_bytes(plots.png(plots.sweep_figure(table, colours)))
         report.write_sweep_report(out, result)
         return table
