@@ -387,6 +387,7 @@ def _metrics(words=5):
 
 def test_report_md_escapes_what_it_shows(tmp_path):
     from mlx_persona.eval.report import write_eval_report
+    from mlx_persona.eval.verdict import judge
 
     summary = {"replies": 1, "words_mean": 5.0}
     models = {EVIL: {**summary, "model": "/models/a`<img src=x onerror=alert(6)>`b", "adapter": "runs/<svg onload=1>",
@@ -398,19 +399,30 @@ def test_report_md_escapes_what_it_shows(tmp_path):
                           "persona": "[card](javascript:alert(10))", "train": "train.jsonl", "valid": None}}
     rows = [{"prompt_id": 0, "prompt": EVIL_PROMPT, "seed": 0, "model": name, "text": EVIL_REPLY,
              "stop_reason": "end_token", "metrics": _metrics()} for name in models]
+    # The verdict names the models too: as a fine-tune against the evil-named base, and as that base.
+    judged = [judge("words_mean", 5.0, 4.0, None, 0.5), judge("val_loss", 1.0, 2.0, None, 0.0)]
+    result["verdict"] = {EVIL: {"base": None, "seeds": 1, "metrics": [], "counts": {}, "towards_reference": 0,
+                                "with_reference": 0},
+                         "plain": {"base": EVIL, "seeds": 2, "metrics": judged, "counts": {}, "towards_reference": 0,
+                                   "with_reference": 0}}
     write_eval_report(tmp_path, result, rows, {})
     md = (tmp_path / "report.md").read_text()
+    assert md.index("## Verdict") < md.index("## Models")
     assert "<img" not in md and "<script" not in md and "<svg" not in md and "<a " not in md
     tags = _render(md)
     _assert_inert(tags)
     # The tables keep their shape: the escaped `|` splits no cell.
     heads = [line for line in md.splitlines() if line.startswith("| seed |")]
     assert len(heads) == 1 and heads[0].count(" | ") == 2
-    assert sum(t == "th" for t, _ in tags) >= 3 + 4 + 3  # summary + models + replies headers
+    assert sum(t == "th" for t, _ in tags) >= 9 + 3 + 4 + 3  # verdict + summary + models + replies headers
+    parser = _Tags()  # the HTML page, verdict included, is as inert (it has no figure here)
+    parser.feed((tmp_path / "report.html").read_text())
+    _assert_inert(parser.tags)
+    assert [t for t, _ in parser.tags].count("strong") >= 3  # the verdict's model names, as text in <strong>
 
 
 def test_sweep_md_escapes_what_it_shows(tmp_path):
-    from mlx_persona.eval.report import write_sweep_report
+    from mlx_persona.eval.sweep_report import write_sweep_report
 
     row = {"model": EVIL, "setting": "temperature=<img src=x onerror=alert(1)>", "temperature": 0.7, "replies": 1,
            "words_mean": 4.0, "words_min": 2, "words_max": 6}

@@ -39,7 +39,8 @@ def test_eval_has_no_import_cycle():
 def test_report_and_plots_sit_below_the_runs():
     graph = _eval_graph()
     runs = {"mlx_persona.eval.evaluate", "mlx_persona.eval.sweep", "mlx_persona.eval.compare"}
-    for low in ("mlx_persona.eval.report", "mlx_persona.eval.plots", "mlx_persona.eval.metrics",
+    for low in ("mlx_persona.eval.report", "mlx_persona.eval.sweep_report", "mlx_persona.eval.markup",
+                "mlx_persona.eval.plots", "mlx_persona.eval.metrics", "mlx_persona.eval.verdict",
                 "mlx_persona.eval.persona", "mlx_persona.eval.options", "mlx_persona.eval.entries"):
         assert not _reachable(graph, low) & runs, (low, sorted(_reachable(graph, low) & runs))
 
@@ -53,17 +54,26 @@ def test_only_compare_reaches_the_trainer():
 
 
 def test_report_reads_no_file():
-    """The report renders what the evaluation hands it (results, rows, PNG bytes); it reads nothing back."""
+    """The reports render what the evaluation hands them (results, rows, PNG bytes), and the verdict is computed
+    from the same: none of them reads anything back."""
     reads = []
-    for node in ast.walk(ast.parse((EVAL / "report.py").read_text(encoding="utf-8"))):
+    for name in ("report.py", "sweep_report.py", "markup.py", "verdict.py"):
+        reads += _reads(name)
+    assert not reads, reads
+
+
+def _reads(module: str) -> list[str]:
+    """The calls in `module` that read a file."""
+    reads = []
+    for node in ast.walk(ast.parse((EVAL / module).read_text(encoding="utf-8"))):
         if isinstance(node, ast.Call):
             f = node.func
             name = f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", "")
             mode = node.args[1] if name == "open" and len(node.args) > 1 else None
             if name in ("read_text", "read_bytes", "load_jsonl", "safe_load", "imread") or \
                     (name == "open" and not (isinstance(mode, ast.Constant) and "w" in str(mode.value))):
-                reads.append(f"report.py:{node.lineno}: {name}")
-    assert not reads, reads
+                reads.append(f"{module}:{node.lineno}: {name}")
+    return reads
 
 
 def test_eval_modules_and_functions_stay_small():

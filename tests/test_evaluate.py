@@ -18,10 +18,11 @@ from click.testing import CliRunner
 
 from mlx_persona.cli import main
 from mlx_persona.eval.compare import _trained_entry, load_recipe
-from mlx_persona.eval.entries import check_names, parse_model_arg
+from mlx_persona.eval.entries import check_names, find_bases, parse_model_arg
 from mlx_persona.eval.options import EvalError, assistant_replies, load_prompts
 from mlx_persona.eval.sweep import grid_settings, parse_grid, setting_label
 from mlx_persona.eval.metrics import StyleModel
+from mlx_persona.eval.verdict import verdict
 from mlx_persona.models import load_model
 from mlx_persona.tuner.adapters import attach_adapters, save_adapters
 
@@ -105,6 +106,21 @@ def test_parse_model_arg(tiny_path, adapter, tmp_path):
         parse_model_arg("x=builtin:tiny@")
     with pytest.raises(EvalError, match="two models are named 'a'"):
         check_names([parse_model_arg("a=builtin:tiny"), parse_model_arg("a=builtin:tiny-it")])
+
+
+def test_find_bases(tiny_path, adapter, tmp_path):
+    full = tmp_path / "full-run"
+    full.mkdir()
+    (full / "config.json").write_text("{}")
+    (full / "summary.json").write_text(json.dumps({"model": "builtin:tiny", "method": "full", "steps": 2}))
+    entries = [parse_model_arg(a) for a in ("pt=builtin:tiny", "it=builtin:tiny-it", f"ft=builtin:tiny-it@{adapter}",
+                                            f"full={full}", str(adapter), f"hub=google/gemma-3-1b-it@{adapter}")]
+    assert [e.base for e in entries] == [None, None, "builtin:tiny-it", "builtin:tiny", str(tiny_path),
+                                         "google/gemma-3-1b-it"]
+    # The same text first (builtin:tiny-it is builtin:tiny's folder too), then the same folder; a hub id whose
+    # base is not in the evaluation has none.
+    assert find_bases(entries) == {"pt": None, "it": None, "ft": "it", "full": "pt", "bluey-tiny": "pt", "hub": None}
+    assert find_bases(entries[2:]) == {e.name: None for e in entries[2:]}  # no base model evaluated
 
 
 def test_parse_grid():
@@ -201,8 +217,17 @@ def test_eval_writes_a_self_contained_report(tiny_path, adapter, prompts, small_
     assert summary["reference"]["mid_sentence"] == 0.0  # the human-written replies end their sentences
     assert summary["system"] is None  # no --persona-system
 
+    # The adapter folder alone records its base as the built-in's folder: the same model as base=builtin:tiny.
+    assert (models["base"]["base"], models["bluey-tiny"]["base"]) == (None, "base")
+    assert summary["verdict"] == json.loads(json.dumps(verdict(summary, rows)))  # the data, recomputed from the files
+    judged = {m["key"]: m for m in summary["verdict"]["bluey-tiny"]["metrics"]}
+    assert judged["val_loss"]["change"] == pytest.approx(models["bluey-tiny"]["val_loss"] - models["base"]["val_loss"])
+    assert judged["words_mean"]["reference"] == summary["reference"]["words_mean"]
+
     md = (out / "report.md").read_text()
-    assert "| metric | base | bluey-tiny | reference |" in md and "| seed | base | bluey-tiny |" in md
+    assert md.startswith("# Persona evaluation\n\n## Verdict\n\n- **base**: a base model, set against its fine-tunes")
+    assert "- **bluey-tiny** against its base **base** (2 seeds): " in md
+    assert "| metric | better | base | bluey-tiny | reference |" in md and "| seed | base | bluey-tiny |" in md
     assert all(f"### {i + 1}. " in md for i in range(len(PROMPTS)))
 
     page = (out / "report.html").read_text()
@@ -298,6 +323,7 @@ generation:
     assert list(summary["models"]) == ["base", "tuned"]
     tuned = summary["models"]["tuned"]
     assert tuned["model"] == str(run_dir) and "trained:" in tuned["note"] and "2 steps" in tuned["note"]
+    assert tuned["base"] == "base" and summary["verdict"]["tuned"]["base"] == "base"  # trained from base's model
     # Each row's validation loss is its own model's: the base, and the trained run (a full fine-tune).
     base_loss, _ = reference_val_loss(tiny_path, None, small_data / "valid.jsonl")
     tuned_loss, _ = reference_val_loss(run_dir, None, small_data / "valid.jsonl")

@@ -173,8 +173,8 @@ def _trained_entry(v: dict, retrain: bool, log) -> ModelEntry:
     note = (f"trained: {v['train']}" + (f" with {sets}" if sets else "") +
             f"; {cfg.method}, {summary.get('steps')} steps" + (f", best val_loss {best:.4f}" if best is not None else ""))
     if cfg.method == "full":
-        return ModelEntry(v["name"], str(out), None, note)
-    return ModelEntry(v["name"], cfg.model, str(out), note)
+        return ModelEntry(v["name"], str(out), None, note, base=cfg.model)
+    return ModelEntry(v["name"], cfg.model, str(out), note, base=cfg.model)
 
 
 def compare(recipe_path: str | Path, *, out: str | None = None, overwrite: bool = False, retrain: bool = False,

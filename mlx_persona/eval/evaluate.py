@@ -6,7 +6,8 @@ The pipeline, one direction only::
     (inputs, models)       (replies)     (numbers)    (PNGs)     (md, html)
 
 * :func:`evaluate` -- prompts x seeds through each model; per-reply metrics (:mod:`mlx_persona.eval.metrics`),
-  validation loss, the plots (:mod:`mlx_persona.eval.plots`) and a report folder
+  validation loss, the verdict of each fine-tuned model against its base and the reference
+  (:mod:`mlx_persona.eval.verdict`), the plots (:mod:`mlx_persona.eval.plots`) and a report folder
   (:mod:`mlx_persona.eval.report`, which only renders what it is handed). ``mlx-persona eval``.
 * :mod:`mlx_persona.eval.sweep` and :mod:`mlx_persona.eval.compare` build on :class:`Context` and
   :func:`generate_replies` here.
@@ -22,9 +23,10 @@ from pathlib import Path
 from typing import Callable
 
 from mlx_persona.eval import plots
-from mlx_persona.eval.entries import ModelEntry, check_names, load_entry, release, resolve_all
+from mlx_persona.eval.entries import ModelEntry, check_names, find_bases, load_entry, release, resolve_all
 from mlx_persona.eval.metrics import StyleModel, reply_metrics, summarize, word_count
 from mlx_persona.eval.options import EvalError, EvalOptions, assistant_replies, check_inputs, load_prompts
+from mlx_persona.eval.verdict import verdict
 from mlx_persona.outputs import output_lock, prepare_output_dir
 from mlx_persona.sampling import GenerationConfig
 
@@ -131,7 +133,8 @@ def evaluate(models: list[ModelEntry], config: GenerationConfig, options: EvalOp
 
     Returns:
         The dict written to ``summary.json``: settings, ``models`` (name -> aggregates + validation
-        loss) and ``reference`` (the validation replies' aggregates, or None).
+        loss + ``base``, the name of its base model's entry or None), ``reference`` (the validation
+        replies' aggregates, or None) and ``verdict`` (:func:`mlx_persona.eval.verdict.verdict`).
 
     Writes ``results.jsonl`` (one row per reply: model, prompt, seed, text, tokens, stop_reason,
     metrics), ``summary.json``, ``report.md``, ``report.html`` and the plots (``lengths.png``,
@@ -146,6 +149,7 @@ def evaluate(models: list[ModelEntry], config: GenerationConfig, options: EvalOp
         ctx = Context.load(options)
         resolve_all(models)
         out = prepare_output_dir(out, overwrite)
+        bases = find_bases(models)
         all_rows, per_model = [], {}
         for entry in models:
             model, tok, end_ids = load_entry(entry, log)
@@ -154,7 +158,8 @@ def evaluate(models: list[ModelEntry], config: GenerationConfig, options: EvalOp
             if options.valid:
                 summary.update(losses.validation_loss(model, tok, options.valid, max_seq_len=options.max_seq_len))
                 log(f"  {entry.name}: validation loss {summary['val_loss']:.4f} (perplexity {summary['val_ppl']:.1f})")
-            per_model[entry.name] = {"model": entry.model, "adapter": entry.adapter, "note": entry.note, **summary}
+            per_model[entry.name] = {"model": entry.model, "adapter": entry.adapter, "note": entry.note,
+                                     "base": bases[entry.name], **summary}
             all_rows += rows
             del model, tok
             release()
@@ -164,6 +169,7 @@ def evaluate(models: list[ModelEntry], config: GenerationConfig, options: EvalOp
             "prompts": ctx.prompts, "system": ctx.system, "models": per_model,
             "reference": reference_summary(ctx, reference_texts),
         }
+        result["verdict"] = verdict(result, all_rows)
         write_results(out, all_rows, result)
         figures = _figures(result, all_rows, reference_texts)
         for name, png in figures.items():

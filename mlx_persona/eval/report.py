@@ -1,4 +1,5 @@
-"""Reports of an evaluation or a sweep: markdown, a self-contained HTML page and CSV.
+"""The report of an evaluation: markdown and a self-contained HTML page (and the formatting the sweep's
+report, :mod:`mlx_persona.eval.sweep_report`, shares).
 
 The last step of the pipeline: it renders what the evaluation hands it (the result dict, the reply
 rows, the plots as PNG bytes from :mod:`mlx_persona.eval.plots`) and reads no file, so a report
@@ -11,13 +12,21 @@ it opens anywhere (and can be mailed).
 from __future__ import annotations
 
 import base64
-import csv
-import html
-import re
-from datetime import datetime, timezone
 from pathlib import Path
 
-from mlx_persona.eval.metrics import WORDS_PER_TOKEN
+from mlx_persona.eval.markup import (
+    fmt,
+    fmt_delta,
+    h,
+    html_table,
+    md_cell,
+    md_code,
+    md_inline,
+    md_table,
+    settings_line,
+    written_at,
+)
+from mlx_persona.eval.metrics import BETTER, BETTER_TEXT, REPLACEMENT, WORDS_PER_TOKEN
 
 # (summary key, label, kind) -- kind: pct (0-1 shown as %), num, int, words (min-max).
 SUMMARY_ROWS = [
@@ -32,6 +41,7 @@ SUMMARY_ROWS = [
     ("catchphrase_per_reply", "catchphrases per reply", "num2"),
     ("vocabulary_per_100_words", "persona vocabulary per 100 words", "num"),
     ("breaking", "replies breaking character", "pct"),
+    ("undecodable", "replies with U+FFFD (bytes not UTF-8)", "pct"),
     ("distinct_1", "distinct-1 (pooled)", "num2"),
     ("distinct_2", "distinct-2 (pooled)", "num2"),
     ("rep_3", "repeated 3-grams within a reply", "pct"),
@@ -40,16 +50,6 @@ SUMMARY_ROWS = [
     ("val_ppl", "validation perplexity", "num"),
     ("decode_tps", "decode tokens/s", "num"),
 ]
-
-SWEEP_COLUMNS = ["replies", "words_mean", "words_median", "words_min", "words_max", "mid_sentence", "early_end",
-                 "length_stop", "with_catchphrase", "catchphrase_per_reply", "vocabulary_per_100_words", "breaking",
-                 "distinct_1", "distinct_2", "rep_3", "style", "decode_tps"]
-_SWEEP_MD = [("words_mean", "words mean", "num"), ("words_range", "min-max", "range"),
-             ("mid_sentence", "mid-sentence", "pct"), ("early_end", "early end", "pct"),
-             ("length_stop", "hit max", "pct"), ("with_catchphrase", "catchphrase", "pct"),
-             ("vocabulary_per_100_words", "vocab/100w", "num"), ("breaking", "breaking", "pct"),
-             ("distinct_2", "distinct-2", "num2"), ("rep_3", "rep-3", "pct"), ("style", "style", "num2")]
-
 
 def definitions(early_tokens: int) -> list[str]:
     """The metric definitions, one sentence each (shared by every report)."""
@@ -62,7 +62,10 @@ def definitions(early_tokens: int) -> list[str]:
         f"{WORDS_PER_TOKEN:g} × {early_tokens} = {words:g} words ({early_tokens} tokens' worth at ~{WORDS_PER_TOKEN:g} "
         "English words per Gemma token). Replies cut by `max_new_tokens` are never early ends.",
         "**catchphrases / breaking character**: the persona card's `catchphrases` / `breaking_phrases` found as "
-        "case-insensitive substrings; **vocabulary**: its `vocabulary` found as whole words.",
+        "case-insensitive whole words (no letter or digit touching either end: `bikkie` counts in `Bikkie!`, not in "
+        "`xbikkiex` or `bikkies`); **vocabulary**: its `vocabulary` found as whole words.",
+        ("**U+FFFD**: the reply holds the replacement character: the model emitted bytes that are not UTF-8 and "
+        "decoding replaced them (marked in the replies below)."),
         "**distinct-n**: distinct word n-grams / all word n-grams, pooled over a model's replies (n-grams never "
         "cross replies). **repeated 3-grams**: per reply, the share of word 3-grams that repeat an earlier one "
         "(1 − distinct-3), averaged.",
@@ -71,63 +74,14 @@ def definitions(early_tokens: int) -> list[str]:
         "**validation loss**: token-weighted cross-entropy of the assistant turns of the validation set, rendered "
         "with each model's own tokenizer and chat template (as in training); perplexity = exp(loss).",
         "**reference**: the same text metrics on the held-out human-written validation replies.",
+        ("**better**: closer to the reference for reply length and distinct-n (more is not better in itself); "
+        "higher for catchphrases, vocabulary and style similarity; lower for truncation (mid-sentence, early end, "
+        "max_new_tokens), breaking character, U+FFFD, repeated 3-grams and the validation loss."),
+        ("**verdict**: a fine-tuned model against its base model as published (when the evaluation holds it). "
+        "**spread**: each metric computed on one seed's replies alone, max − min over the seeds, the larger of "
+        "the two models' (0 for the validation loss, which involves no sampling). A move no larger than the "
+        "spread is **not distinguishable** from a reseed."),
     ]
-
-
-# ------------------------------------------------------------------------------------------- formatting
-def fmt(summary: dict | None, key: str, kind: str) -> str:
-    if summary is None:
-        return "–"
-    if kind == "range":
-        lo, hi = summary.get("words_min"), summary.get("words_max")
-        return "–" if lo is None else f"{lo}–{hi}"
-    v = summary.get(key)
-    if v is None:
-        return "–"
-    if kind == "pct":
-        return f"{100 * v:.0f}%"
-    if kind == "int":
-        return str(int(v))
-    if kind == "num2":
-        return f"{v:.2f}"
-    if kind == "num3":
-        return f"{v:.3f}"
-    return f"{v:.1f}"
-
-
-# Markdown's inline punctuation: emphasis, code, links and images, tables, strike-through, escapes.
-_MD_ESCAPE = str.maketrans({c: "\\" + c for c in "\\`*_[]!|~"})
-
-
-def _md_cell(text) -> str:
-    """`text` shown as is in markdown, on one line (a table cell, a heading): what it shows is never markup.
-
-    ``<``, ``>``, ``&`` become entities (no raw HTML: a model folder named ``run<img onerror=…>`` runs
-    nothing), markdown punctuation is backslash-escaped (no link, image, emphasis, or ``|`` cell break),
-    line breaks become ``<br>``.
-    """
-    text = html.escape(str(text), quote=False).translate(_MD_ESCAPE)
-    return "<br>".join(text.splitlines()) or " "
-
-
-def _md_code(text) -> str:
-    """`text` in ``<code>``, on one line, escaped as :func:`_md_cell` does (no code span: a backtick in
-    `text` would end one, and a renderer that is not CommonMark may take its content as HTML)."""
-    return f"<code>{_md_cell(' '.join(str(text).splitlines()))}</code>"
-
-
-def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return lines
-
-
-def _settings_line(gen: dict) -> str:
-    return ", ".join(f"{k}={v}" for k, v in gen.items() if k != "seed" and v not in ([], None))
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
 
 # ------------------------------------------------------------------------------------------- eval report
@@ -136,10 +90,92 @@ def _summary_table(result: dict) -> tuple[list[str], list[list[str]]]:
     cols = dict(result["models"])
     if result.get("reference"):
         cols["reference"] = result["reference"]
-    header = ["metric"] + list(cols)
-    rows = [[label.format(early_words=early_words)] + [fmt(s, key, kind) for s in cols.values()]
-            for key, label, kind in SUMMARY_ROWS]
+    header = ["metric", "better"] + list(cols)
+    rows = [[label.format(early_words=early_words), BETTER_TEXT.get(BETTER.get(key), "–")]
+            + [fmt(s, key, kind) for s in cols.values()] for key, label, kind in SUMMARY_ROWS]
     return header, rows
+
+
+# ------------------------------------------------------------------------------------------- verdict
+_KIND = {key: kind for key, _, kind in SUMMARY_ROWS}
+_CALL_TEXT = {"better": "better", "worse": "worse", "within spread": "not distinguishable", "same": "same",
+              "n/a": "–"}
+VERDICT_HEADER = ["metric", "better", "base", "model", "reference", "change", "closer to reference by", "spread",
+                  "verdict"]
+
+
+def short_label(key: str) -> str:
+    """A metric's summary label without its parenthesis (``early end``, ``validation loss``)."""
+    return next(label for k, label, _ in SUMMARY_ROWS if k == key).split(" (")[0]
+
+
+def verdict_rows(v: dict) -> list[list[str]]:
+    """The verdict table of one model (plain text cells)."""
+    rows = []
+    for j in v["metrics"]:
+        kind = _KIND[j["key"]]
+        call = _CALL_TEXT[j["call"]]
+        if j["call"] in ("better", "worse") and j["distinguishable"] is None:
+            call += " (one seed)"
+        rows.append([short_label(j["key"]), BETTER_TEXT[j["direction"]],
+                     *(fmt({"x": j[k]}, "x", kind) for k in ("base", "value", "reference")),
+                     fmt_delta(j["change"], kind), fmt_delta(j["closer_by"], kind),
+                     fmt_delta(j["spread"], kind, signed=False), call])
+    return rows
+
+
+def verdict_sentence(name: str, v: dict, bases_of: list[str], esc, strong) -> str:
+    """One model's verdict in a sentence; `esc` escapes text and `strong` a model name for the output format."""
+    if v["base"] is None:
+        if bases_of:
+            return f"{strong(name)}: a base model, set against its fine-tunes ({', '.join(map(strong, bases_of))})."
+        return f"{strong(name)}: no base model in this evaluation to set it against."
+    parts = []
+    for call, text in (("better", "better on"), ("worse", "worse on"),
+                       ("within spread", "not distinguishable from the seed-to-seed spread on"), ("same", "same on")):
+        keys = [short_label(j["key"]) for j in v["metrics"] if j["call"] == call]
+        if keys:
+            parts.append(f"{text} {len(keys)} ({esc(', '.join(keys))})")
+    seeds = f"{v['seeds']} seed{'s' if v['seeds'] != 1 else ''}"
+    line = f"{strong(name)} against its base {strong(v['base'])} ({seeds}): {'; '.join(parts) or 'nothing to judge'}"
+    line += f"; moved towards the reference on {v['towards_reference']} of {v['with_reference']} metrics with a " \
+            "reference value."
+    if v["seeds"] < 2:
+        line += esc(" One seed only: the seed-to-seed spread is unknown, so no move is tested against it.")
+    return line
+
+
+def _verdicts(result: dict) -> list[tuple[str, dict, list[str]]]:
+    """(name, verdict, the names of the models it is the base of), in the models' order."""
+    verdicts = result.get("verdict") or {}
+    return [(n, v, [m for m, w in verdicts.items() if w["base"] == n]) for n, v in verdicts.items()]
+
+
+def _verdict_md(result: dict) -> list[str]:
+    if not result.get("verdict"):
+        return []
+    lines = ["## Verdict", ""]
+    for name, v, bases_of in _verdicts(result):
+        lines.append("- " + verdict_sentence(name, v, bases_of, md_cell, lambda t: f"**{md_cell(t)}**"))
+    for name, v, _ in _verdicts(result):
+        if v["base"] is not None:
+            lines += ["", f"### {md_cell(name)} against {md_cell(v['base'])}", ""]
+            lines += md_table(VERDICT_HEADER, [[md_cell(c) for c in r] for r in verdict_rows(v)])
+    return lines + [""]
+
+
+def _verdict_html(result: dict) -> list[str]:
+    if not result.get("verdict"):
+        return []
+    parts = ["<h2>Verdict</h2>", "<ul>"]
+    parts += [f"<li>{verdict_sentence(n, v, b, h, lambda t: f'<strong>{h(t)}</strong>')}</li>"
+              for n, v, b in _verdicts(result)]
+    parts.append("</ul>")
+    for name, v, _ in _verdicts(result):
+        if v["base"] is not None:
+            parts += [f"<h3>{h(name)} against {h(v['base'])}</h3>",
+                      html_table(VERDICT_HEADER, verdict_rows(v), "summary verdict")]
+    return parts
 
 
 def _by_prompt(rows: list[dict]) -> dict[int, dict]:
@@ -158,6 +194,8 @@ def _meta(r: dict) -> str:
         bits.append("mid-sentence")
     if m["early_end"]:
         bits.append("early end")
+    if m.get("replacement_chars"):
+        bits.append(f"{m['replacement_chars']} × U+FFFD (not UTF-8)")
     found = list(m["catchphrases"]) + [f"!{b}" for b in m["breaking"]]
     if found:
         bits.append(", ".join(found))
@@ -192,8 +230,8 @@ def _intro(result: dict, seeds: list[int]) -> list[tuple[str, str]]:
     o = result["options"]
     return [
         ("command", result.get("command") or "–"),
-        ("written", _now()),
-        ("generation", _settings_line(result["generation"])),
+        ("written", written_at()),
+        ("generation", settings_line(result["generation"])),
         ("seeds", ", ".join(map(str, seeds))),
         ("prompts", f"{len(result['prompts'])} from {o['prompts']}"),
         ("system prompt", "the persona card's system_prompt" if result.get("system") else
@@ -205,29 +243,29 @@ def _intro(result: dict, seeds: list[int]) -> list[tuple[str, str]]:
 
 
 def _eval_md(result, header, table, grouped, seeds, names, early_tokens, figures) -> str:
-    lines = ["# Persona evaluation", ""]
-    lines += [f"- **{k}**: {_md_code(v) if k == 'command' else _md_cell(v)}" for k, v in _intro(result, seeds)]
+    lines = ["# Persona evaluation", ""] + _verdict_md(result)
+    lines += [f"- **{k}**: {md_code(v) if k == 'command' else md_cell(v)}" for k, v in _intro(result, seeds)]
     lines += ["", "## Models", ""]
-    lines += _md_table(["name", "model", "adapter", "how"],
-                       [[_md_cell(n), _md_code(m["model"]),
-                         _md_code(m["adapter"]) if m["adapter"] else "–", _md_cell(m["note"] or "–")]
-                        for n, m in result["models"].items()])
-    lines += ["", "## Summary", ""] + _md_table([_md_cell(c) for c in header], table)
+    lines += md_table(["name", "model", "adapter", "how"],
+                      [[md_cell(n), md_code(m["model"]),
+                        md_code(m["adapter"]) if m["adapter"] else "–", md_cell(m["note"] or "–")]
+                       for n, m in result["models"].items()])
+    lines += ["", "## Summary", ""] + md_table([md_cell(c) for c in header], table)
     for png in figures:
         lines += ["", f"![{FIGURE_ALT.get(png, png)}]({png})"]
     lines += ["", "## Definitions", ""]
     lines += [f"- {d}" for d in definitions(early_tokens)]
     lines += ["", "## Replies side by side", ""]
     for pid, g in sorted(grouped.items()):
-        lines += [f"### {pid + 1}. {_md_cell(g['prompt'])}", ""]
+        lines += [f"### {pid + 1}. {md_cell(g['prompt'])}", ""]
         body = []
         for seed in seeds:
             cells = []
             for n in names:
                 r = g["cells"].get((seed, n))
-                cells.append("–" if r is None else f"{_md_cell(r['text'])}<br>*{_md_cell(_meta(r))}*")
+                cells.append("–" if r is None else f"{md_cell(r['text'])}<br>*{md_cell(_meta(r))}*")
             body.append([str(seed)] + cells)
-        lines += _md_table(["seed"] + [_md_cell(n) for n in names], body) + [""]
+        lines += md_table(["seed"] + [md_cell(n) for n in names], body) + [""]
     return "\n".join(lines) + "\n"
 
 
@@ -246,84 +284,42 @@ dl.intro{display:grid;grid-template-columns:max-content auto;gap:.2rem 1rem}
 dl.intro dt{font-weight:600}dl.intro dd{margin:0}
 code{background:#f3f5f8;padding:0 .2rem;border-radius:3px}
 img{max-width:100%;height:auto;border:1px solid #eee}
+mark.fffd{background:#fde2e1;color:#a00;outline:1px solid #e45756}
 """
 
 
-def _h(text) -> str:
-    return html.escape(str(text))
-
-
-def _md_inline(text: str) -> str:
-    """The definitions' **bold** and `code` as HTML (everything else escaped)."""
-    s = _h(text)
-    s = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", s)
-    return re.sub(r"`(.+?)`", r"<code>\1</code>", s)
-
-
-def _html_table(header: list[str], rows: list[list[str]], cls: str = "") -> str:
-    head = "".join(f"<th>{_h(c)}</th>" for c in header)
-    body = "".join("<tr>" + "".join(f"<td>{_h(c)}</td>" for c in r) + "</tr>" for r in rows)
-    return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+def _reply_html(text: str) -> str:
+    """A reply, escaped, with every U+FFFD marked (bytes the model emitted that are not UTF-8)."""
+    return h(text).replace(REPLACEMENT, f'<mark class="fffd" title="U+FFFD: bytes that are not UTF-8">{REPLACEMENT}</mark>')
 
 
 def _eval_html(result, header, table, grouped, seeds, names, early_tokens, figures) -> str:
     parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
              '<meta name="viewport" content="width=device-width, initial-scale=1">',
              "<title>Persona evaluation</title>", f"<style>{_CSS}</style></head><body>",
-             "<h1>Persona evaluation</h1>", '<dl class="intro">']
-    parts += [f"<dt>{_h(k)}</dt><dd>{'<code>' + _h(v) + '</code>' if k == 'command' else _h(v)}</dd>"
+             "<h1>Persona evaluation</h1>", *_verdict_html(result), '<dl class="intro">']
+    parts += [f"<dt>{h(k)}</dt><dd>{'<code>' + h(v) + '</code>' if k == 'command' else h(v)}</dd>"
               for k, v in _intro(result, seeds)]
     parts += ["</dl>", "<h2>Models</h2>",
-              _html_table(["name", "model", "adapter", "how"],
+              html_table(["name", "model", "adapter", "how"],
                           [[n, m["model"], m["adapter"] or "–", m["note"] or "–"] for n, m in result["models"].items()]),
-              "<h2>Summary</h2>", _html_table(header, table, "summary")]
+              "<h2>Summary</h2>", html_table(header, table, "summary")]
     for png, data in figures.items():
         b64 = base64.b64encode(data).decode("ascii")
-        parts.append(f'<p><img alt="{_h(FIGURE_ALT.get(png, png))}" src="data:image/png;base64,{b64}"></p>')
-    parts += ["<h2>Definitions</h2>", "<ul>"] + [f"<li>{_md_inline(d)}</li>" for d in definitions(early_tokens)]
+        parts.append(f'<p><img alt="{h(FIGURE_ALT.get(png, png))}" src="data:image/png;base64,{b64}"></p>')
+    parts += ["<h2>Definitions</h2>", "<ul>"] + [f"<li>{md_inline(d)}</li>" for d in definitions(early_tokens)]
     parts += ["</ul>", "<h2>Replies side by side</h2>"]
     for pid, g in sorted(grouped.items()):
-        parts.append(f'<h3 id="prompt-{pid + 1}">{pid + 1}. {_h(g["prompt"])}</h3>')
-        head = "<th>seed</th>" + "".join(f"<th>{_h(n)}</th>" for n in names)
+        parts.append(f'<h3 id="prompt-{pid + 1}">{pid + 1}. {h(g["prompt"])}</h3>')
+        head = "<th>seed</th>" + "".join(f"<th>{h(n)}</th>" for n in names)
         body = []
         for seed in seeds:
             cells = []
             for n in names:
                 r = g["cells"].get((seed, n))
                 cells.append("<td>–</td>" if r is None else
-                             f'<td class="reply">{_h(r["text"])}<span class="meta">{_h(_meta(r))}</span></td>')
+                             f'<td class="reply">{_reply_html(r["text"])}<span class="meta">{h(_meta(r))}</span></td>')
             body.append(f"<tr><td>{seed}</td>{''.join(cells)}</tr>")
         parts.append(f'<table class="side"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>')
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
-
-
-# ------------------------------------------------------------------------------------------- sweep report
-def write_sweep_report(out: Path, result: dict) -> None:
-    """Writes ``sweep.csv`` and ``sweep.md`` into `out` (the caller has written ``sweep.png`` there)."""
-    rows = result["rows"]
-    grid_keys = list(result["grid"])
-    with open(out / "sweep.csv", "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["model", "setting", *grid_keys, *SWEEP_COLUMNS])
-        for r in rows:
-            w.writerow([r["model"], r["setting"], *(r[k] for k in grid_keys),
-                        *("" if r.get(c) is None else r[c] for c in SWEEP_COLUMNS)])
-    early_tokens = result["options"]["early_tokens"]
-    header = ["model", "setting"] + [label for _, label, _ in _SWEEP_MD]
-    table = [[_md_cell(r["model"]), _md_cell(r["setting"])] + [fmt(r, k, kind) for k, _, kind in _SWEEP_MD]
-             for r in rows]
-    if result.get("reference"):
-        table.append(["reference", "validation replies"] + [fmt(result["reference"], k, kind) for k, _, kind in _SWEEP_MD])
-    o = result["options"]
-    grid = "; ".join(f"{k} = {', '.join(map(str, v))}" for k, v in result["grid"].items())
-    lines = ["# Generation sweep", "", f"- **command**: {_md_code(result.get('command') or '–')}",
-             f"- **written**: {_now()}", f"- **base settings**: {_md_cell(_settings_line(result['generation']))}",
-             f"- **grid**: {_md_cell(grid)}",
-             (f"- **prompts**: {len(result['prompts'])} from {_md_cell(o['prompts'])}; "
-              f"**seeds**: {_md_cell(', '.join(map(str, o['seeds'])))}"),
-             f"- **system prompt**: {'the persona card' if result.get('system') else 'none'}", ""]
-    lines += _md_table(header, table)
-    lines += ["", "![sweep](sweep.png)", "", "## Definitions", ""] + [f"- {d}" for d in definitions(early_tokens)]
-    lines += ["", "Every reply is in `results.jsonl` (its `setting` field names the row)."]
-    (out / "sweep.md").write_text("\n".join(lines) + "\n", encoding="utf-8")

@@ -85,7 +85,7 @@ def sweep(models: list[ModelEntry], base: GenerationConfig, grid: dict[str, list
         :func:`mlx_persona.eval.metrics.summarize`. Written as ``sweep.csv`` and ``sweep.md``, with
         ``sweep.png``, ``results.jsonl`` (every reply) and ``summary.json``.
     """
-    from mlx_persona.eval import report
+    from mlx_persona.eval import sweep_report
 
     check_names(models)
     settings = grid_settings(grid)
@@ -112,5 +112,5 @@ def sweep(models: list[ModelEntry], base: GenerationConfig, grid: dict[str, list
         write_results(out, all_rows, result)
         colours = plots.model_colours([m.name for m in models])
         (out / "sweep.png").write_bytes(plots.png(plots.sweep_figure(table, colours)))
-        report.write_sweep_report(out, result)
+        sweep_report.write_sweep_report(out, result)
         return table
