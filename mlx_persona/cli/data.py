@@ -38,12 +38,12 @@ def data_validate(paths, no_system):
 def data_stats(path, model, as_json):
     """Examples, turns, and the length distribution of assistant replies."""
     import json as _json
-    from pathlib import Path
 
     from mlx_persona.data import compute_stats, format_stats, load_jsonl, load_splits
+    from mlx_persona.paths import data_path
 
     try:
-        if Path(path).is_dir():
+        if data_path(path).is_dir():
             train, valid = load_splits(path)
             examples = train + valid
         else:

@@ -15,10 +15,11 @@ one error per run.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from mlx_persona.paths import data_path
 
 FORMATS = ("messages", "instruction/response", "prompt/completion", "text")
 ROLES = ("system", "user", "assistant")
@@ -135,9 +136,9 @@ def load_splits(train_path, valid_path=None, *, system_ok: bool = True) -> tuple
 
 def _resolve_split_paths(train_path, valid_path):
     """Turn a data folder into its train/valid files; explicit paths pass through."""
-    if not os.path.isdir(train_path):
+    folder = data_path(train_path)  # ``data/bluey``: the shipped data, wherever this runs
+    if not folder.is_dir():
         return train_path, valid_path
-    folder = Path(train_path)
     if not (folder / "train.jsonl").is_file():
         raise DataError(f"{folder}: no train.jsonl in this folder")
     if valid_path is None and (folder / "valid.jsonl").is_file():
@@ -178,7 +179,7 @@ def _cap(problems: list[str], max_problems: int, where: str) -> list[str]:
 
 def _read_bytes(path) -> bytes:
     """Read a file, turning the usual failures into `DataError`s that name the path."""
-    p = Path(path)
+    p = data_path(path)  # ``data/bluey/...``: the shipped files
     if p.is_dir():
         raise DataError(f"{path}: is a folder, not a JSONL file")
     try:

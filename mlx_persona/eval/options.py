@@ -12,12 +12,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlx_persona.eval.metrics import DEFAULT_EARLY_TOKENS
-from mlx_persona.paths import DEFAULT_DATA
+from mlx_persona.paths import SHIPPED_NAME, data_path
 
-DEFAULT_PROMPTS = DEFAULT_DATA / "eval_prompts.jsonl"
-DEFAULT_PERSONA = DEFAULT_DATA / "persona.yaml"
-DEFAULT_TRAIN = DEFAULT_DATA / "train.jsonl"
-DEFAULT_VALID = DEFAULT_DATA / "valid.jsonl"
+# The shipped Bluey files (see mlx_persona.paths.data_path), named as a user would name them.
+DEFAULT_PROMPTS = str(SHIPPED_NAME / "eval_prompts.jsonl")
+DEFAULT_PERSONA = str(SHIPPED_NAME / "persona.yaml")
+DEFAULT_TRAIN = str(SHIPPED_NAME / "train.jsonl")
+DEFAULT_VALID = str(SHIPPED_NAME / "valid.jsonl")
 
 
 class EvalError(ValueError):
@@ -28,10 +29,10 @@ class EvalError(ValueError):
 class EvalOptions:
     """What an evaluation runs on, besides the models and the generation settings."""
 
-    prompts: str = str(DEFAULT_PROMPTS)
-    persona: str = str(DEFAULT_PERSONA)
-    train: str = str(DEFAULT_TRAIN)  # style reference: its assistant replies
-    valid: str | None = str(DEFAULT_VALID)  # validation loss (None: skip) and the reference row
+    prompts: str = DEFAULT_PROMPTS
+    persona: str = DEFAULT_PERSONA
+    train: str = DEFAULT_TRAIN  # style reference: its assistant replies
+    valid: str | None = DEFAULT_VALID  # validation loss (None: skip) and the reference row
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     limit: int = 0  # first N prompts; 0 = all
     persona_system: bool = False  # the training data has no system turn: off unless asked
@@ -53,7 +54,7 @@ def load_prompts(path: str | Path, limit: int = 0) -> list[str]:
 
     Every bad line is reported (``path:line: why``), not just the first, so one run fixes the file.
     """
-    path = Path(path)
+    path = data_path(path)
     if not path.is_file():
         raise EvalError(f"{path}: no such prompt file")
     prompts, problems = [], []
@@ -80,7 +81,7 @@ def assistant_replies(path: str | Path) -> list[str]:
     """Every assistant message of a training-data JSONL (or a data folder's ``train.jsonl``)."""
     from mlx_persona.data import load_jsonl
 
-    path = Path(path)
+    path = data_path(path)
     if path.is_dir():
         path = path / "train.jsonl"
     return [m["content"] for ex in load_jsonl(path) for m in ex.messages if m["role"] == "assistant"]
@@ -98,5 +99,5 @@ def check_inputs(options: EvalOptions) -> None:
         raise EvalError(str(e)) from None
     for key in ("train", "valid"):
         path = getattr(options, key)
-        if path is not None and not Path(path).exists():
+        if path is not None and not data_path(path).exists():
             raise EvalError(f"eval.{key}: {path}: no such file")

@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mlx_persona.paths import data_path
 from mlx_persona.safe_io import InputError, clip, parse_yaml, read_text, shorten
 
 
@@ -76,7 +77,7 @@ def load_persona(path: str | Path) -> Persona:
         PersonaError: every problem found, one per line, as ``path:line: key: reason`` (a missing key is
             reported at line 1, where the card's mapping starts).
     """
-    path = Path(path)
+    path = data_path(path)
     if not path.is_file():
         raise PersonaError(f"{path}: no such file")
     try:
