@@ -69,7 +69,7 @@ def web(web_dir, port, host, no_serve):
     from mlx_persona.export.web import WebError, install_page, serve
 
     try:
-        install_page(web_dir)
+        install_page(web_dir, log=log_to_stderr)
     except (WebError, FileNotFoundError) as e:
         fail(str(e))
     click.echo(f"page installed in {web_dir}")

@@ -9,8 +9,9 @@
   version, which transformers.js would otherwise fetch from a CDN;
 - ``web.json``: the dtypes the folder has, so the page offers only those.
 
-The JavaScript packages come from ``npm ci`` in this folder (versions pinned in package.json and
-package-lock.json); ``MLX_PERSONA_NODE_MODULES`` may point at another ``node_modules``. The server
+The JavaScript packages (versions pinned in package.json and package-lock.json) come from
+``$MLX_PERSONA_NODE_MODULES``, from ``npm ci`` in this folder (a checkout), or else from a per-user
+install made with npm on first use (:mod:`.runtime`; the wheel ships no JavaScript runtime). The server
 (:mod:`.server`, shared by every server of mlx-persona) serves the folder's regular files and nothing else
 (no symlink out of it, no listing, no ``mlx_persona.json``), only to ``Host: 127.0.0.1:PORT`` /
 ``localhost:PORT`` / ``[::1]:PORT``, GET/HEAD only, with read timeouts and at most 32 connections; with
@@ -25,6 +26,12 @@ import os
 import shutil
 from pathlib import Path
 
+from mlx_persona.export.web.runtime import (
+    PAGE_DIR,
+    WebError,
+    node_modules,
+    runtime_sources,
+)
 from mlx_persona.export.web.server import (
     MAX_CONNECTIONS,
     REQUEST_TIMEOUT,
@@ -32,55 +39,13 @@ from mlx_persona.export.web.server import (
     StaticFileHandler,
 )
 
-__all__ = ["WebError", "install_page", "make_server", "serve", "node_modules", "PAGE_DIR"]
+__all__ = ["PAGE_DIR", "WebError", "install_page", "make_server", "node_modules", "serve"]
 
-PAGE_DIR = Path(__file__).resolve().parent
 PAGE_FILES = ("index.html", "app.js", "style.css")
-# onnxruntime-web builds transformers.js loads: asyncify (WebGPU + WASM), plain (Safari < 26 without WebGPU).
-ORT_FILES = ("ort-wasm-simd-threaded.asyncify.mjs", "ort-wasm-simd-threaded.asyncify.wasm",
-             "ort-wasm-simd-threaded.mjs", "ort-wasm-simd-threaded.wasm")
 DTYPE_FILES = {"fp32": "model.onnx", "q4": "model_q4.onnx"}
 MIME = {".wasm": "application/wasm", ".mjs": "text/javascript", ".js": "text/javascript",
         ".json": "application/json", ".onnx": "application/octet-stream", ".onnx_data": "application/octet-stream",
         ".css": "text/css", ".html": "text/html", ".png": "image/png"}
-
-
-class WebError(Exception):
-    """The page cannot be installed (not an export folder, JavaScript packages missing ...)."""
-
-
-def node_modules() -> Path:
-    """The ``node_modules`` holding ``@huggingface/transformers`` and ``onnxruntime-web``."""
-    return Path(os.environ.get("MLX_PERSONA_NODE_MODULES") or PAGE_DIR / "node_modules")
-
-
-def _runtime_sources() -> tuple[dict[str, Path], dict]:
-    """{destination (relative to the web folder): source} for the runtime files, and their versions."""
-    nm = node_modules()
-    tjs = nm / "@huggingface" / "transformers"
-    setup = f"run `npm ci` in {PAGE_DIR} (or set MLX_PERSONA_NODE_MODULES)"
-    if not (tjs / "dist" / "transformers.min.js").exists():
-        raise WebError(f"transformers.js is not installed in {nm}: {setup}")
-    tjs_pkg = json.loads((tjs / "package.json").read_text())
-    wanted = tjs_pkg.get("dependencies", {}).get("onnxruntime-web", "")
-    # npm nests a dependency when another version sits at the top level; prefer the nested one.
-    for ort in (tjs / "node_modules" / "onnxruntime-web", nm / "onnxruntime-web"):
-        if (ort / "package.json").exists():
-            break
-    else:
-        raise WebError(f"onnxruntime-web is not installed in {nm}: {setup}")
-    ort_version = json.loads((ort / "package.json").read_text())["version"]
-    # The WASM binary must be the build of the JavaScript bundled inside transformers.min.js.
-    if wanted and wanted.lstrip("^~=") != ort_version and wanted[0].isdigit():
-        raise WebError(f"transformers.js {tjs_pkg['version']} needs onnxruntime-web {wanted}, "
-                       f"found {ort_version} in {ort}: {setup}")
-    files = {"vendor/transformers/transformers.min.js": tjs / "dist" / "transformers.min.js"}
-    for name in ORT_FILES:
-        src = ort / "dist" / name
-        if not src.exists():
-            raise WebError(f"{src}: missing from onnxruntime-web {ort_version}: {setup}")
-        files[f"vendor/ort/{name}"] = src
-    return files, {"transformers.js": tjs_pkg["version"], "onnxruntime-web": ort_version}
 
 
 def _copy_if_changed(src: Path, dst: Path) -> None:
@@ -94,11 +59,12 @@ def _copy_if_changed(src: Path, dst: Path) -> None:
     os.replace(tmp, dst)
 
 
-def install_page(web_dir: str | Path) -> Path:
+def install_page(web_dir: str | Path, log=None) -> Path:
     """Copies the page and the browser runtime into an ONNX export folder.
 
     Args:
         web_dir: a folder written by ``mlx-persona export onnx`` (``config.json`` + ``onnx/``).
+        log: called with one line before the runtime is installed on first use (:mod:`.runtime`).
 
     Returns:
         The folder. Nothing is written outside it.
@@ -109,7 +75,7 @@ def install_page(web_dir: str | Path) -> Path:
     dtypes = [d for d, name in DTYPE_FILES.items() if (web / "onnx" / name).is_file()]
     if not dtypes:
         raise WebError(f"{web}/onnx: no model.onnx or model_q4.onnx; run `mlx-persona export onnx` first")
-    runtime, versions = _runtime_sources()
+    runtime, versions = runtime_sources(log)
     for name in PAGE_FILES:
         _copy_if_changed(PAGE_DIR / name, web / name)
     for dst, src in runtime.items():
