@@ -1,0 +1,103 @@
+"""Known answers for the training loop itself (`tuner.trainer.train`), written to kill the mutants that the
+trainer, golden-loss and resume tests let live (`make mutate TARGETS=train-loop`): which checkpoints a run
+leaves (the last step when `save_every` does not divide it, the best one past `keep_checkpoints`, none from a
+rank other than 0), the loss of a step with a single loss token, and the step a non-finite loss or gradient
+is reported at."""
+
+from types import SimpleNamespace
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+import pytest
+
+from mlx_persona.models import load_model
+from mlx_persona.tuner import checkpoint as ckpt
+from mlx_persona.tuner import trainer
+from mlx_persona.tuner.batching import MicroBatch, collate
+from mlx_persona.tuner.losses import loss_fn
+from mlx_persona.tuner.trainer import TrainingArgs, TrainingError, new_loop_state, train
+
+
+def _dataset(n=6):
+    rng = np.random.default_rng(3)
+    tokens = [rng.integers(3, 2000, size=8 + i).astype(np.int32) for i in range(n)]
+    masks = [np.array([j >= 4 for j in range(len(t))]) for t in tokens]
+    return SimpleNamespace(tokens=tokens, masks=masks)
+
+
+def _fit(tiny_path, args, *, loop=None, loss=loss_fn, iterate_batches=None, steps=None):
+    model, _ = load_model(tiny_path)
+    steps = steps if steps is not None else []
+    callback = trainer.TrainingCallback()
+    callback.on_step = steps.append
+    extra = {"iterate_batches": iterate_batches} if iterate_batches else {}
+    final = train(model, optim.SGD(learning_rate=1e-3), _dataset(), None, args, loss=loss, callback=callback,
+                  loop=loop, **extra)
+    return final, steps
+
+
+def _saved(root):
+    return [int(p.name[len(ckpt.PREFIX):]) for p in ckpt.list_checkpoints(root)]
+
+
+def test_the_last_step_is_saved_when_save_every_does_not_divide_it(tiny_path, tmp_path):
+    _fit(tiny_path, TrainingArgs(total_steps=3, batch_size=2, save_every=2, checkpoint_dir=tmp_path))
+    assert _saved(tmp_path) == [2, 3]
+
+
+def test_the_best_checkpoint_outlives_keep_checkpoints(tiny_path, tmp_path):
+    first, _ = _fit(tiny_path, TrainingArgs(total_steps=1, batch_size=2, save_every=1, checkpoint_dir=tmp_path))
+    # Step 1 is the best validation so far; no later evaluation (no valid set) can replace it.
+    loop = {**first, "best_step": 1, "best_val": 0.5}
+    _fit(tiny_path, TrainingArgs(total_steps=4, batch_size=2, save_every=1, keep_checkpoints=1,
+                                 checkpoint_dir=tmp_path), loop=loop)
+    assert _saved(tmp_path) == [1, 4]
+
+
+def test_a_rank_other_than_0_writes_no_checkpoint(tiny_path, tmp_path, monkeypatch):
+    # The rank is the only thing changed: one process that calls itself rank 1 of a world of one.
+    world = SimpleNamespace(rank=lambda: 1, size=lambda: 1)
+    monkeypatch.setattr(trainer.mx.distributed, "init", lambda *a, **k: world)
+    _fit(tiny_path, TrainingArgs(total_steps=2, batch_size=2, save_every=1, checkpoint_dir=tmp_path))
+    assert _saved(tmp_path) == []
+
+
+def test_a_step_with_one_loss_token_has_that_tokens_loss(tiny_path):
+    tokens = np.array([5, 17, 29, 41], dtype=np.int32)
+    mask = np.array([False, False, True, False])  # one loss token: 29, predicted from position 1
+    batch = collate([tokens], [mask])
+    assert batch.n_loss == 1
+
+    def one_token_batches(dataset, batch_size, seed, start=(0, 0), shard=(0, 1)):
+        while True:
+            yield MicroBatch(batch, [0], 1, (0, 0))
+
+    model, _ = load_model(tiny_path)
+    logits = model(mx.array(tokens[None, :-1]))[0].astype(mx.float32)
+    want = nn.losses.cross_entropy(logits[1], mx.array(29)).item()
+    _, steps = _fit(tiny_path, TrainingArgs(total_steps=1, batch_size=1), iterate_batches=one_token_batches)
+    # Measured: relative difference 1.3e-7, also with MLX_PERSONA_SGEMM=0 MLX_PERSONA_JIT=0 (the loss's
+    # chunked log-sum-exp against cross_entropy); the mutant that clamps the count at 2 halves it.
+    np.testing.assert_allclose(steps[0]["loss"], want, rtol=1e-5)
+
+
+def _nan_loss(model, *args, chunk):
+    value, n = loss_fn(model, *args, chunk=chunk)
+    return value * mx.array(float("nan")), n
+
+
+def _nan_gradient_loss(model, *args, chunk):
+    # A finite loss (sqrt(0) = 0) whose gradient is not: d sqrt(x)/dx at 0 is inf, times 0 is nan.
+    value, n = loss_fn(model, *args, chunk=chunk)
+    return value + mx.sqrt(0.0 * model.model.norm.weight.sum()), n
+
+
+@pytest.mark.parametrize("loss, what", [(_nan_loss, "the loss"), (_nan_gradient_loss, "the gradient norm")])
+def test_a_non_finite_step_is_reported_at_its_step(tiny_path, tmp_path, loss, what):
+    loop = {**new_loop_state(), "step": 2}  # continuing a run: the failing step is the third
+    with pytest.raises(TrainingError) as err:
+        _fit(tiny_path, TrainingArgs(total_steps=5, batch_size=2, checkpoint_dir=tmp_path), loop=loop, loss=loss)
+    assert f"{what} became nan at step 3;" in str(err.value)
+    assert _saved(tmp_path) == []
