@@ -7,10 +7,10 @@ is reported at."""
 from types import SimpleNamespace
 
 import mlx.core as mx
-import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 import pytest
+from mlx import nn
 
 from mlx_persona.models import load_model
 from mlx_persona.tuner import checkpoint as ckpt
