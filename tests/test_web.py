@@ -29,11 +29,12 @@ from mlx_persona.export.web import (
     make_server,
     node_modules,
 )
+from mlx_persona.export.web.manifest import page_manifest
 from mlx_persona.models import load_model
 from mlx_persona.tuner.adapters import attach_adapters, save_adapters
 
 pytest.importorskip("onnxruntime")
-from mlx_persona.export.onnx import export_onnx  # noqa: E402
+from mlx_persona.export.onnx import Q4_MIN_AGREEMENT, default_dtype, export_onnx
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = Path(os.environ.get("MLX_PERSONA_TEST_ARTIFACTS") or REPO / "test-artifacts")
@@ -111,9 +112,10 @@ const fs = require("fs"), os = require("os"), path = require("path");
 
 @pytest.fixture(scope="module")
 def exported(tiny_path, tmp_path_factory):
-    """The tiny model with a random LoRA adapter, fused and exported (fp32 + q4)."""
+    """The tiny model with a random LoRA adapter "trained" on data/bluey (its persona card names Bluey),
+    fused and exported (fp32 + q4)."""
     root = tmp_path_factory.mktemp("web")
-    model, tokenizer = load_model(str(tiny_path))
+    model, _ = load_model(str(tiny_path))
     cfg = attach_adapters(model, "lora", rank=4, alpha=8.0, modules=MODULES)
     cfg["model"] = str(tiny_path)
     mx.random.seed(5)
@@ -122,6 +124,7 @@ def exported(tiny_path, tmp_path_factory):
             m.lora_b = 0.05 * mx.random.normal(m.lora_b.shape)
     (root / "adapter").mkdir()
     save_adapters(model, root / "adapter", cfg)
+    (root / "adapter" / "config.yaml").write_text(f"model: {tiny_path}\ndata: {REPO / 'data' / 'bluey'}\n")
     hf = fuse(str(tiny_path), root / "adapter", root / "hf")
     web = export_onnx(hf, root / "site", ("fp32", "q4"))
     return web, root / "adapter", tiny_path
@@ -175,7 +178,10 @@ def test_install_page_and_server_headers(exported, tmp_path):
                  "vendor/ort/ort-wasm-simd-threaded.asyncify.wasm", "vendor/ort/ort-wasm-simd-threaded.asyncify.mjs"):
         assert (web / name).is_file(), name
     manifest = json.loads((web / "web.json").read_text())
-    assert manifest["dtypes"] == ["fp32", "q4"] and manifest["default_dtype"] == "q4"
+    assert manifest["dtypes"] == ["fp32", "q4"]
+    # The export measured the tiny model's q4 (~0.4 of fp32's greedy next tokens): fp32 loads first.
+    assert manifest["q4_agreement"] < Q4_MIN_AGREEMENT and manifest["default_dtype"] == "fp32"
+    assert manifest["persona"] == {"name": "Bluey"} and manifest["preset"] == "persona"
     assert "https://" not in (web / "app.js").read_text() + (web / "index.html").read_text()
     server = make_server(web, 0)
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -196,6 +202,34 @@ def test_install_page_and_server_headers(exported, tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(WebError, match="model.onnx"):
         install_page(tmp_path)
+
+
+def test_default_dtype_rule(exported, tmp_path):
+    """fp32 unless the export measured q4 keeping fp32's greedy next token at Q4_MIN_AGREEMENT of the positions."""
+    web, _, _ = exported
+    assert default_dtype(["fp32", "q4"], None) == "fp32"
+    assert default_dtype(["fp32", "q4"], Q4_MIN_AGREEMENT - 0.01) == "fp32"
+    assert default_dtype(["fp32", "q4"], Q4_MIN_AGREEMENT) == "q4"
+    assert default_dtype(["q4"], None) == "q4" and default_dtype(["fp32"], 1.0) == "fp32"
+    meta = json.loads((web / "mlx_persona.json").read_text())
+    agreement = meta["onnx"]["q4_agreement"]
+    print(f"export: q4 = fp32's greedy next token at {agreement['agreed']}/{agreement['positions']} positions")
+    assert 0 < agreement["agreed"] < agreement["positions"] and agreement["positions"] > 50
+    assert meta["onnx"]["default_dtype"] == "fp32" and meta["persona"] == {"name": "Bluey"}
+    assert json.loads((web / "config.json").read_text())["transformers.js_config"]["dtype"] == "fp32"
+    # What web.json says follows what mlx_persona.json recorded and what the folder holds.
+    copy = tmp_path / "site"
+    shutil.copytree(web, copy, ignore=shutil.ignore_patterns("vendor"))
+    meta["onnx"]["q4_agreement"]["next_token"] = 0.95
+    (copy / "mlx_persona.json").write_text(json.dumps(meta))
+    assert page_manifest(copy, ["fp32", "q4"])["default_dtype"] == "q4"
+    assert page_manifest(copy, ["q4"])["default_dtype"] == "q4"
+    (copy / "mlx_persona.json").write_text(json.dumps({"onnx": {}}))
+    assert page_manifest(copy, ["fp32", "q4"])["default_dtype"] == "fp32"
+    assert page_manifest(copy, ["fp32", "q4"])["persona"] is None
+    (copy / "mlx_persona.json").write_text('{\n  "onnx": {,\n}')
+    with pytest.raises(WebError, match=r"mlx_persona\.json:2: not valid JSON"):
+        page_manifest(copy, ["fp32", "q4"])
 
 
 @needs_js

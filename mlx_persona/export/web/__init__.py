@@ -7,7 +7,7 @@
   onnxruntime-web's JavaScript);
 - ``vendor/ort/ort-wasm-simd-threaded*.{mjs,wasm}``: onnxruntime-web's WebAssembly binaries of the same
   version, which transformers.js would otherwise fetch from a CDN;
-- ``web.json``: the dtypes the folder has, so the page offers only those.
+- ``web.json``: the dtypes the folder has, the one to load by default, the persona (:mod:`.manifest`).
 
 The JavaScript packages come from ``npm ci`` in this folder (versions pinned in package.json and
 package-lock.json); ``MLX_PERSONA_NODE_MODULES`` may point at another ``node_modules``. The server
@@ -25,6 +25,8 @@ import os
 import shutil
 from pathlib import Path
 
+from mlx_persona.export.web.errors import WebError
+from mlx_persona.export.web.manifest import page_manifest
 from mlx_persona.export.web.server import (
     MAX_CONNECTIONS,
     REQUEST_TIMEOUT,
@@ -43,10 +45,6 @@ DTYPE_FILES = {"fp32": "model.onnx", "q4": "model_q4.onnx"}
 MIME = {".wasm": "application/wasm", ".mjs": "text/javascript", ".js": "text/javascript",
         ".json": "application/json", ".onnx": "application/octet-stream", ".onnx_data": "application/octet-stream",
         ".css": "text/css", ".html": "text/html", ".png": "image/png"}
-
-
-class WebError(Exception):
-    """The page cannot be installed (not an export folder, JavaScript packages missing ...)."""
 
 
 def node_modules() -> Path:
@@ -114,17 +112,7 @@ def install_page(web_dir: str | Path) -> Path:
         _copy_if_changed(PAGE_DIR / name, web / name)
     for dst, src in runtime.items():
         _copy_if_changed(src, web / dst)
-    title = "mlx-persona chat"
-    meta = web / "mlx_persona.json"
-    if meta.exists():
-        info = json.loads(meta.read_text())
-        spec = (info.get("fused") or {}).get("model_spec")
-        if info.get("random_weights") and info.get("preset"):
-            title = f"mlx-persona chat · {info['preset']} (random weights)"
-        elif spec:
-            title = f"mlx-persona chat · {Path(str(spec)).name}"
-    manifest = {"dtypes": dtypes, "default_dtype": "q4" if "q4" in dtypes else dtypes[0], "title": title,
-                **versions}
+    manifest = {**page_manifest(web, dtypes), **versions}
     (web / "web.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return web
 
