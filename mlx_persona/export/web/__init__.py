@@ -2,7 +2,7 @@
 
 ``mlx-persona web WEB_DIR`` copies into WEB_DIR (an output folder of ``mlx-persona export onnx``):
 
-- ``index.html``, ``app.js``, ``style.css`` (this folder);
+- ``index.html``, ``app.js``, ``sampling.js`` (the logits processors), ``style.css`` (this folder);
 - ``vendor/transformers/transformers.min.js``: transformers.js' browser bundle (it includes
   onnxruntime-web's JavaScript);
 - ``vendor/ort/ort-wasm-simd-threaded*.{mjs,wasm}``: onnxruntime-web's WebAssembly binaries of the same
@@ -37,7 +37,7 @@ from mlx_persona.export.web.server import (
 __all__ = ["WebError", "install_page", "make_server", "serve", "node_modules", "PAGE_DIR"]
 
 PAGE_DIR = Path(__file__).resolve().parent
-PAGE_FILES = ("index.html", "app.js", "style.css")
+PAGE_FILES = ("index.html", "app.js", "sampling.js", "style.css")
 # onnxruntime-web builds transformers.js loads: asyncify (WebGPU + WASM), plain (Safari < 26 without WebGPU).
 ORT_FILES = ("ort-wasm-simd-threaded.asyncify.mjs", "ort-wasm-simd-threaded.asyncify.wasm",
              "ort-wasm-simd-threaded.mjs", "ort-wasm-simd-threaded.wasm")
