@@ -30,6 +30,11 @@ In the q4 variant every projection and the LM head are ``MatMulNBits``, quantize
 rows from the LM head's 4-bit table (see :func:`mlx_persona.export.q4.gather_q4` for why not
 ``GatherBlockQuantized``). Norm weights stay fp32; activations and the KV cache are fp32.
 
+What the export records in ``mlx_persona.json`` besides its inputs: q4's next-token agreement with fp32
+(:func:`measure_q4_agreement`, when both are exported), the precision a page or ``pipeline()`` should load
+by default (:func:`default_dtype`, also written as ``transformers.js_config.dtype``), and the persona's
+name when a persona card sits next to the training data of the fused run (:func:`find_persona`).
+
 Where the parts live: this module reads the fused folder, writes the export folder and holds the
 command's flow (:func:`export_onnx`); :mod:`~mlx_persona.export.onnx_decoder` builds the graph
 (:func:`build_decoder`); :mod:`~mlx_persona.export.q4` is the 4-bit code; :mod:`~mlx_persona.export.onnx_graph`
@@ -52,7 +57,8 @@ from mlx_persona.export.onnx_graph import OPSET
 from mlx_persona.export.q4 import Q4_BLOCK, quantize_matmul_q4
 from mlx_persona.outputs import atomic_output_dir, check_output_dir, output_lock
 
-__all__ = ["export_onnx", "build_decoder", "quantize_matmul_q4", "DTYPE_FILES", "OPSET"]
+__all__ = ["DTYPE_FILES", "OPSET", "Q4_MIN_AGREEMENT", "build_decoder", "default_dtype", "export_onnx", "find_persona",
+           "measure_q4_agreement", "quantize_matmul_q4"]
 
 # transformers.js file name per dtype (``onnx/model{suffix}.onnx``).
 DTYPE_FILES = {"fp32": "model.onnx", "q4": "model_q4.onnx"}
@@ -60,6 +66,15 @@ DTYPE_FILES = {"fp32": "model.onnx", "q4": "model_q4.onnx"}
 # writing them as the graph is built also keeps memory low).
 EXTERNAL_DATA_THRESHOLD = 512 << 20
 _COPY_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
+# q4 is the default precision only when its greedy (argmax) next token equals fp32's at this share of the
+# positions of AGREEMENT_TEXT. The random tiny model measures ~0.4 (its q4 replies are "and and and ...").
+Q4_MIN_AGREEMENT = 0.9
+# A chat exchange in Gemma's turn format (this export is for gemma3_text only); every position is scored.
+AGREEMENT_TEXT = ("<start_of_turn>user\nHi! What did you do today, and what is your favourite game?<end_of_turn>\n"
+                  "<start_of_turn>model\nHi! This morning I played in the backyard with my little sister. We built "
+                  "a cubby house out of cushions and pretended it was a castle on a mountain. My favourite game is "
+                  "the one where the floor is lava, because you have to jump from the couch to the chair without "
+                  "touching the ground. What do you like to play?<end_of_turn>\n")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -165,6 +180,86 @@ def _files_size(folder: Path) -> int:
 
 
 # --------------------------------------------------------------------------------------------------
+# What the export measures and finds (recorded in mlx_persona.json)
+
+
+def measure_q4_agreement(folder: Path, config: dict) -> dict:
+    """How often the q4 graph's greedy next token equals the fp32 graph's, over :data:`AGREEMENT_TEXT`.
+
+    Both graphs of `folder` (``onnx/model.onnx``, ``onnx/model_q4.onnx``) run in onnxruntime over the
+    whole text at once (1-based positions, an empty cache: what transformers.js feeds), and their argmax
+    is compared at every position.
+
+    Returns:
+        ``{"next_token": share, "agreed": count, "positions": count, "seconds": time taken}``.
+    """
+    import onnxruntime as ort
+    from tokenizers import Tokenizer
+
+    t0 = time.perf_counter()
+    ids = Tokenizer.from_file(str(folder / "tokenizer.json")).encode(AGREEMENT_TEXT, add_special_tokens=False).ids
+    if config.get("bos_token_id") is not None:
+        ids = [int(config["bos_token_id"])] + ids
+    n = len(ids)
+    empty = np.zeros((1, config["num_key_value_heads"], 0, config["head_dim"]), np.float32)
+    feeds = {"input_ids": np.array([ids], np.int64), "attention_mask": np.ones((1, n), np.int64),
+             "position_ids": np.arange(1, n + 1, dtype=np.int64)[None],
+             **{f"past_key_values.{i}.{kv}": empty for i in range(config["num_hidden_layers"])
+                for kv in ("key", "value")}}
+    greedy = {}
+    for dtype in ("fp32", "q4"):
+        session = ort.InferenceSession(str(folder / "onnx" / DTYPE_FILES[dtype]), providers=["CPUExecutionProvider"])
+        greedy[dtype] = session.run(["logits"], feeds)[0][0].argmax(-1)
+        del session  # one model in memory at a time
+    agreed = int((greedy["fp32"] == greedy["q4"]).sum())
+    return {"next_token": round(agreed / n, 4), "agreed": agreed, "positions": n,
+            "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def default_dtype(dtypes, q4_next_token: float | None) -> str:
+    """The precision to load when none is asked for: fp32 when the folder has it, unless q4's next-token
+    agreement with fp32 (:func:`measure_q4_agreement`) reached :data:`Q4_MIN_AGREEMENT`; else what there is."""
+    dtypes = list(dtypes)
+    if "fp32" not in dtypes:
+        return dtypes[0]
+    if "q4" in dtypes and q4_next_token is not None and q4_next_token >= Q4_MIN_AGREEMENT:
+        return "q4"
+    return "fp32"
+
+
+def find_persona(provenance: dict, log=None) -> dict | None:
+    """``{"name": ...}`` of the persona card (``persona.yaml``) next to the training data of the fused run.
+
+    The fused folder's provenance names the adapter folder; its ``config.yaml`` (written by
+    ``mlx-persona train``) names the data: a folder, or a ``.jsonl`` file whose folder is looked in. A
+    relative data path is taken from the current folder, as ``train`` took it. None when any link is missing;
+    a card that does not validate is reported to `log` and left out.
+    """
+    from mlx_persona.eval.persona import PersonaError, load_persona
+    from mlx_persona.safe_io import InputError, load_yaml
+
+    adapter = (provenance.get("fused") or {}).get("adapter")
+    run_config = Path(adapter) / "config.yaml" if adapter else None
+    if run_config is None or not run_config.is_file():
+        return None
+    try:
+        data = load_yaml(run_config)
+    except InputError:
+        return None
+    data = Path(str(data.get("data") or "")) if isinstance(data, dict) else None
+    if data is None or data == Path():
+        return None
+    card = (data if data.is_dir() else data.parent) / "persona.yaml"
+    if not card.is_file():
+        return None
+    try:
+        return {"name": load_persona(card).name}
+    except PersonaError as e:
+        (log or (lambda m: None))(f"persona card left out: {str(e).splitlines()[0]}")
+        return None
+
+
+# --------------------------------------------------------------------------------------------------
 # The export
 
 
@@ -199,28 +294,36 @@ def _write_decoder(config: dict, weights: dict[str, np.ndarray], dtype: str, pat
 
 
 def _write_metadata(tmp: Path, hf_dir: Path, config: dict, dtypes: tuple[str, ...], external: dict[str, bool],
-                    timings: dict[str, float]) -> None:
-    """config.json (with ``transformers.js_config``), the copied tokenizer files and mlx_persona.json."""
+                    timings: dict[str, float], log) -> None:
+    """The copied tokenizer files, config.json (with ``transformers.js_config``) and mlx_persona.json."""
+    for name in _COPY_FILES:
+        if (hf_dir / name).exists():
+            shutil.copy2(hf_dir / name, tmp / name)
+    agreement = measure_q4_agreement(tmp, config) if {"fp32", "q4"} <= set(dtypes) else None
+    if agreement:
+        log(f"q4 vs fp32: the same greedy next token at {agreement['agreed']}/{agreement['positions']} positions")
+    dtype = default_dtype(dtypes, agreement and agreement["next_token"])
     out_config = dict(config)
     js = dict(out_config.get("transformers.js_config") or {})
     js["use_external_data_format"] = {name: True for name, ext in external.items() if ext}
     js["kv_cache_dtype"] = {d: "float32" for d in dtypes}
-    js["dtype"] = "q4" if "q4" in dtypes else dtypes[0]
+    js["dtype"] = dtype
     out_config["transformers.js_config"] = js
     (tmp / "config.json").write_text(json.dumps(out_config, indent=2) + "\n")
-    for name in _COPY_FILES:
-        if (hf_dir / name).exists():
-            shutil.copy2(hf_dir / name, tmp / name)
     provenance = {}
     if (hf_dir / "mlx_persona.json").exists():  # where the fused model came from
         provenance = json.loads((hf_dir / "mlx_persona.json").read_text())
+    persona = find_persona(provenance, log) or provenance.get("persona")
     (tmp / "mlx_persona.json").write_text(json.dumps({
         **provenance,
+        **({"persona": persona} if persona else {}),
         "onnx": {"source": str(hf_dir.absolute()), "dtypes": list(dtypes), "opset": OPSET,
                  "q4_block_size": Q4_BLOCK, "seconds": {k: round(v, 2) for k, v in timings.items()},
                  "bytes": {d: sum((tmp / "onnx" / f).stat().st_size
                                   for f in (DTYPE_FILES[d], DTYPE_FILES[d] + "_data")
-                                  if (tmp / "onnx" / f).exists()) for d in dtypes}}}, indent=2) + "\n")
+                                  if (tmp / "onnx" / f).exists()) for d in dtypes},
+                 "q4_agreement": agreement, "q4_min_agreement": Q4_MIN_AGREEMENT,
+                 "default_dtype": dtype}}, indent=2) + "\n")
 
 
 def export_onnx(hf_dir, out_dir, dtypes=("fp32", "q4"), *, overwrite: bool = False, log=None) -> Path:
@@ -256,6 +359,6 @@ def export_onnx(hf_dir, out_dir, dtypes=("fp32", "q4"), *, overwrite: bool = Fal
                 external[path.name] = _write_decoder(config, weights, dtype, path)
                 timings[dtype] = time.perf_counter() - t
                 log(f"{dtype}: {path.relative_to(tmp)} in {timings[dtype]:.1f}s")
-            _write_metadata(tmp, hf_dir, config, dtypes, external, timings)
+            _write_metadata(tmp, hf_dir, config, dtypes, external, timings, log)
         log(f"total {_files_size(out) / 1e6:.1f} MB in {time.perf_counter() - t0:.1f}s")
         return out

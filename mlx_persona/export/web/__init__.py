@@ -2,12 +2,12 @@
 
 ``mlx-persona web WEB_DIR`` copies into WEB_DIR (an output folder of ``mlx-persona export onnx``):
 
-- ``index.html``, ``app.js``, ``style.css`` (this folder);
+- ``index.html``, ``app.js``, ``sampling.js`` (the logits processors), ``style.css`` (this folder);
 - ``vendor/transformers/transformers.min.js``: transformers.js' browser bundle (it includes
   onnxruntime-web's JavaScript);
 - ``vendor/ort/ort-wasm-simd-threaded*.{mjs,wasm}``: onnxruntime-web's WebAssembly binaries of the same
   version, which transformers.js would otherwise fetch from a CDN;
-- ``web.json``: the dtypes the folder has, so the page offers only those.
+- ``web.json``: the dtypes the folder has, the one to load by default, the persona (:mod:`.manifest`).
 
 The JavaScript packages (versions pinned in package.json and package-lock.json) come from
 ``$MLX_PERSONA_NODE_MODULES``, from ``npm ci`` in this folder (a checkout), or else from a per-user
@@ -26,12 +26,9 @@ import os
 import shutil
 from pathlib import Path
 
-from mlx_persona.export.web.runtime import (
-    PAGE_DIR,
-    WebError,
-    node_modules,
-    runtime_sources,
-)
+from mlx_persona.export.web.errors import WebError
+from mlx_persona.export.web.manifest import page_manifest
+from mlx_persona.export.web.runtime import PAGE_DIR, node_modules, runtime_sources
 from mlx_persona.export.web.server import (
     MAX_CONNECTIONS,
     REQUEST_TIMEOUT,
@@ -41,7 +38,7 @@ from mlx_persona.export.web.server import (
 
 __all__ = ["PAGE_DIR", "WebError", "install_page", "make_server", "node_modules", "serve"]
 
-PAGE_FILES = ("index.html", "app.js", "style.css")
+PAGE_FILES = ("index.html", "app.js", "sampling.js", "style.css")
 DTYPE_FILES = {"fp32": "model.onnx", "q4": "model_q4.onnx"}
 MIME = {".wasm": "application/wasm", ".mjs": "text/javascript", ".js": "text/javascript",
         ".json": "application/json", ".onnx": "application/octet-stream", ".onnx_data": "application/octet-stream",
@@ -80,17 +77,7 @@ def install_page(web_dir: str | Path, log=None) -> Path:
         _copy_if_changed(PAGE_DIR / name, web / name)
     for dst, src in runtime.items():
         _copy_if_changed(src, web / dst)
-    title = "mlx-persona chat"
-    meta = web / "mlx_persona.json"
-    if meta.exists():
-        info = json.loads(meta.read_text())
-        spec = (info.get("fused") or {}).get("model_spec")
-        if info.get("random_weights") and info.get("preset"):
-            title = f"mlx-persona chat · {info['preset']} (random weights)"
-        elif spec:
-            title = f"mlx-persona chat · {Path(str(spec)).name}"
-    manifest = {"dtypes": dtypes, "default_dtype": "q4" if "q4" in dtypes else dtypes[0], "title": title,
-                **versions}
+    manifest = {**page_manifest(web, dtypes), **versions}
     (web / "web.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return web
 

@@ -1,9 +1,12 @@
 // Chat page for an mlx-persona ONNX export. Everything runs in the browser with transformers.js;
 // the model, the runtime and its WebAssembly binaries are all served from this folder (no CDN).
 //
-// Query parameters: ?dtype=fp32|q4 (default: web.json's default), ?device=wasm|webgpu (default: WebGPU
+// Sampling follows Hugging Face's generate, in its order, through the logits processors of sampling.js.
+//
+// Query parameters: ?dtype=fp32|q4 (default: web.json's default_dtype), ?device=wasm|webgpu (default: WebGPU
 // when the browser has an adapter, else WASM), ?threads=N (WASM threads; default: onnxruntime's choice).
-// Test hook: window.__persona = { ready, error, dtype, device, dtypes, send(text, settings), reset(), load(dtype) }.
+// Test hook: window.__persona = { ready, error, dtype, device, dtypes, send(text, settings), reset(), load(dtype),
+// processScores(logits, history, { promptLength, eos, settings }), showReply(element, text) }.
 
 import {
   env,
@@ -12,6 +15,9 @@ import {
   TextStreamer,
   InterruptableStoppingCriteria,
 } from "./vendor/transformers/transformers.min.js";
+import { builtinOff, checkSettings, generationProcessors, processScores } from "./sampling.js";
+
+export { processScores };
 
 // The export folder is the folder of this page. A model "id" starting with "/" is never taken for a hub
 // id, so transformers.js fetches `${MODEL}config.json`, `${MODEL}onnx/model_q4.onnx`, ... as they are.
@@ -27,7 +33,11 @@ if (new URLSearchParams(location.search).has("threads")) {
 
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
-const SETTINGS = ["do_sample", "temperature", "top_k", "repetition_penalty", "min_new_tokens", "max_new_tokens"];
+const SETTINGS = ["do_sample", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "no_repeat_ngram_size",
+                  "min_new_tokens", "max_new_tokens", "seed"];
+// Hugging Face's GenerationConfig defaults, for keys generation_config.json leaves out.
+const HF_DEFAULTS = { do_sample: false, temperature: 1.0, top_k: 50, top_p: 1.0, min_p: 0, repetition_penalty: 1.0,
+                      no_repeat_ngram_size: 0, min_new_tokens: 0, max_new_tokens: 256, seed: null };
 
 const hook = {
   ready: false,
@@ -38,6 +48,8 @@ const hook = {
   send,
   reset,
   load,
+  processScores,
+  showReply,
 };
 window.__persona = hook;
 
@@ -46,6 +58,7 @@ let model = null;
 let messages = [];
 let busy = false;
 let stopper = null;
+let generation = {}; // generation_config.json
 
 function setStatus(text, isError = false) {
   $("status").textContent = text;
@@ -80,15 +93,38 @@ async function pickDevice() {
   return "wasm";
 }
 
-function fillSettings(gen) {
-  showSettings({
-    do_sample: gen.do_sample ?? false,
-    temperature: gen.temperature ?? 1.0,
-    top_k: gen.top_k ?? 50,
-    repetition_penalty: gen.repetition_penalty ?? 1.0,
-    min_new_tokens: gen.min_new_tokens ?? 0,
-    max_new_tokens: gen.max_new_tokens ?? 256,
-  });
+function defaults(gen) {
+  return Object.fromEntries(SETTINGS.map((key) => [key, gen[key] ?? HF_DEFAULTS[key]]));
+}
+
+// The persona's name and its generation defaults (generation_config.json), as the panel starts.
+function showPersona(manifest, gen) {
+  $("persona-name").textContent = manifest.persona?.name ?? "(no persona card found at export)";
+  $("preset").textContent = manifest.preset ? `${manifest.preset} preset` : "custom";
+  const d = defaults(gen);
+  const items = d.do_sample
+    ? [["sampling", "on"], ["temperature", d.temperature], ["top-k", d.top_k || "off"], ["top-p", d.top_p],
+       ["min-p", d.min_p || "off"]]
+    : [["sampling", "off (greedy)"]];
+  items.push(["repetition penalty", d.repetition_penalty], ["no-repeat n-gram", d.no_repeat_ngram_size || "off"],
+             ["min new tokens", d.min_new_tokens], ["max new tokens", d.max_new_tokens]);
+  $("defaults").replaceChildren(...items.flatMap(([k, v]) => {
+    const dt = document.createElement("dt");
+    const dd = document.createElement("dd");
+    dt.textContent = k;
+    dd.textContent = String(v);
+    dd.dataset.key = k;
+    return [dt, dd];
+  }));
+}
+
+// Why this precision loads first (web.json records what the export measured).
+function dtypeNote(manifest) {
+  const a = manifest.q4_agreement;
+  const measured = a == null ? "q4's agreement with fp32 was not measured"
+    : `q4 picks fp32's greedy next token at ${(100 * a).toFixed(0)}% of the positions measured at export`;
+  const rule = `q4 is the default only from ${(100 * (manifest.q4_min_agreement ?? 0.9)).toFixed(0)}%`;
+  return `${measured}; ${rule}. q4 is ~4x smaller and faster to download; fp32 is exact.`;
 }
 
 function showSettings(s) {
@@ -96,7 +132,7 @@ function showSettings(s) {
     if (!(key in s)) continue;
     const el = $(key);
     if (el.type === "checkbox") el.checked = Boolean(s[key]);
-    else el.value = s[key];
+    else el.value = s[key] ?? "";
   }
 }
 
@@ -104,24 +140,34 @@ function readSettings() {
   const s = {};
   for (const key of SETTINGS) {
     const el = $(key);
-    s[key] = el.type === "checkbox" ? el.checked : Number(el.value);
+    if (el.type === "checkbox") s[key] = el.checked;
+    else s[key] = key === "seed" && el.value.trim() === "" ? null : Number(el.value);
   }
   return s;
 }
 
-// transformers.js' generate() options, with Hugging Face semantics (top_p is not implemented there).
-function generationOptions(s) {
-  const opts = {
-    max_new_tokens: Math.max(1, Math.floor(s.max_new_tokens ?? 256)),
-    min_new_tokens: Math.max(0, Math.floor(s.min_new_tokens ?? 0)),
-    repetition_penalty: s.repetition_penalty ?? 1.0,
-    do_sample: Boolean(s.do_sample),
+function eosIds() {
+  const eos = generation.eos_token_id ?? [];
+  return Array.isArray(eos) ? eos : [eos];
+}
+
+// transformers.js' generate() options: every setting applied by our chain, in Hugging Face's order.
+function generationOptions(s, promptLength) {
+  return {
+    ...builtinOff,
+    max_new_tokens: s.max_new_tokens,
+    logits_processor: generationProcessors(s, { promptLength, eos: eosIds() }),
   };
-  if (opts.do_sample) {
-    opts.temperature = s.temperature ?? 1.0;
-    opts.top_k = Math.floor(s.top_k ?? 0);
-  }
-  return opts;
+}
+
+// A reply as the bubble shows it: one that is empty or only whitespace says so instead of looking blank.
+function showReply(el, text) {
+  el.classList.toggle("blank", text.trim() === "");
+  if (text === "") el.textContent = "(empty reply)";
+  else if (text.trim() === "") {
+    const what = /^\n+$/.test(text) ? "line breaks" : "whitespace characters";
+    el.textContent = `(only whitespace: ${text.length} ${what})`;
+  } else el.textContent = text;
 }
 
 function bubble(role, text = "") {
@@ -185,6 +231,8 @@ async function send(text, settings = null) {
   text = String(text).trim();
   if (!text) throw new Error("empty message");
   if (settings) showSettings(settings); // what the panel shows is what runs
+  const s = readSettings();
+  checkSettings(s);
   setBusy(true);
   messages.push({ role: "user", content: text });
   bubble("user", text);
@@ -207,13 +255,13 @@ async function send(text, settings = null) {
     });
     const sequences = await model.generate({
       ...inputs,
-      ...generationOptions(readSettings()),
+      ...generationOptions(s, promptLength),
       streamer,
       stopping_criteria: stopper,
     });
     const generated = sequences.slice(null, [promptLength, null]);
     const reply = tokenizer.batch_decode(generated, { skip_special_tokens: true })[0];
-    out.textContent = reply; // the exact decode (the streamer holds back partial words)
+    showReply(out, reply); // the exact decode (the streamer holds back partial words)
     messages.push({ role: "assistant", content: reply });
     const seconds = (performance.now() - t0) / 1000;
     const tokens = Array.from(generated.data, Number);
@@ -235,13 +283,15 @@ async function send(text, settings = null) {
 
 async function main() {
   const manifest = await fetchJSON("web.json", {});
-  const gen = await fetchJSON("generation_config.json", {});
+  generation = await fetchJSON("generation_config.json", {});
   hook.dtypes = manifest.dtypes ?? ["q4"];
   if (manifest.title) {
     $("title").textContent = manifest.title;
     document.title = manifest.title;
   }
-  fillSettings(gen);
+  showPersona(manifest, generation);
+  showSettings(defaults(generation));
+  $("dtype-note").textContent = dtypeNote(manifest);
   const select = $("dtype");
   for (const d of hook.dtypes) select.add(new Option(d, d));
   const wanted = params.get("dtype");
@@ -266,6 +316,7 @@ async function main() {
   });
   $("stop").addEventListener("click", () => stopper?.interrupt());
   $("reset").addEventListener("click", reset);
+  $("restore").addEventListener("click", () => showSettings(defaults(generation)));
   await load(dtype);
 }
 

@@ -26,6 +26,7 @@ import tempfile
 from pathlib import Path
 
 from mlx_persona.backend.folders import UnsafeFolder, check_file, private_dir, problem
+from mlx_persona.export.web.errors import WebError
 from mlx_persona.paths import cache_dir
 
 PAGE_DIR = Path(__file__).resolve().parent
@@ -34,10 +35,6 @@ NPM_FILES = ("package.json", "package-lock.json", ".npmrc")
 ORT_FILES = ("ort-wasm-simd-threaded.asyncify.mjs", "ort-wasm-simd-threaded.asyncify.wasm",
              "ort-wasm-simd-threaded.mjs", "ort-wasm-simd-threaded.wasm")
 NPM_CI = ("ci", "--omit=dev", "--ignore-scripts", "--no-audit", "--no-fund", "--loglevel=error")
-
-
-class WebError(Exception):
-    """The page cannot be installed (not an export folder, JavaScript packages missing ...)."""
 
 
 def user_folder() -> Path:
