@@ -1,9 +1,11 @@
 """Known answers for the training loop itself (`tuner.trainer.train`), written to kill the mutants that the
 trainer, golden-loss and resume tests let live (`make mutate TARGETS=train-loop`): which checkpoints a run
 leaves (the last step when `save_every` does not divide it, the best one past `keep_checkpoints`, none from a
-rank other than 0), the loss of a step with a single loss token, and the step a non-finite loss or gradient
+rank other than 0), the exit code of a rank stopped by another rank's Ctrl-C, the loss of a step with a single loss token, and the step a non-finite loss or gradient
 is reported at."""
 
+import json
+import textwrap
 from types import SimpleNamespace
 
 import mlx.core as mx
@@ -11,6 +13,7 @@ import mlx.optimizers as optim
 import numpy as np
 import pytest
 from mlx import nn
+from training_runs import two_process_script
 
 from mlx_persona.models import load_model
 from mlx_persona.tuner import checkpoint as ckpt
@@ -101,3 +104,43 @@ def test_a_non_finite_step_is_reported_at_its_step(tiny_path, tmp_path, loss, wh
         _fit(tiny_path, TrainingArgs(total_steps=5, batch_size=2, checkpoint_dir=tmp_path), loop=loop, loss=loss)
     assert f"{what} became nan at step 3;" in str(err.value)
     assert _saved(tmp_path) == []
+
+
+TWO_RANKS = textwrap.dedent("""
+    import json, os, signal, sys
+    from pathlib import Path
+    sys.path.insert(0, sys.argv[3])
+    import mlx.core as mx
+    import mlx.optimizers as optim
+    from mlx_persona.models import load_model
+    from mlx_persona.tuner.trainer import Interrupted, TrainingArgs, TrainingCallback, train
+    from test_loop_mutants import _dataset
+    rank = mx.distributed.init().rank()
+
+    class SignalRank1(TrainingCallback):
+        def on_step(self, info):  # rank 1 asks to stop after step 1, as a Ctrl-C on its terminal would
+            if rank == 1 and info["step"] == 1:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    model, _ = load_model(sys.argv[1])
+    args = TrainingArgs(total_steps=5, batch_size=2)
+    try:
+        train(model, optim.SGD(learning_rate=1e-3), _dataset(), None, args, callback=SignalRank1())
+        got = {"stopped": None}
+    except Interrupted as e:
+        got = {"stopped": str(e), "exit_code": e.exit_code}
+    Path(sys.argv[2], f"rank{rank}.json").write_text(json.dumps(got))
+""")
+
+
+def test_a_stop_requested_on_another_rank_stops_this_one_with_143(tiny_path, tmp_path):
+    """Rank 1 gets Ctrl-C after step 1: both ranks stop after step 2 (the flag travels in that step's
+    all-reduce); rank 1 exits 130 (its SIGINT), rank 0, which saw no signal, 143 (a termination request)."""
+
+    script = tmp_path / "two_ranks.py"
+    script.write_text(TWO_RANKS)
+    two_process_script(script, str(tiny_path), str(tmp_path))
+    got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert got[1]["exit_code"] == 130 and got[1]["stopped"].startswith("SIGINT at step 2")
+    assert got[0]["exit_code"] == 143
+    assert got[0]["stopped"].startswith("a stop request on another process at step 2")

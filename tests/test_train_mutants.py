@@ -5,20 +5,17 @@ rank's shard, a dataset without loss tokens), each against a hand computation.""
 
 import json
 import math
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 from types import SimpleNamespace
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 import pytest
+from mlx import nn
+from training_runs import two_process_script
 
-from mlx_persona.tuner.config import OptimConfig, TrainConfig
 from mlx_persona.models import load_model
+from mlx_persona.tuner.config import OptimConfig, TrainConfig
 from mlx_persona.tuner.losses import evaluate_loss
 from mlx_persona.tuner.trainer import build_schedule, clip_by_global_norm, global_norm
 
@@ -133,20 +130,9 @@ TWO_RANKS = textwrap.dedent("""
 
 def test_validation_loss_over_two_processes_is_the_whole_datasets(tiny, tiny_path, tmp_path):
     """Each rank evaluates its shard; the all-reduce makes both report the loss of the whole dataset."""
-    from benchmarks.common import free_ports
-    from test_checkpoint_mutants import REPO
-
-    launch = Path(sys.executable).parent / "mlx.launch"
-    if not launch.exists():
-        pytest.skip("mlx.launch not installed")
     script = tmp_path / "two_ranks.py"
     script.write_text(TWO_RANKS)
-    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([str(launch), "-n", "2", "--backend", "ring", "--starting-port", str(free_ports(2)),
-                           "--", sys.executable, str(script), str(tiny_path), str(tmp_path), str(REPO / "tests")],
-                          check=False, cwd=REPO, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                          timeout=180)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    two_process_script(script, str(tiny_path), str(tmp_path))
     whole = evaluate_loss(tiny, _dataset(), 2, 512)
     for rank in (0, 1):
         # Measured: relative difference <= 6.2e-8 (the sums grouped by rank).

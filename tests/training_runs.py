@@ -182,3 +182,21 @@ def copy_run(src: Path, dst: Path) -> Path:
 
 
 SIGTERM, SIGINT = signal.SIGTERM, signal.SIGINT
+
+
+def two_process_script(script: Path, *args: str, timeout: int = 180) -> None:
+    """Runs `python SCRIPT ARGS... TESTS_DIR` as two ring processes on localhost (one BLAS thread each), with
+    the checkout and tests/ importable; fails on any rank's error. Skips where mlx.launch is missing."""
+    import pytest
+
+    from benchmarks.common import free_ports
+
+    launch = Path(sys.executable).parent / "mlx.launch"
+    if not launch.exists():
+        pytest.skip("mlx.launch not installed")
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([str(launch), "-n", "2", "--backend", "ring", "--starting-port", str(free_ports(2)),
+                           "--", sys.executable, str(script), *args, str(REPO / "tests")],
+                          check=False, cwd=REPO, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0 and "exited with code" not in proc.stderr, proc.stderr[-3000:]
