@@ -187,6 +187,19 @@ def test_greedy_reply_equals_generate_whole_and_streamed(client, reference):
         assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) > 1  # it did stream
 
 
+def test_stop_strings_stop_and_trim_like_generate(client, reference):
+    whole = reference(prompt(0), max_new_tokens=30).text
+    stop = whole[len(whole) // 2:][:3]
+    ref = reference(prompt(0), max_new_tokens=30, stop=[stop, "never"])
+    assert ref.stop_reason == "stop_string" and stop not in ref.text
+    got = chat(client, prompt(0), temperature=0, max_tokens=30, stop=[stop, "never"],
+               extra_body={"min_new_tokens": 0})
+    assert (got.choices[0].message.content, got.choices[0].finish_reason) == (ref.text, "stop")
+    streamed = chat(client, prompt(0), temperature=0, max_tokens=30, stop=stop, stream=True,
+                    extra_body={"min_new_tokens": 0})
+    assert "".join(c.choices[0].delta.content or "" for c in streamed) == ref.text
+
+
 def test_completions_take_raw_text_like_generate_raw(client, reference):
     ref = reference("Bingo and Bluey went to the", raw=True, max_new_tokens=12)
     got = client.completions.create(model=NAME, prompt="Bingo and Bluey went to the", temperature=0, max_tokens=12,
@@ -340,3 +353,62 @@ def test_slow_clients_are_cut_off(held):
         while chunk := s.recv(4096):  # until the server closes (the next request's head never comes)
             answer += chunk
     assert answer.startswith(b"HTTP/1.1 408") and b"did not arrive within 2 s" in answer
+
+
+def test_user_mistakes_end_with_one_clear_line(tmp_path):
+    for args, message in ((["--model", "builtin:tiny", "--host", "0.0.0.0"], "binding every interface is refused"),
+                          (["--model", str(tmp_path / "missing")], "no such folder")):
+        r = subprocess.run([sys.executable, "-m", "mlx_persona", "serve", "--port", "0", *args], cwd=REPO, check=False,
+                           capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+        assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_each_openai_field_is_mapped_or_refused_by_its_rule():
+    from mlx_persona.sampling import preset
+    from mlx_persona.serve.schema import APIError, chat_request, parse_json
+
+    def req(**body):
+        body = {"model": NAME, "messages": [{"role": "user", "content": "hi"}], **body}
+        return chat_request(body, model_id=NAME, defaults=preset("persona"), context=2048)
+
+    def refused(status, match, **body):
+        with pytest.raises(APIError, match=match) as e:
+            req(**body)
+        assert e.value.status == status and "error" in e.value.body()
+
+    sent = {"temperature": 0.5, "top_p": 0.9, "seed": 7, "max_tokens": 9, "min_new_tokens": 3, "top_k": 5,
+            "repetition_penalty": 1.3, "min_p": 0.1, "no_repeat_ngram_size": 2}
+    r = req(**sent, stop="END")
+    assert {k: getattr(r.config, "max_new_tokens" if k == "max_tokens" else k) for k in sent} == sent
+    assert r.config.stop == ["END"] and r.max_tokens_given and not r.stream
+    assert req().config == preset("persona") and not req().max_tokens_given  # nothing sent: the preset
+    assert req(max_completion_tokens=4, frequency_penalty=0, presence_penalty=0.0, n=1, user="u").config.max_new_tokens == 4
+    r = req(messages=[{"role": "developer", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+                      {"role": "user", "content": "hi", "name": "sam"}], stream=True,
+            stream_options={"include_usage": True})
+    assert r.prompt == [{"role": "system", "content": "a\nb"}, {"role": "user", "content": "hi"}]
+    assert r.stream and r.include_usage
+    refused(400, "repetition_penalty", presence_penalty=0.1)
+    refused(400, "only n=1", n=2)
+    refused(400, "differ", max_tokens=3, max_completion_tokens=4)
+    refused(400, "must be a number, not a boolean", temperature=True)
+    refused(400, "max_tokens must be an integer >= 1", max_tokens=0)
+    refused(400, "at most 16", stop=["x"] * 17)
+    refused(400, "only with stream: true", stream_options={"include_usage": True})
+    refused(400, "tool calls", tools=[{"type": "function"}])
+    refused(400, r"messages\[0\].role", messages=[{"role": "tool", "content": "x"}])
+    refused(400, r"messages\[0\].content", messages=[{"role": "user", "content": [{"type": "image_url"}]}])
+    refused(404, "does not exist", model="other")
+    for raw, match in ((b"[1]", "JSON object, not an array"), (b'{"a": NaN}', "NaN is not JSON"),
+                       (b"\xff", "not UTF-8"), (b"[" * 100_000, "not valid JSON")):
+        with pytest.raises(APIError, match=match):
+            parse_json(raw)
+
+
+def test_streamed_text_holds_back_what_may_begin_a_stop_string():
+    from mlx_persona.serve.worker import safe_length
+
+    assert safe_length("Hooray! Let's pl", ["play", "x"]) == len("Hooray! Let's ")
+    assert safe_length("Hooray! Let's p", ["Let's go"]) == len("Hooray! Let's p")
+    assert safe_length("Hooray! Le", ["ex", "Let's go"]) == len("Hooray! ")  # the longest such tail
+    assert safe_length("Hooray", []) == len("Hooray")

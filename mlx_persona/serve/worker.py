@@ -8,15 +8,14 @@ and generated, on this thread alone. The event loop hands a :class:`Job` in with
 ``error`` (an :class:`~mlx_persona.serve.schema.APIError`) instead. A job cancelled by the event loop (its
 client went away) is skipped if it is still queued, and stopped at its next piece of text if it runs.
 
-Test-only hold points (:mod:`mlx_persona.testing`): ``serve:job:N`` (the worker has taken its N-th job
-and not started it) and ``serve:token:N`` (a generation has handed back its N-th piece of text).
+Test-only hold point (:mod:`mlx_persona.testing`): ``serve:token:N``, a generation has handed back its
+N-th piece of text (and not yet checked whether it was cancelled).
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import itertools
 import queue
 import threading
 import traceback
@@ -81,6 +80,15 @@ class Stats:
             return dict(self._counts)
 
 
+def safe_length(text: str, stops: list[str]) -> int:
+    """How much of `text` can go out: all but a tail that may be the start of a stop string, which a
+    later piece could complete (the reply then ends before it, and nothing of it may have been sent)."""
+    for start in range(max(0, len(text) - max(map(len, stops), default=0) + 1), len(text)):
+        if any(s.startswith(text[start:]) for s in stops):
+            return start
+    return len(text)
+
+
 class Worker:
     """The generation thread and its queue.
 
@@ -99,7 +107,6 @@ class Worker:
         self._error: BaseException | None = None
         self._stopping = False
         self._thread = threading.Thread(target=self._main, name="mlx-persona-generation", daemon=True)
-        self._taken = itertools.count(1)
         self.loaded: Loaded | None = None
         self.running: Job | None = None
         self.stats = Stats()
@@ -156,7 +163,6 @@ class Worker:
             job = self._queue.get()
             if job is None:
                 return
-            hold(f"serve:job:{next(self._taken)}")
             if job.cancelled:
                 self.stats.add("cancelled")
                 continue
@@ -207,12 +213,19 @@ class Worker:
             return
         job.emit("start", len(ids))
         m = self.loaded
+        seen, sent = "", 0  # the text so far, and how much of it went out
         for pieces, chunk in enumerate(stream_generate(m.model, m.tokenizer, ids, config, end_ids=m.end_ids), 1):
-            if chunk.result is not None:  # the last chunk
+            if chunk.result is not None:  # the last chunk; its text is `seen` cut before any stop string
+                if chunk.result.text[sent:]:
+                    job.emit("text", chunk.result.text[sent:])
                 self.stats.add("completed")
                 job.emit("done", chunk.result)
                 return
-            job.emit("text", chunk.text)
+            seen += chunk.text
+            safe = safe_length(seen, config.stop)
+            if safe > sent:
+                job.emit("text", seen[sent:safe])
+                sent = safe
             hold(f"serve:token:{pieces}")
             if job.cancelled:
                 self.stats.add("cancelled")
