@@ -13,7 +13,9 @@ instead of racing on timing.
 - ``save:N:FILE``: inside the checkpoint save of step N, once ``FILE`` (``weights.safetensors``,
   ``optimizer.safetensors``, ``state.json``, ``manifest.json``) is written to the temporary folder;
   ``save:N:renamed``: the checkpoint is in place, old ones not yet pruned;
-- ``results``: the loop is over (its last checkpoint saved), no result file written yet.
+- ``results``: the loop is over (its last checkpoint saved), no result file written yet;
+- ``serve:token:N``: a generation of ``mlx-persona serve`` has handed back its N-th piece of text
+  (:mod:`mlx_persona.serve.worker`).
 
 At a point, the process writes ``held POINT pid PID`` to the file ``MLX_PERSONA_TEST_HOLD_FILE`` (one
 rename, so it is never seen half-written) and waits until the test deletes that file, then goes on; a

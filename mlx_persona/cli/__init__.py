@@ -15,7 +15,7 @@ from __future__ import annotations
 import click
 
 from mlx_persona import __version__
-from mlx_persona.cli import data, doctor, eval, export, generate, train
+from mlx_persona.cli import data, doctor, eval, export, generate, serve, train
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -25,7 +25,7 @@ def main():
 
 
 for _command in (doctor.doctor, doctor.init_model_cmd, data.data, train.train, generate.generate, generate.chat,
-                 eval.eval_cmd, eval.sweep, eval.compare, export.fuse, export.export_group, export.web):
+                 eval.eval_cmd, eval.sweep, eval.compare, export.fuse, export.export_group, export.web, serve.serve):
     main.add_command(_command)
 
 __all__ = ["main"]

@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import ClassVar
 
 __all__ = ["MAX_CONNECTIONS", "REQUEST_TIMEOUT", "LocalOnlyHandler", "LocalOnlyServer", "StaticFileHandler",
-           "allowed_hosts", "open_file", "resolve_file"]
+           "address_family", "allowed_hosts", "open_file", "resolve_file"]
 
 REQUEST_TIMEOUT = 10.0
 MAX_CONNECTIONS = 32
@@ -62,6 +62,19 @@ def allowed_hosts(host: str, port: int) -> frozenset[str]:
         bound = f"[{bound}]"
     names = {*LOOPBACK_NAMES, bound}
     return frozenset({f"{n}:{port}" for n in names} | (names if port == 80 else set()))
+
+
+def address_family(host: str) -> socket.AddressFamily:
+    """The socket family of the one address `host` (IPv6 in brackets or not); a wildcard (``0.0.0.0``,
+    ``::``, empty) is a ValueError: there would be no name to check the ``Host`` header against."""
+    try:
+        ip = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        ip = None
+    if host in ("", "*") or (ip is not None and ip.is_unspecified):
+        raise ValueError(f"{host or '(empty)'}: binding every interface is refused; give one address "
+                         "(127.0.0.1 by default)")
+    return socket.AF_INET6 if ip is not None and ip.version == 6 else socket.AF_INET
 
 
 def resolve_file(root: Path, target: str, *, index: str = "index.html", hidden: frozenset[str] = frozenset()):
@@ -178,23 +191,14 @@ class LocalOnlyServer(ThreadingHTTPServer):
 
     def __init__(self, address: tuple[str, int], handler, *, request_timeout: float = REQUEST_TIMEOUT,
                  max_connections: int = MAX_CONNECTIONS, log=None):
-        host = address[0]
-        try:
-            ip = ipaddress.ip_address(host.strip("[]"))
-        except ValueError:
-            ip = None
-        if host in ("", "*") or (ip is not None and ip.is_unspecified):
-            raise ValueError(f"{host or '(empty)'}: binding every interface is refused; give one address "
-                             "(127.0.0.1 by default)")
-        if ip is not None and ip.version == 6:
-            self.address_family = socket.AF_INET6
-            address = (host.strip("[]"), *address[1:])
+        self.address_family = address_family(address[0])
+        address = (address[0].strip("[]"), *address[1:])
         self.request_timeout = float(request_timeout)
         self.max_connections = int(max_connections)
         self.log = log
         self._slots = threading.BoundedSemaphore(self.max_connections)
         super().__init__(address, handler)
-        self.allowed_hosts = allowed_hosts(host.strip("[]"), self.server_port)
+        self.allowed_hosts = allowed_hosts(address[0], self.server_port)
 
     def process_request(self, request, client_address):
         if not self._slots.acquire(blocking=False):
