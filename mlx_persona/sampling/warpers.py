@@ -109,7 +109,13 @@ def sample_top_k(
     """
     if temperature != 1.0:
         x = x / temperature  # before top-k, as transformers orders it
-    idx, cand, kth = _top_k_candidates(x, top_k)
+    idx, _, kth = _top_k_candidates(x, top_k)
+    # argpartition returns the candidates in an order that follows their values, so logits that differ in
+    # the last bit (a batched matmul against an unbatched one) can permute them, and a seeded draw would then
+    # pick another token from the same distribution. In token-id order the draw depends on the distribution
+    # and the key alone.
+    idx = mx.sort(idx, axis=-1)
+    cand = mx.take_along_axis(x, idx, axis=-1)
     is_tie = x == kth
     n_ties = is_tie.sum(axis=-1, keepdims=True)  # >= 1: the k-th token itself
     cand_tie = cand == kth
