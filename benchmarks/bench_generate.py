@@ -221,7 +221,7 @@ def _eval_markdown(preset: str, n_prompts: int, n_seeds: int, seconds: dict, loa
     return lines
 
 
-def main():
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="gemma-3-270m", choices=["tiny", "gemma-3-270m", "gemma-3-1b"])
     p.add_argument("--new-tokens", type=int, default=96)
@@ -234,10 +234,10 @@ def main():
     p.add_argument("--eval-max-new-tokens", type=int, help="default: the persona preset's (256)")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "out"))
     p.add_argument("--no-results", action="store_true", help="do not append to RESULTS.md")
-    a = p.parse_args()
+    a = p.parse_args(argv)
 
     model_path = bench_model(a.preset)
-    command = ("python benchmarks/bench_generate.py " + " ".join(sys.argv[1:])).strip()
+    command = ("python benchmarks/bench_generate.py " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
     load = " ".join(f"{x:.1f}" for x in os.getloadavg())
     batch_sizes = [int(b) for b in a.batch_sizes.split(",") if b.strip()]
     if batch_sizes or a.eval_e2e:
