@@ -68,5 +68,5 @@ def test_batched_generation_bench_smoke(tmp_path):
     saved = json.loads((tmp_path / "bench_generate_batch_tiny.json").read_text())
     assert set(saved["tokens_per_sec"]) == {"single (generate)", "batch 1", "batch 2"}
     assert all(rate > 0 for rate in saved["tokens_per_sec"].values())
-    assert list(saved["eval_seconds"])[0] == "batch 1" and len(saved["eval_seconds"]) == 2
+    assert next(iter(saved["eval_seconds"])) == "batch 1" and len(saved["eval_seconds"]) == 2
     assert saved["load_average"] and "| batch 2 |" in (tmp_path / "bench_generate_batch_tiny.md").read_text()
