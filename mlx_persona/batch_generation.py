@@ -102,7 +102,7 @@ def default_batch_size(model, tokens: int, *, available: int | None = None) -> i
         tokens: the longest prompt plus the largest ``max_new_tokens``.
         available: bytes free (default: :func:`available_memory`).
     """
-    per_row = kv_bytes_per_row(model, tokens) + LOGITS_COPIES * 4 * model.args.vocab_size
+    per_row = kv_bytes_per_row(model, tokens) + LOGITS_COPIES * 4 * getattr(model.args, "vocab_size", 0)
     free = available_memory() if available is None else available
     return max(1, min(MAX_DEFAULT_BATCH, int(free * MEMORY_FRACTION) // max(per_row, 1)))
 
