@@ -12,15 +12,28 @@ difference between them is the sampler and logits processors alone:
   over prompt + generated, temperature -> top-k -> top-p);
 - `transformers (torch)`: `model.generate` with the same settings, on the best torch device.
 
+`--batch-sizes 1,4,16` adds batched generation (:mod:`mlx_persona.batch_generation`): that many prompts
+from the eval set, each with its own seed and the persona settings, decoded together; tokens/s counts every
+row's tokens over the wall time, prefill included, against one prompt at a time through `generate` (the
+issue's goal: >= 6x at batch 16 on the 270m shape). `--eval-e2e` times `evaluate` (prompts x seeds, persona
+preset, no validation loss) at batch size 1 and at the default batch size (the goal: >= 5x faster at the
+1b shape with 40 prompts x 3 seeds). Both want a quiet machine: the load average is recorded with them.
+
     python benchmarks/bench_generate.py                      # gemma-3-270m shape
     python benchmarks/bench_generate.py --preset tiny --new-tokens 32 --trials 2
+    python benchmarks/bench_generate.py --batch-sizes 1,4,16 --no-torch
+    python benchmarks/bench_generate.py --preset gemma-3-1b --eval-e2e --batch-sizes '' --no-torch
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -125,24 +138,136 @@ def bench_torch(model_path: Path, n_new: int, trials: int, prompt_len: int) -> d
                                      "trials": trials, "device": device, "threads": torch.get_num_threads()}}
 
 
-def main():
+def _eval_prompts(n: int) -> list[str]:
+    from mlx_persona.eval.options import DEFAULT_PROMPTS, load_prompts
+
+    prompts = load_prompts(DEFAULT_PROMPTS)
+    return [prompts[i % len(prompts)] for i in range(n)]
+
+
+def bench_batch(model_path: Path, n_new: int, trials: int, batch_sizes: list[int]) -> dict:
+    """Tokens/s of `b` eval prompts decoded together (each with its own seed) for each b, and of one prompt
+    at a time through `generate`; every row makes exactly `n_new` tokens (end ids held back)."""
+    from mlx_persona.batch_generation import batch_generate
+    from mlx_persona.generation import end_token_ids, generate
+    from mlx_persona.models import load_model
+    from mlx_persona.sampling import preset
+
+    model, tok = load_model(model_path)
+    ends = end_token_ids(tok, model_path)
+    cfg = dataclasses.replace(preset("persona"), max_new_tokens=n_new, min_new_tokens=n_new)
+
+    def single() -> float:
+        prompt = _eval_prompts(1)[0]
+        tic = time.perf_counter()
+        r = generate(model, tok, prompt, dataclasses.replace(cfg, seed=0), end_ids=ends)
+        return r.generated_tokens / (time.perf_counter() - tic)
+
+    def batched(b: int) -> float:
+        configs = [dataclasses.replace(cfg, seed=s) for s in range(b)]
+        tic = time.perf_counter()
+        results = batch_generate(model, tok, _eval_prompts(b), configs, batch_size=b, end_ids=ends)
+        return sum(r.generated_tokens for r in results) / (time.perf_counter() - tic)
+
+    batched(2)  # warm-up: the kernels of both paths
+    single()
+    out = {"single (generate)": statistics.median(single() for _ in range(trials))}
+    for b in batch_sizes:
+        out[f"batch {b}"] = statistics.median(batched(b) for _ in range(trials))
+    return out
+
+
+def bench_eval(model_path: Path, n_prompts: int, n_seeds: int, max_new_tokens: int | None) -> dict:
+    """Wall seconds of `evaluate` over n_prompts x n_seeds (persona preset, no validation loss), at batch
+    size 1 and at the default batch size."""
+    from mlx_persona.eval.entries import parse_model_arg
+    from mlx_persona.eval.evaluate import evaluate
+    from mlx_persona.eval.options import EvalOptions
+    from mlx_persona.sampling import preset
+
+    cfg = preset("persona")
+    if max_new_tokens:
+        cfg = dataclasses.replace(cfg, max_new_tokens=max_new_tokens, min_new_tokens=min(cfg.min_new_tokens,
+                                                                                         max_new_tokens))
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:  # a private 0700 folder
+        prompts = Path(tmp) / "prompts.jsonl"
+        prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in _eval_prompts(n_prompts)))
+        for batch_size in (1, 0):
+            options = EvalOptions(prompts=str(prompts), seeds=list(range(n_seeds)), valid=None, batch_size=batch_size)
+            lines = []
+            tic = time.perf_counter()
+            evaluate([parse_model_arg(str(model_path))], cfg, options, Path(tmp) / f"eval-{batch_size}",
+                     log=lines.append)
+            chosen = next((line.split(", ")[1] for line in lines if " at a time" in line), "?")
+            out["batch 1" if batch_size == 1 else f"default ({chosen})"] = time.perf_counter() - tic
+    return out
+
+
+def _batch_markdown(preset: str, n_new: int, trials: int, rates: dict, load: str) -> list[str]:
+    base = rates["single (generate)"]
+    title = (f"### Batched generation ({preset}, persona settings, {n_new} new tokens a row, median of {trials}; "
+             f"load average {load})")
+    lines = [title, "", "| rows | tok/s (all rows) | vs one at a time |", "|---|---:|---:|"]
+    lines += [f"| {name} | {rate:.1f} | {rate / base:.2f}x |" for name, rate in rates.items()]
+    return lines
+
+
+def _eval_markdown(preset: str, n_prompts: int, n_seeds: int, seconds: dict, load: str) -> list[str]:
+    base = seconds["batch 1"]
+    title = f"### Eval end to end ({preset}, {n_prompts} prompts x {n_seeds} seeds, persona preset; load {load})"
+    lines = [title, "", "| batch size | seconds | speed-up |", "|---|---:|---:|"]
+    lines += [f"| {name} | {sec:.1f} | {base / sec:.2f}x |" for name, sec in seconds.items()]
+    return lines
+
+
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="gemma-3-270m", choices=["tiny", "gemma-3-270m", "gemma-3-1b"])
     p.add_argument("--new-tokens", type=int, default=96)
     p.add_argument("--trials", type=int, default=3)
     p.add_argument("--no-torch", action="store_true")
+    p.add_argument("--batch-sizes", default="", help="comma-separated batch sizes to time, e.g. 1,4,16")
+    p.add_argument("--eval-e2e", action="store_true", help="time evaluate() at batch size 1 and the default")
+    p.add_argument("--eval-prompts", type=int, default=40)
+    p.add_argument("--eval-seeds", type=int, default=3)
+    p.add_argument("--eval-max-new-tokens", type=int, help="default: the persona preset's (256)")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "out"))
     p.add_argument("--no-results", action="store_true", help="do not append to RESULTS.md")
-    a = p.parse_args()
+    a = p.parse_args(argv)
 
     model_path = bench_model(a.preset)
+    command = ("python benchmarks/bench_generate.py " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
+    load = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    batch_sizes = [int(b) for b in a.batch_sizes.split(",") if b.strip()]
+    if batch_sizes or a.eval_e2e:
+        result = {"benchmark": "batched generation", "command": command, "machine": machine_info(),
+                  "preset": a.preset, "dtype": "float32", "load_average": load}
+        lines = []
+        if batch_sizes:
+            rates = bench_batch(model_path, a.new_tokens, a.trials, batch_sizes)
+            result.update(new_tokens=a.new_tokens, trials=a.trials, tokens_per_sec=rates)
+            lines += _batch_markdown(a.preset, a.new_tokens, a.trials, rates, load) + [""]
+        if a.eval_e2e:
+            seconds = bench_eval(model_path, a.eval_prompts, a.eval_seeds, a.eval_max_new_tokens)
+            result.update(eval_prompts=a.eval_prompts, eval_seeds=a.eval_seeds, eval_seconds=seconds)
+            lines += _eval_markdown(a.preset, a.eval_prompts, a.eval_seeds, seconds, load) + [""]
+        lines.append(f"Load average {load} on {os.cpu_count()} CPUs while this ran; the goals (>= 6x at batch 16, "
+                     ">= 5x for eval) are to be measured on a quiet machine.")
+        write_results(Path(a.out), f"bench_generate_batch_{a.preset}", result, "\n".join(lines),
+                      append=not a.no_results)
+    if not batch_sizes and not a.eval_e2e:
+        single_sequence(a, model_path, command)
+
+
+def single_sequence(a, model_path: Path, command: str) -> None:
+    """The single-sequence table: our chain against mlx-lm's samplers and transformers."""
     res = bench_mlx(model_path, a.new_tokens, a.trials)
     prompt_len = res.pop("_prompt_tokens")
     if not a.no_torch:
         res.update(bench_torch(model_path, a.new_tokens, a.trials, prompt_len))
     base = res["mlx-lm plain"]["decode_tps"]
     overhead = 1 - res["mlx_persona persona"]["decode_tps"] / base
-    command = ("python benchmarks/bench_generate.py " + " ".join(sys.argv[1:])).strip()
     result = {"benchmark": "generation speed", "command": command, "machine": machine_info(), "preset": a.preset,
               "dtype": "float32", "prompt_tokens": prompt_len, "new_tokens": a.new_tokens, "variants": res,
               "persona_chain_overhead_vs_mlx_lm_plain": overhead, "target_overhead": "<= 0.05"}

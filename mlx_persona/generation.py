@@ -96,6 +96,55 @@ def build_prompt(tokenizer, prompt: str | list[dict], *, system: str | None = No
     return hf.encode(text, add_special_tokens=False)
 
 
+def prompt_ids(tokenizer, prompt: str | list[dict] | list[int], *, system: str | None = None,
+               chat_template: bool = True) -> list[int]:
+    """Token ids of a prompt given as token ids (kept as they are), a user message or a message list
+    (rendered by :func:`build_prompt`)."""
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
+        return list(prompt)
+    return build_prompt(tokenizer, prompt, system=system, chat_template=chat_template)
+
+
+class ReplyText:
+    """A reply's text as its tokens arrive, cut before the first stop string.
+
+    Args:
+        tokenizer: mlx-lm ``TokenizerWrapper`` (its streaming detokenizer, one per reply).
+        stops: stop strings; the reply ends where the first one begins.
+    """
+
+    def __init__(self, tokenizer, stops: list[str]):
+        self._detok = tokenizer.detokenizer
+        self._detok.reset()
+        self._stops = [s for s in stops if s]
+        self.text = ""
+        self.stopped = False  # a stop string appeared; add no more tokens
+
+    def add(self, token: int) -> str:
+        """Adds a token; returns the new printable text (possibly empty)."""
+        self._detok.add_token(token)
+        piece = self._detok.last_segment
+        if self._stops:
+            full = self.text + piece
+            hit = min((full.find(s) for s in self._stops if s in full), default=-1)
+            if hit >= 0:
+                piece = full[len(self.text):hit] if hit > len(self.text) else ""
+                self.text = full[:hit]
+                self.stopped = True
+                return piece
+        self.text += piece
+        return piece
+
+    def finish(self) -> str:
+        """The text the detokenizer still held (none after a stop string)."""
+        if self.stopped:
+            return ""
+        self._detok.finalize()
+        tail = self._detok.last_segment
+        self.text += tail
+        return tail
+
+
 def stream_generate(model, tokenizer, prompt: str | list[dict] | list[int], config: GenerationConfig | None = None,
                     *, system: str | None = None, end_ids: list[int] | None = None,
                     chat_template: bool = True, prompt_cache=None) -> Iterator[Chunk]:
@@ -114,21 +163,15 @@ def stream_generate(model, tokenizer, prompt: str | list[dict] | list[int], conf
 
     config = config or GenerationConfig()
     config.validate()
-    if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
-        ids = list(prompt)
-    else:
-        ids = build_prompt(tokenizer, prompt, system=system, chat_template=chat_template)
+    ids = prompt_ids(tokenizer, prompt, system=system, chat_template=chat_template)
     end_ids = list(end_ids if end_ids is not None else end_token_ids(tokenizer))
     sampler, processors = make_sampler_and_processors(config, prompt_tokens=ids, eos_token_ids=end_ids)
 
-    detok = tokenizer.detokenizer
-    detok.reset()
+    reply = ReplyText(tokenizer, config.stop)
     result = GenerationResult(text="", prompt_tokens=len(ids))
     tokens: list[int] = []
-    text = ""
     tic = time.perf_counter()
     t_first = None
-    stops = [s for s in config.stop if s]
     steps = generate_step(mx.array(ids), model, max_tokens=config.max_new_tokens, sampler=sampler,
                           logits_processors=processors, prompt_cache=prompt_cache)
     for token, _ in steps:
@@ -140,29 +183,18 @@ def stream_generate(model, tokenizer, prompt: str | list[dict] | list[int], conf
             result.stop_reason = "end_token"
             break
         tokens.append(token)
-        detok.add_token(token)
-        piece = detok.last_segment
-        if stops:
-            full = text + piece
-            hit = min((full.find(s) for s in stops if s in full), default=-1)
-            if hit >= 0:
-                piece = full[len(text):hit] if hit > len(text) else ""
-                text = full[:hit]
-                if piece:
-                    yield Chunk(piece, token)
-                result.stop_reason = "stop_string"
-                break
-        text += piece
+        piece = reply.add(token)
         if piece:
             yield Chunk(piece, token)
+        if reply.stopped:
+            result.stop_reason = "stop_string"
+            break
     else:
         result.stop_reason = "length"
-    if result.stop_reason != "stop_string":
-        detok.finalize()
-        tail = detok.last_segment
-        if tail:
-            text += tail
-            yield Chunk(tail, None)
+    tail = reply.finish()
+    if tail:
+        yield Chunk(tail, None)
+    text = reply.text
     elapsed = time.perf_counter() - (t_first or tic)
     result.text = text
     result.tokens = tokens

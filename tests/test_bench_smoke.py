@@ -57,3 +57,16 @@ def test_recipe_smoke(tmp_path):
     assert abs(tiny["original"]["evals"][0]["val_loss"] - tiny["mlx_persona"]["evals"][0]["val_loss"]) < 1e-3
     assert (tmp_path / "recipe.png").stat().st_size > 0
     assert (tmp_path / "bench_recipe.json").exists()
+
+
+def test_batched_generation_bench_smoke(tmp_path):
+    from benchmarks import bench_generate as bench
+
+    bench.main(["--preset", "tiny", "--batch-sizes", "1,2", "--new-tokens", "4", "--trials", "1", "--eval-e2e",
+                "--eval-prompts", "2", "--eval-seeds", "1", "--eval-max-new-tokens", "4", "--no-results",
+                "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "bench_generate_batch_tiny.json").read_text())
+    assert set(saved["tokens_per_sec"]) == {"single (generate)", "batch 1", "batch 2"}
+    assert all(rate > 0 for rate in saved["tokens_per_sec"].values())
+    assert next(iter(saved["eval_seconds"])) == "batch 1" and len(saved["eval_seconds"]) == 2
+    assert saved["load_average"] and "| batch 2 |" in (tmp_path / "bench_generate_batch_tiny.md").read_text()

@@ -240,6 +240,39 @@ def test_bf16_grid_logits_with_ties(seed):
         )
 
 
+def test_top_k_candidates_by_blocks_are_the_k_largest():
+    # Gemma-sized vocabularies take warpers._top_k_indices' block pass; its candidates must be the k largest
+    # values (any of the entries tied with the k-th), however the large values fall into blocks.
+    from mlx_persona.sampling.warpers import BLOCK, _top_k_candidates
+
+    k, vocab = 50, 4 * 50 * BLOCK
+    rng = np.random.default_rng(7)
+    concentrated = np.zeros(vocab, np.float32)
+    concentrated[3 * BLOCK : 4 * BLOCK] = np.arange(BLOCK) + 10.0  # the top 50 in one block
+    spread_ties = np.full(vocab, -1.0, np.float32)
+    spread_ties[5::BLOCK] = 2.0  # 800 blocks whose maximum is the k-th value
+    spread_ties[rng.choice(vocab, 20, replace=False)] = 3.0 + rng.normal(size=20).astype(np.float32)
+    for x in (concentrated, spread_ties, rng.normal(size=vocab).astype(np.float32),
+              np.where(rng.random(vocab) < 0.99, -np.inf, rng.normal(size=vocab)).astype(np.float32)):
+        idx, cand, kth = (np.array(a)[0] for a in _top_k_candidates(mx.array(x)[None], k))
+        assert len(set(idx.tolist())) == k and (x[idx] == cand).all()
+        np.testing.assert_array_equal(np.sort(cand), np.sort(x)[-k:])
+        assert kth == np.sort(x)[-k]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_top_k_over_a_large_vocabulary_matches_transformers(seed):
+    # The block pass of warpers._top_k_indices; exact ties only for top-k alone (a tie group straddling the
+    # top-p cut is a known, documented difference).
+    rng = np.random.default_rng(300 + seed)
+    smooth = (rng.normal(size=16384) * 3).astype(np.float32)
+    tied = (np.round(smooth * 8) / 8).astype(np.float32)
+    for cfg, logits in [(GenerationConfig(top_k=50), tied), (GenerationConfig(top_k=7), tied),
+                        (GenerationConfig(top_k=40, top_p=0.9, temperature=0.7), smooth),
+                        (GenerationConfig(top_k=60, min_p=0.05), smooth)]:
+        assert_same_logprobs(ours(cfg, [1], logits, 1, []), hf_logprobs(cfg, [1], logits, 1, []))
+
+
 # --------------------------------------------------------------------------------------------
 # process_logits vs transformers: combined
 # --------------------------------------------------------------------------------------------

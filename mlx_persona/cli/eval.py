@@ -34,6 +34,12 @@ def _parse_seeds(text):
     return seeds
 
 
+batch_size_option = click.option(
+    "--batch-size", type=click.IntRange(min=0), default=0, show_default=True,
+    help="Replies decoded together (each one as it would be alone); 0 = as many as a quarter of the free "
+         "memory holds, at most 16.")
+
+
 def eval_options(f):
     """Options shared by `eval` and `sweep`: models, prompt set, persona card, data, seeds, output."""
     options = [
@@ -66,13 +72,14 @@ def eval_options(f):
 
 
 def _make_eval_run(models, prompts, limit, seeds, seed, persona_card, persona_system, train_data, valid, no_valid,
-                   early_tokens):
+                   early_tokens, batch_size=0):
     from mlx_persona.eval.entries import check_names, parse_model_arg
     from mlx_persona.eval.options import EvalOptions
 
     if seeds is not None and seed is not None:
         fail("give --seeds (several) or --seed (one), not both")
-    options = EvalOptions(limit=limit, persona_system=persona_system, early_tokens=early_tokens)
+    options = EvalOptions(limit=limit, persona_system=persona_system, early_tokens=early_tokens,
+                          batch_size=batch_size)
     if seeds is not None:
         options.seeds = _parse_seeds(seeds)
     elif seed is not None:
@@ -89,16 +96,17 @@ def _make_eval_run(models, prompts, limit, seeds, seed, persona_card, persona_sy
 
 @click.command("eval")
 @eval_options
+@batch_size_option
 @generation_options
 def eval_cmd(models, prompts, limit, seeds, persona_card, persona_system, train_data, valid, no_valid, early_tokens,
-             out, overwrite, preset, seed, **settings):
+             out, overwrite, batch_size, preset, seed, **settings):
     """Run a prompt set through one or more models and write a persona report (md, html, jsonl, plots)."""
     from mlx_persona.eval.evaluate import evaluate
 
     config = make_generation_config(preset, **settings)
     try:
         entries, options = _make_eval_run(models, prompts, limit, seeds, seed, persona_card, persona_system,
-                                          train_data, valid, no_valid, early_tokens)
+                                          train_data, valid, no_valid, early_tokens, batch_size)
         evaluate(entries, config, options, out, overwrite=overwrite, command=_command_line("eval"),
                  log=log_to_stderr)
     except _eval_errors() as e:
@@ -112,9 +120,10 @@ def eval_cmd(models, prompts, limit, seeds, persona_card, persona_system, train_
               help="Generation setting values to try (repeatable; every combination runs), e.g. "
                    "--grid min_new_tokens=0,50 --grid temperature=0.8. Keys: min_new_tokens, max_new_tokens, "
                    "temperature, top_k, top_p, min_p, repetition_penalty, no_repeat_ngram_size.")
+@batch_size_option
 @generation_options
 def sweep(models, prompts, limit, seeds, persona_card, persona_system, train_data, valid, no_valid, early_tokens,
-          out, overwrite, grid, preset, seed, **settings):
+          out, overwrite, grid, batch_size, preset, seed, **settings):
     """Reply length, truncation and persona metrics for every combination of generation settings."""
     from pathlib import Path
 
@@ -124,7 +133,7 @@ def sweep(models, prompts, limit, seeds, persona_card, persona_system, train_dat
     config = make_generation_config(preset, **settings)
     try:
         entries, options = _make_eval_run(models, prompts, limit, seeds, seed, persona_card, persona_system,
-                                          train_data, valid, no_valid, early_tokens)
+                                          train_data, valid, no_valid, early_tokens, batch_size)
         rows = run(entries, config, parse_grid(grid), options, out, overwrite=overwrite,
                    command=_command_line("sweep"), log=log_to_stderr)
     except _eval_errors() as e:
@@ -141,14 +150,17 @@ def sweep(models, prompts, limit, seeds, persona_card, persona_system, train_dat
 @click.option("--retrain", is_flag=True, help="Train every `train` variant again, even if its run is finished.")
 @click.option("--limit", type=int, help="Only the first N prompts (overrides the recipe).")
 @click.option("--seeds", help="Comma-separated seeds (overrides the recipe).")
-def compare(recipe, out, overwrite, retrain, limit, seeds):
+@click.option("--batch-size", type=click.IntRange(min=0), help="Replies decoded together; 0 = from memory "
+              "(overrides the recipe's eval.batch_size, default 0).")
+def compare(recipe, out, overwrite, retrain, limit, seeds, batch_size):
     """Train (or reuse) and evaluate the variants of a recipe (configs/compare-*.yaml) in one report."""
     from mlx_persona.eval.compare import compare as run
     from mlx_persona.tuner.trainer import TrainingError
 
     try:
         result = run(recipe, out=out, overwrite=overwrite, retrain=retrain, limit=limit,
-                     seeds=_parse_seeds(seeds) if seeds else None, command=_command_line("compare"),
+                     seeds=_parse_seeds(seeds) if seeds else None, batch_size=batch_size,
+                     command=_command_line("compare"),
                      log=log_to_stderr)
     except TrainingError as e:
         fail(str(e), e.exit_code)

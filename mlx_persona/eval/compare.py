@@ -23,7 +23,8 @@ from mlx_persona.sampling import GenerationConfig
 _VARIANT_KEYS = ("name", "model", "adapter", "train", "set")
 _RECIPE_KEYS = ("output", "variants", "eval", "generation")
 # The type each ``eval:`` key must have (anything not listed: a string).
-_EVAL_KINDS = {"seeds": list, "limit": int, "early_tokens": int, "max_seq_len": int, "persona_system": bool}
+_EVAL_KINDS = {"seeds": list, "limit": int, "early_tokens": int, "max_seq_len": int, "persona_system": bool,
+               "batch_size": int}
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -178,12 +179,12 @@ def _trained_entry(v: dict, retrain: bool, log) -> ModelEntry:
 
 
 def compare(recipe_path: str | Path, *, out: str | None = None, overwrite: bool = False, retrain: bool = False,
-            limit: int | None = None, seeds: list[int] | None = None, command: str | None = None,
-            log: Callable = print) -> dict:
+            limit: int | None = None, seeds: list[int] | None = None, batch_size: int | None = None,
+            command: str | None = None, log: Callable = print) -> dict:
     """Trains (or reuses) every variant of a recipe, then evaluates them all in one report.
 
     A ``train`` variant whose output folder already holds a finished run (``summary.json``) is reused
-    unless `retrain`. `out`, `limit` and `seeds` override the recipe's.
+    unless `retrain`. `out`, `limit`, `seeds` and `batch_size` override the recipe's.
 
     Returns:
         What :func:`~mlx_persona.eval.evaluate.evaluate` returns.
@@ -196,6 +197,8 @@ def compare(recipe_path: str | Path, *, out: str | None = None, overwrite: bool 
         options = dataclasses.replace(options, limit=limit)
     if seeds:
         options = dataclasses.replace(options, seeds=list(seeds))
+    if batch_size is not None:
+        options = dataclasses.replace(options, batch_size=batch_size).validate()
     check_inputs(options)  # before any training
     target = Path(out or recipe.output)
     with output_lock(target):  # the report folder is ours from its check to evaluate's last file

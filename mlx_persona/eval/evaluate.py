@@ -72,22 +72,34 @@ def _seeds_for(config: GenerationConfig, seeds: list[int], log) -> list[int]:
 
 def generate_replies(model, tokenizer, end_ids, ctx: Context, config: GenerationConfig, *,
                      name: str, extra: dict | None = None, log=print) -> list[dict]:
-    """Every prompt x seed through one loaded model; one measured row per reply."""
-    from mlx_persona.generation import generate
+    """Every prompt x seed through one loaded model, decoded in batches; one measured row per reply.
+
+    Each reply is the one :func:`mlx_persona.generation.generate` gives alone (its own seed, penalties and
+    stops); ``ctx.options.batch_size`` replies decode together (0: chosen from memory).
+    """
+    from mlx_persona.batch_generation import batch_stream, default_batch_size
+    from mlx_persona.generation import build_prompt
 
     seeds = _seeds_for(config, ctx.options.seeds, log)
-    total = len(ctx.prompts) * len(seeds)
-    rows, every, tic = [], max(total // 10, 1), time.perf_counter()
-    for i, prompt in enumerate(ctx.prompts):
-        for seed in seeds:
-            r = generate(model, tokenizer, prompt, dataclasses.replace(config, seed=seed),
-                         system=ctx.system, end_ids=end_ids)
-            rows.append({"model": name, **(extra or {}), "prompt_id": i, "prompt": prompt, "seed": seed,
-                         "text": r.text, "tokens": r.tokens, "generated_tokens": r.generated_tokens,
-                         "stop_reason": r.stop_reason, "decode_tps": round(r.decode_tps, 2),
-                         "metrics": ctx.measure(r.text, r.stop_reason)})
-            if len(rows) % every == 0 or len(rows) == total:
-                log(f"  {name}: {len(rows)}/{total} replies ({time.perf_counter() - tic:.0f}s)")
+    ids = [build_prompt(tokenizer, prompt, system=ctx.system) for prompt in ctx.prompts]
+    jobs = [(i, seed) for i in range(len(ctx.prompts)) for seed in seeds]
+    batch = ctx.options.batch_size or default_batch_size(model, max(map(len, ids)) + config.max_new_tokens)
+    total = len(jobs)
+    log(f"  {name}: {total} replies, {min(batch, total)} at a time")
+    results, every, tic = [None] * total, max(total // 10, 1), time.perf_counter()
+    stream = batch_stream(model, tokenizer, [ids[i] for i, _ in jobs],
+                          [dataclasses.replace(config, seed=seed) for _, seed in jobs], batch_size=batch,
+                          end_ids=end_ids)
+    for done, (k, r) in enumerate(stream, 1):
+        results[k] = r
+        if done % every == 0 or done == total:
+            log(f"  {name}: {done}/{total} replies ({time.perf_counter() - tic:.0f}s)")
+    rows = []
+    for (i, seed), r in zip(jobs, results):
+        rows.append({"model": name, **(extra or {}), "prompt_id": i, "prompt": ctx.prompts[i], "seed": seed,
+                     "text": r.text, "tokens": r.tokens, "generated_tokens": r.generated_tokens,
+                     "stop_reason": r.stop_reason, "decode_tps": round(r.decode_tps, 2),
+                     "metrics": ctx.measure(r.text, r.stop_reason)})
     return rows
 
 

@@ -38,12 +38,15 @@ class EvalOptions:
     persona_system: bool = False  # the training data has no system turn: off unless asked
     early_tokens: int = DEFAULT_EARLY_TOKENS
     max_seq_len: int = 1024  # validation examples are truncated to this, as in training
+    batch_size: int = 0  # replies decoded together; 0 = from memory (batch_generation.default_batch_size)
 
     def validate(self) -> "EvalOptions":
         if not self.seeds or not all(isinstance(s, int) and s >= 0 for s in self.seeds):
             raise EvalError(f"seeds: must be a non-empty list of integers >= 0, got {self.seeds!r}")
         if self.limit < 0:
             raise EvalError(f"limit: must be >= 0, got {self.limit}")
+        if not isinstance(self.batch_size, int) or isinstance(self.batch_size, bool) or self.batch_size < 0:
+            raise EvalError(f"batch_size: must be an integer >= 0 (0 = chosen from memory), got {self.batch_size!r}")
         if self.early_tokens < 1:
             raise EvalError(f"early_tokens: must be >= 1, got {self.early_tokens}")
         return self

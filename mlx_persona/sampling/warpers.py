@@ -13,13 +13,36 @@ import mlx.core as mx
 
 from mlx_persona.sampling.inputs import NEG_INF
 
+BLOCK = 64  # entries per block in the first pass of _top_k_candidates
+
+
+def _top_k_indices(x: mx.array, k: int) -> mx.array:
+    """Indices of k largest entries of each row (unordered; which of several entries tied with the k-th).
+
+    ``argpartition`` is O(vocab) but costs ~10 ns an entry on the CPU, 2.8 ms a row at Gemma's 262,144-token
+    vocabulary. So a first pass takes the maximum of every block of ``BLOCK`` entries, and argpartition runs
+    over the k blocks with the largest maxima only (k * 64 entries): 0.15 ms. Exact: with v the k-th largest
+    value, fewer than k entries exceed v, so fewer than k blocks have a maximum above v and all of them are
+    taken, with every entry above v; the other blocks taken have a maximum >= v, one entry each at least, so
+    the blocks taken hold at least k entries >= v. Their k largest values are the row's.
+    """
+    vocab = x.shape[-1]
+    if vocab % BLOCK or 4 * k * BLOCK > vocab:  # small vocabularies: one argpartition is cheap
+        return mx.argpartition(-x, kth=k - 1, axis=-1)[..., :k]
+    lead = x.shape[:-1]
+    blocks = x.reshape(*lead, vocab // BLOCK, BLOCK)
+    top_blocks = mx.argpartition(-blocks.max(axis=-1), kth=k - 1, axis=-1)[..., :k]
+    inside = mx.take_along_axis(blocks, top_blocks[..., None], axis=-2).reshape(*lead, k * BLOCK)
+    local = mx.argpartition(-inside, kth=k - 1, axis=-1)[..., :k]
+    return mx.take_along_axis(top_blocks, local // BLOCK, axis=-1) * BLOCK + local % BLOCK
+
 
 def _top_k_candidates(x: mx.array, k: int) -> tuple[mx.array, mx.array, mx.array]:
     """Indices and values of the k largest entries (unordered) and the k-th largest value.
 
-    argpartition is O(vocab), unlike the full sort a naive top-k/top-p needs.
+    O(vocab), unlike the full sort a naive top-k/top-p needs (:func:`_top_k_indices`).
     """
-    idx = mx.argpartition(-x, kth=k - 1, axis=-1)[..., :k]
+    idx = _top_k_indices(x, k)
     cand = mx.take_along_axis(x, idx, axis=-1)
     return idx, cand, mx.min(cand, axis=-1, keepdims=True)
 
@@ -109,7 +132,13 @@ def sample_top_k(
     """
     if temperature != 1.0:
         x = x / temperature  # before top-k, as transformers orders it
-    idx, cand, kth = _top_k_candidates(x, top_k)
+    idx, _, kth = _top_k_candidates(x, top_k)
+    # argpartition returns the candidates in an order that follows their values, so logits that differ in
+    # the last bit (a batched matmul against an unbatched one) can permute them, and a seeded draw would then
+    # pick another token from the same distribution. In token-id order the draw depends on the distribution
+    # and the key alone.
+    idx = mx.sort(idx, axis=-1)
+    cand = mx.take_along_axis(x, idx, axis=-1)
     is_tie = x == kth
     n_ties = is_tie.sum(axis=-1, keepdims=True)  # >= 1: the k-th token itself
     cand_tie = cand == kth
