@@ -1,11 +1,12 @@
 """Known answers for the training loop itself (`tuner.trainer.train`), written to kill the mutants that the
 trainer, golden-loss and resume tests let live (`make mutate TARGETS=train-loop`): which checkpoints a run
 leaves (the last step when `save_every` does not divide it, the best one past `keep_checkpoints`, none from a
-rank other than 0), the exit code of a rank stopped by another rank's Ctrl-C, the loss of a step with a single loss token, and the step a non-finite loss or gradient
-is reported at."""
+rank other than 0, the step an early stop ends at), the exit code of a rank stopped by another rank's Ctrl-C, the loss of a step with a single loss token, and the step a non-finite loss or gradient
+is reported at, and the step times."""
 
 import json
 import textwrap
+import time
 from types import SimpleNamespace
 
 import mlx.core as mx
@@ -160,3 +161,26 @@ def test_the_loop_settings_are_keyword_only(tiny_path):
     model, _ = load_model(tiny_path)
     with pytest.raises(TypeError):
         train(model, optim.SGD(learning_rate=1e-3), _dataset(), None, TrainingArgs(total_steps=1), loss_fn)
+
+
+def test_an_early_stop_saves_the_step_it_stopped_at(tiny_path, tmp_path):
+    # No evaluation can beat a best loss of -1: patience 1 stops the run after its first evaluation (step 1),
+    # which save_every 0 would not otherwise save.
+    loop = {**new_loop_state(), "best_val": -1.0, "best_step": 0}
+    model, _ = load_model(tiny_path)
+    args = TrainingArgs(total_steps=5, batch_size=2, eval_every=1, early_stopping_patience=1, save_every=0,
+                        checkpoint_dir=tmp_path)
+    final = train(model, optim.SGD(learning_rate=1e-3), _dataset(), _dataset(3), args, loop=loop)
+    assert final["step"] == 1 and final["stop_reason"].startswith("early stopping")
+    assert _saved(tmp_path) == [1]
+
+
+def test_step_seconds_are_spans_of_the_run(tiny_path):
+    """Each step's `seconds` and the run's `train_time` are elapsed times inside the call (not sums of clock
+    readings): positive, and together no longer than the call itself."""
+    tic = time.perf_counter()
+    final, steps = _fit(tiny_path, TrainingArgs(total_steps=3, batch_size=2))
+    wall = time.perf_counter() - tic
+    assert all(s["seconds"] > 0 for s in steps)
+    assert sum(s["seconds"] for s in steps) == pytest.approx(final["train_time"])
+    assert final["train_time"] <= wall
