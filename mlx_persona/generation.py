@@ -108,6 +108,10 @@ def prompt_ids(tokenizer, prompt: str | list[dict] | list[int], *, system: str |
 class ReplyText:
     """A reply's text as its tokens arrive, cut before the first stop string.
 
+    What :meth:`add` and :meth:`finish` return, joined, is exactly :attr:`text`: text that might be the start
+    of a stop string (a tail of the reply that begins one) is held back until it is known not to be, so a
+    stream never shows what the final reply trims.
+
     Args:
         tokenizer: mlx-lm ``TokenizerWrapper`` (its streaming detokenizer, one per reply).
         stops: stop strings; the reply ends where the first one begins.
@@ -117,32 +121,39 @@ class ReplyText:
         self._detok = tokenizer.detokenizer
         self._detok.reset()
         self._stops = [s for s in stops if s]
+        self._shown = 0  # characters of `text` already returned
         self.text = ""
         self.stopped = False  # a stop string appeared; add no more tokens
+
+    def _held(self) -> int:
+        """Length of the longest tail of `text` that begins some stop string (and is shorter than it)."""
+        return max((k for s in self._stops for k in range(min(len(s) - 1, len(self.text)), 0, -1)
+                    if self.text.endswith(s[:k])), default=0)
+
+    def _show(self, upto: int) -> str:
+        piece = self.text[self._shown:upto]
+        self._shown = max(self._shown, upto)
+        return piece
 
     def add(self, token: int) -> str:
         """Adds a token; returns the new printable text (possibly empty)."""
         self._detok.add_token(token)
-        piece = self._detok.last_segment
-        if self._stops:
-            full = self.text + piece
-            hit = min((full.find(s) for s in self._stops if s in full), default=-1)
-            if hit >= 0:
-                piece = full[len(self.text):hit] if hit > len(self.text) else ""
-                self.text = full[:hit]
-                self.stopped = True
-                return piece
-        self.text += piece
-        return piece
+        self.text += self._detok.last_segment
+        if not self._stops:
+            return self._show(len(self.text))
+        hit = min((self.text.find(s) for s in self._stops if s in self.text), default=-1)
+        if hit >= 0:
+            self.text = self.text[:hit]
+            self.stopped = True
+            return self._show(hit)
+        return self._show(len(self.text) - self._held())
 
     def finish(self) -> str:
-        """The text the detokenizer still held (none after a stop string)."""
-        if self.stopped:
-            return ""
-        self._detok.finalize()
-        tail = self._detok.last_segment
-        self.text += tail
-        return tail
+        """The text not yet returned: what the detokenizer still held and any held-back tail."""
+        if not self.stopped:
+            self._detok.finalize()
+            self.text += self._detok.last_segment
+        return self._show(len(self.text))
 
 
 def stream_generate(model, tokenizer, prompt: str | list[dict] | list[int], config: GenerationConfig | None = None,

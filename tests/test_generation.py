@@ -151,3 +151,25 @@ def test_chat_pipe_mode_one_reply_per_line(tiny):
     assert len(lines) == 3
     assert len(session.history) == 2  # reset before "Again?"
     assert "max_new_tokens=3" in err.getvalue() and "error:" in err.getvalue()
+
+
+@pytest.mark.parametrize("stops", [["lo wor"], ["o w", "zzz"], ["world!"], ["xyz"]])
+def test_a_stream_never_shows_what_a_stop_string_trims(tiny, stops):
+    """The streamed pieces, joined, are the final text at every step: a stop string spanning several tokens
+    is held back while it may still be one, and released when it turns out not to be (or at the end)."""
+    from mlx_persona.generation import ReplyText
+
+    _, tokenizer = tiny
+    ids = tokenizer.encode("hello world, hello wand", add_special_tokens=False)
+    reply = ReplyText(tokenizer, stops)
+    shown = ""
+    for t in ids:
+        shown += reply.add(t)
+        assert reply.text.startswith(shown)
+        if reply.stopped:
+            break
+    shown += reply.finish()
+    assert shown == reply.text
+    full = tokenizer.decode(ids)
+    cut = min((full.find(s) for s in stops if s in full), default=len(full))
+    assert reply.text == full[:cut]
