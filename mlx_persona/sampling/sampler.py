@@ -148,10 +148,10 @@ class HFLogitsProcessor:
 
         Args:
             tokens: mlx-lm's token history (1-D).
-            logits: ``[1, vocab]`` next-token logits, any float dtype.
+            logits: ``[1, vocab]`` (mlx-lm) or ``[vocab]`` next-token logits, any float dtype.
 
         Returns:
-            float32 processed logits, ``[1, vocab]``.
+            float32 processed logits, shaped like ``logits``.
         """
         tokens = as_token_array(tokens)
         if self._first_length is None:

@@ -129,6 +129,14 @@ def sample_top_k(
     with bf16 logits and transformers keeps all of them). If the tie slot wins, a uniform member
     of the group is picked. The only vocabulary-wide work is the argpartition, a comparison and
     a cumulative count.
+
+    Args:
+        x: float32 [batch, vocab] processed logits or log-probabilities, as for :func:`warp`.
+        key: a PRNG key, or None for MLX's global generator.
+        temperature, top_k, top_p, min_p: as for :func:`warp`, with 0 < top_k < vocab.
+
+    Returns:
+        uint32 [batch] token ids.
     """
     if temperature != 1.0:
         x = x / temperature  # before top-k, as transformers orders it
