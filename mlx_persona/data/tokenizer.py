@@ -24,6 +24,7 @@ __all__ = [
     "GEMMA_CHAT_TEMPLATE",
     "RESERVED_TOKENS",
     "SPECIAL_TOKENS",
+    "bos_eos_flags",
     "make_config_portable",
     "save_tokenizer",
     "train_tokenizer",
@@ -266,7 +267,7 @@ def _finish_saved_folder(hf, directory: str | Path) -> None:
     proto = getattr(hf, "sp_model_proto", None) or _loaded_sentencepiece(hf)
     if proto is not None:
         (directory / "tokenizer.model").write_bytes(proto)
-    make_config_portable(directory, hf.chat_template, set_keys=_bos_eos_flags(hf))
+    make_config_portable(directory, hf.chat_template, set_keys=bos_eos_flags(hf))
 
 
 def _loaded_sentencepiece(hf) -> bytes | None:
@@ -285,7 +286,7 @@ def _loaded_sentencepiece(hf) -> bytes | None:
     return proto if pieces == len(hf) else None
 
 
-def _bos_eos_flags(hf) -> dict:
+def bos_eos_flags(hf) -> dict:
     """``add_bos_token``/``add_eos_token`` as the tokenizer behaves (readers of the config need them).
 
     transformers 5 leaves them out of what it saves and ignores them when it loads a tokenizer.json
