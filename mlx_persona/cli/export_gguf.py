@@ -33,3 +33,26 @@ def gguf_cmd(source, out, dtype, overwrite):
     except _errors() as e:
         fail(str(e))
     click.echo(f"wrote {path}")
+
+
+@click.command("ollama")
+@click.argument("source")
+@click.option("-o", "--output", "--out", "out", required=True, type=click.Path(),
+              help="The folder to write: model.gguf and Modelfile.")
+@click.option("--dtype", default="f16", show_default=True, help=_DTYPE_HELP)
+@click.option("--preset", default="persona", show_default=True,
+              help="Generation preset written as the Modelfile's parameters.")
+@click.option("--overwrite", is_flag=True, help="Replace the folder if it exists.")
+def ollama_cmd(source, out, dtype, preset, overwrite):
+    """Write SOURCE as an Ollama model folder: the GGUF file and a Modelfile (ollama create NAME -f OUT/Modelfile).
+
+    SOURCE is as for `export gguf`. The Modelfile's template renders the conversation as Gemma's chat
+    template does; its parameters are the preset's (Ollama has no min_new_tokens; the file says so).
+    """
+    from mlx_persona.export.ollama import export_ollama
+
+    try:
+        path = export_ollama(source, out, dtype, preset=preset, overwrite=overwrite, log=log_to_stderr)
+    except _errors() as e:
+        fail(str(e))
+    click.echo(f"wrote {path}; import it with: ollama create NAME -f {path}/Modelfile")
