@@ -3,8 +3,8 @@
 # keeps the wheel, so that a second `bash scripts/setup.sh test` installs it without rebuilding.
 # Usage: bash scripts/llama_cpp_wheel.sh PYTHON   -> prints the folder holding the wheel (for --find-links)
 #
-# Cost: a C++ build of llama.cpp, ~4 minutes on 2 free cores (much longer on a busy machine); the wheel is
-# ~20 MB. Only the library is built (no llava/mtmd: the tests need no images). On x86-64 the kernels are
+# Cost: a C++ build of llama.cpp, a few minutes on 2 free cores (20 minutes measured on 2 cores shared with
+# other jobs); the wheel is ~20 MB. Only the library is built (no llava/mtmd: the tests need no images). On x86-64 the kernels are
 # built for AVX2/FMA/F16C, not -march=native: the cache may be shared by machines with different CPUs
 # (AVX-512 or AMX on one and not the other would crash with an illegal instruction); the flags name
 # the cache folder, so another choice builds its own wheel.

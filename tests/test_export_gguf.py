@@ -3,7 +3,8 @@
 The tiny model's f32 file gives MLX's logits within 1e-3 of the largest logit over a prompt that crosses
 the sliding window; greedy decoding of 32 tokens through the chat template in the file equals
 `mlx-persona generate`'s tokens (f32, f16); llama.cpp tokenizes 20 texts as our tokenizer does. The
-gemma-3-270m shape runs the logit check only with ``-m slow`` (export and load of a 1 GB f32 file).
+gemma-3-270m shape runs the logit check only with ``-m slow`` (a 1 GB f32 file; ~20 s, plus ~1 minute
+to build the random 270m model the first time).
 """
 
 from __future__ import annotations
@@ -226,7 +227,7 @@ def test_q4_k_m_is_quantized_by_llama_cpp(tiny_path, tiny, tmp_path):
 @needs_llama
 @pytest.mark.slow
 def test_270m_shape_f32_logits_equal_mlx(tmp_path, capsys):
-    # A 1.08 GB f32 file and 262,144-wide logits: opt-in (-m slow), ~50 s on two busy cores.
+    # A 1.08 GB f32 file and 262,144-wide logits: opt-in (-m slow); ~20 s once the built-in model exists.
     # mlx-lm rounds the embedding scale sqrt(640) through bf16 (25.25 for 25.298); transformers and
     # llama.cpp do not. MLX is compared with that rounding undone (the scale applied exactly, through
     # mlx-lm's own input_embeddings argument); the rounding alone moves MLX's logits by ~1.8e-3.
