@@ -192,7 +192,7 @@ def _converted(array, name: str, qtype) -> np.ndarray:
     import gguf
     import mlx.core as mx
 
-    data = np.array(array.astype(mx.float32), copy=False)
+    data = np.asarray(array.astype(mx.float32))
     if name.endswith("norm.weight"):
         data = data + np.float32(1.0)
     t = gguf.GGMLQuantizationType

@@ -103,7 +103,8 @@ def add_vocab(writer, folder: Path, tokenizer, n_vocab: int) -> dict:
     writer.add_add_space_prefix(False)
     ids = {"bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id, "unk": tokenizer.unk_token_id,
            "pad": tokenizer.pad_token_id, "eot": tokenizer.convert_tokens_to_ids(END_OF_TURN)}
-    if ids["eot"] == ids["unk"] or tokens[ids["eot"]] != END_OF_TURN.encode():
+    eot = ids["eot"]
+    if eot is None or eot == ids["unk"] or not 0 <= eot < n_vocab or tokens[eot] != END_OF_TURN.encode():
         raise ExportError(f"{folder}: the tokenizer has no {END_OF_TURN} token; this is not a Gemma chat tokenizer")
     for key, add in (("bos", writer.add_bos_token_id), ("eos", writer.add_eos_token_id),
                      ("unk", writer.add_unk_token_id), ("pad", writer.add_pad_token_id),
