@@ -1,14 +1,16 @@
-"""Export cost at real Gemma 3 shapes: fuse time, ONNX export time per dtype, folder sizes, and a
-short onnxruntime decode of each file.
+"""Export cost at real Gemma 3 shapes: fuse time, ONNX export time per dtype, folder sizes, a short
+onnxruntime decode of each file, and the GGUF export's time and file size per dtype.
 
 The model is the random-weight folder ``init_model`` builds for the preset (the same cached folder
 as bench_train.py). Each trial runs in its own process (fresh memory; peak RSS is its own):
 fuse (no adapter) -> export fp32 + q4 -> load each .onnx in onnxruntime (CPU), prefill 32 tokens and
-decode 16 with the KV cache. Times are medians over trials.
+decode 16 with the KV cache; then the fused folder -> one GGUF file per dtype (f32, f16, q8_0, q4_0,
+and q4_K_M when llama-cpp-python is installed). Times are medians over trials.
 
     python benchmarks/bench_export.py                 # gemma-3-270m
     python benchmarks/bench_export.py --full          # also gemma-3-1b
     python benchmarks/bench_export.py --preset tiny --trials 3
+    python benchmarks/bench_export.py --no-onnx --gguf f16,q8_0   # GGUF only, two dtypes
 
 Writes JSON and a markdown table under benchmarks/out/ and appends the table to benchmarks/RESULTS.md.
 """
@@ -89,27 +91,47 @@ def worker(a) -> dict:
     t = time.perf_counter()
     hf = fuse(a.model, None, tmp / "hf", generation={"temperature": 0.0})
     fuse_sec = time.perf_counter() - t
-    t = time.perf_counter()
-    web = export_onnx(hf, tmp / "web", ("fp32", "q4"))
-    export_sec = time.perf_counter() - t
-    meta = json.loads((web / "mlx_persona.json").read_text())["onnx"]
-    config = json.loads((web / "config.json").read_text())
-    result = {"fuse_sec": fuse_sec, "export_sec": export_sec, "dtype_sec": meta["seconds"],
-              "onnx_bytes": meta["bytes"],
-              "folder_bytes": {d: sum(p.stat().st_size for p in web.iterdir() if p.is_file()) + meta["bytes"][d]
-                               for d in meta["bytes"]},
-              "hf_bytes": sum(p.stat().st_size for p in hf.iterdir() if p.is_file())}
-    if not a.no_run:
-        result["ort"] = {d: ort_decode(web / "onnx" / DTYPE_FILES[d], config) for d in ("fp32", "q4")}
+    result = {"fuse_sec": fuse_sec, "hf_bytes": sum(p.stat().st_size for p in hf.iterdir() if p.is_file())}
+    if not a.no_onnx:
+        t = time.perf_counter()
+        web = export_onnx(hf, tmp / "web", ("fp32", "q4"))
+        result["export_sec"] = time.perf_counter() - t
+        meta = json.loads((web / "mlx_persona.json").read_text())["onnx"]
+        config = json.loads((web / "config.json").read_text())
+        result.update({"dtype_sec": meta["seconds"], "onnx_bytes": meta["bytes"],
+                       "folder_bytes": {d: sum(p.stat().st_size for p in web.iterdir() if p.is_file())
+                                        + meta["bytes"][d] for d in meta["bytes"]}})
+        if not a.no_run:
+            result["ort"] = {d: ort_decode(web / "onnx" / DTYPE_FILES[d], config) for d in ("fp32", "q4")}
+        shutil.rmtree(web)
+    result["gguf"] = gguf_exports(hf, tmp, a.gguf)
     result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
     return result
+
+
+def gguf_exports(hf: Path, tmp: Path, dtypes: str) -> dict:
+    """Export time and file size of one GGUF file per dtype (each removed after it is measured)."""
+    from mlx_persona.export.gguf import export_gguf
+
+    wanted = [d for d in dtypes.split(",") if d]
+    try:
+        import llama_cpp  # noqa: F401  (q4_K_M is quantized by llama.cpp itself)
+    except ImportError:
+        wanted = [d for d in wanted if d != "q4_K_M"]
+    out = {}
+    for dtype in wanted:
+        t = time.perf_counter()
+        path = export_gguf(hf, tmp / f"model-{dtype}.gguf", dtype)
+        out[dtype] = {"sec": time.perf_counter() - t, "bytes": path.stat().st_size}
+        path.unlink()
+    return out
 
 
 def run_trial(a, preset: str, model: Path) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="bench_export."))
     try:
-        cmd = [sys.executable, __file__, "--worker", "--model", str(model), "--tmp", str(tmp)] + \
-            (["--no-run"] if a.no_run else [])
+        cmd = [sys.executable, __file__, "--worker", "--model", str(model), "--tmp", str(tmp), "--gguf", a.gguf] + \
+            (["--no-run"] if a.no_run else []) + (["--no-onnx"] if a.no_onnx else [])
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise SystemExit(f"{preset} failed:\n{proc.stderr[-4000:]}")
@@ -122,15 +144,33 @@ def summarise(trials: list[dict]) -> dict:
     med = lambda xs: statistics.median(xs)  # noqa: E731
     first = trials[0]
     s = {"trials": len(trials), "fuse_sec": med([t["fuse_sec"] for t in trials]),
-         "export_sec": med([t["export_sec"] for t in trials]),
-         "dtype_sec": {d: med([t["dtype_sec"][d] for t in trials]) for d in first["dtype_sec"]},
-         "folder_mb": {d: v / 1e6 for d, v in first["folder_bytes"].items()},
-         "onnx_mb": {d: v / 1e6 for d, v in first["onnx_bytes"].items()},
-         "hf_mb": first["hf_bytes"] / 1e6, "peak_rss_gb": max(t["peak_rss_gb"] for t in trials)}
+         "hf_mb": first["hf_bytes"] / 1e6, "peak_rss_gb": max(t["peak_rss_gb"] for t in trials),
+         "gguf": {d: {"sec": med([t["gguf"][d]["sec"] for t in trials]), "mb": v["bytes"] / 1e6}
+                  for d, v in first["gguf"].items()}}
+    if "export_sec" in first:
+        s.update({"export_sec": med([t["export_sec"] for t in trials]),
+                  "dtype_sec": {d: med([t["dtype_sec"][d] for t in trials]) for d in first["dtype_sec"]},
+                  "folder_mb": {d: v / 1e6 for d, v in first["folder_bytes"].items()},
+                  "onnx_mb": {d: v / 1e6 for d, v in first["onnx_bytes"].items()}})
     if "ort" in first:
         s["ort"] = {d: {k: (all if k == "finite" else med)([t["ort"][d][k] for t in trials]) for k in first["ort"][d]}
                     for d in first["ort"]}
     return s
+
+
+def onnx_table(result: dict, trials: int) -> list[str]:
+    table = [f"### Export: fuse + ONNX fp32/q4 (random weights of the real shapes; median of {trials} trial(s))",
+             "", "| model | fuse s | fp32 export s | q4 export s | fp32 folder MB | q4 folder MB | q4 <= 300 MB | "
+             "ORT decode tok/s fp32 / q4 | peak RSS GB |",
+             "|---|---:|---:|---:|---:|---:|:-:|---:|---:|"]
+    for preset, s in result["presets"].items():
+        ort_col = (f"{s['ort']['fp32']['decode_tokens_per_sec']:.1f} / {s['ort']['q4']['decode_tokens_per_sec']:.1f}"
+                   if "ort" in s else "-")
+        ok = ("yes" if s["folder_mb"]["q4"] <= Q4_LIMIT_MB else "**no**") if preset == "gemma-3-270m" else "-"
+        table.append(f"| {preset} | {s['fuse_sec']:.1f} | {s['dtype_sec']['fp32']:.1f} | {s['dtype_sec']['q4']:.1f} | "
+                     f"{s['folder_mb']['fp32']:.1f} | {s['folder_mb']['q4']:.1f} | {ok} | "
+                     f"{ort_col} | {s['peak_rss_gb']:.1f} |")
+    return table
 
 
 def main():
@@ -139,6 +179,9 @@ def main():
     p.add_argument("--full", action="store_true", help="also gemma-3-1b")
     p.add_argument("--trials", type=int, default=1, help="export runs per preset (median)")
     p.add_argument("--no-run", action="store_true", help="skip the onnxruntime load/decode timing")
+    p.add_argument("--no-onnx", action="store_true", help="skip the ONNX export (GGUF only)")
+    p.add_argument("--gguf", default="f32,f16,q8_0,q4_0,q4_K_M",
+                   help="comma-separated GGUF dtypes to export ('' for none; q4_K_M needs llama-cpp-python)")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "out"))
     p.add_argument("--no-results", action="store_true", help="do not append to benchmarks/RESULTS.md")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -151,23 +194,23 @@ def main():
 
     presets = [a.preset] + (["gemma-3-1b"] if a.full and a.preset != "gemma-3-1b" else [])
     command = ("python benchmarks/bench_export.py " + " ".join(sys.argv[1:])).strip()
-    result = {"benchmark": "export: fuse + ONNX (fp32, q4)", "command": command, "machine": machine_info(),
+    result = {"benchmark": "export: fuse + ONNX (fp32, q4) + GGUF", "command": command, "machine": machine_info(),
               "presets": {}}
     for preset in presets:
         model = bench_model(preset)
         result["presets"][preset] = summarise([run_trial(a, preset, model) for _ in range(a.trials)])
 
-    table = [f"### Export: fuse + ONNX fp32/q4 (random weights of the real shapes; median of {a.trials} trial(s))",
-             "", "| model | fuse s | fp32 export s | q4 export s | fp32 folder MB | q4 folder MB | q4 <= 300 MB | "
-             "ORT decode tok/s fp32 / q4 | peak RSS GB |",
-             "|---|---:|---:|---:|---:|---:|:-:|---:|---:|"]
-    for preset, s in result["presets"].items():
-        ort_col = (f"{s['ort']['fp32']['decode_tokens_per_sec']:.1f} / {s['ort']['q4']['decode_tokens_per_sec']:.1f}"
-                   if "ort" in s else "-")
-        ok = ("yes" if s["folder_mb"]["q4"] <= Q4_LIMIT_MB else "**no**") if preset == "gemma-3-270m" else "-"
-        table.append(f"| {preset} | {s['fuse_sec']:.1f} | {s['dtype_sec']['fp32']:.1f} | {s['dtype_sec']['q4']:.1f} | "
-                     f"{s['folder_mb']['fp32']:.1f} | {s['folder_mb']['q4']:.1f} | {ok} | "
-                     f"{ort_col} | {s['peak_rss_gb']:.1f} |")
+    table = []
+    if not a.no_onnx:
+        table += onnx_table(result, a.trials) + [""]
+    dtypes = sorted({d for s in result["presets"].values() for d in s["gguf"]}, key=a.gguf.split(",").index)
+    if dtypes:
+        table += [f"### Export: GGUF (fused folder -> one file per dtype; median of {a.trials} trial(s))", "",
+                  "| model | fuse s | " + " | ".join(f"{d} s / MB" for d in dtypes) + " |",
+                  "|---|---:|" + "---:|" * len(dtypes)]
+        for preset, s in result["presets"].items():
+            cells = [f"{s['gguf'][d]['sec']:.1f} / {s['gguf'][d]['mb']:.1f}" if d in s["gguf"] else "-" for d in dtypes]
+            table.append(f"| {preset} | {s['fuse_sec']:.1f} | " + " | ".join(cells) + " |")
     md = "\n".join(table)
     write_results(Path(a.out), "bench_export_" + "_".join(presets), result, md, append=not a.no_results)
 

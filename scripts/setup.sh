@@ -2,8 +2,10 @@
 # Sets up mlx_persona in ./.venv on a fresh machine. Usage: bash scripts/setup.sh [core|test]
 #   core: the package (mlx, mlx-lm, ...) and, on Linux, OpenBLAS (MLX's bundled BLAS is ~20x slower)
 #         and g++ (MLX compiles its fused CPU kernels with it).
-#   test: also the test extras (torch CPU, onnx, onnxruntime, peft, and oneMKL on x86-64 Linux for
-#         MLX_PERSONA_MATMUL=bf16), Chromium and transformers.js for the browser test.
+#   test: also the test extras (torch CPU, onnx, onnxruntime, peft, gguf, llama-cpp-python, and oneMKL on
+#         x86-64 Linux for MLX_PERSONA_MATMUL=bf16), Chromium and transformers.js for the browser test,
+#         and Go (its text/template renders the Ollama Modelfile in the tests). llama-cpp-python has only
+#         a source package: scripts/llama_cpp_wheel.sh builds it once (~4 minutes) and caches the wheel.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 what="${1:-core}"
@@ -28,14 +30,14 @@ if [ "$(uname -s)" = Linux ]; then
   # g++: MLX builds its fused CPU kernels with it at run time (without it, nothing is fused).
   command -v g++ >/dev/null || apt_install g++
   apt_install libopenblas0-pthread
-  [ "$what" = test ] && apt_install chromium
+  [ "$what" = test ] && apt_install chromium golang
 fi
 
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 . .venv/bin/activate
 python -m pip install -q --upgrade pip >/dev/null
 if [ "$what" = test ]; then
-  python -m pip install -q -e ".[test]"
+  python -m pip install -q -e ".[test]" --find-links "$(bash scripts/llama_cpp_wheel.sh python)"
 else
   python -m pip install -q -e .
 fi

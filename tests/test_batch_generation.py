@@ -26,7 +26,7 @@ from mlx_persona.sampling import GenerationConfig, process_logits
 PROMPTS = ["Hi!", "G'day Bluey! What will we play in the backyard today?",
            "Tell me everything about Bingo, the long game of keepy uppy with the balloon and what Dad said",
            "Dad?", "Can we go to the beach, Mum?"]  # 14, 26, 34, 15 and 21 tokens
-PRO = 792  # " pro": the random model's greedy replies say it early; made an end id below so that rows end early
+PRO = 792  # "...": the random model's greedy replies say it early; made an end id below so that rows end early
 
 
 @pytest.fixture(scope="module")
@@ -54,10 +54,10 @@ def test_greedy_rows_equal_unbatched_generation(tiny):
                GenerationConfig(temperature=0.0, max_new_tokens=20)]
     want = unbatched(tiny, configs, end_ids)
     # The case is what it claims: rows end on an end id and on the length, at different steps, one of them
-    # only after min_new_tokens held the end id back (alone it says " pro" third).
+    # only after min_new_tokens held the end id back (without it, the first row says "..." seventh).
     assert {w.stop_reason for w in want} == {"end_token", "length"}
     assert len({w.generated_tokens for w in want}) >= 4
-    alone = generate(model, tok, PROMPTS[0], GenerationConfig(temperature=0.0, max_new_tokens=40), end_ids=end_ids)
+    alone = generate(model, tok, PROMPTS[0], dataclasses.replace(configs[0], min_new_tokens=0), end_ids=end_ids)
     assert alone.stop_reason == "end_token" and alone.generated_tokens < 8 <= want[0].generated_tokens
 
     steps = []

@@ -286,11 +286,11 @@ def test_loss_mask_known_answer(tok):
     on, off = split_by_mask(tok, ids, mask)
     assert on == "".join(r + "<end_of_turn>" for r in REPLIES)
     assert off == "".join(PROMPT_PARTS)
-    # Each reply is one contiguous run that ends with <end_of_turn> (id 5); the newline after is off.
+    # Each reply is one contiguous run that ends with <end_of_turn> (id 106); the newline after is off.
     runs = [k for k in range(len(mask)) if mask[k] and (k == 0 or not mask[k - 1])]
     assert len(runs) == 3
     ends = [k for k in range(len(mask)) if mask[k] and not mask[k + 1]]
-    assert [ids[k] for k in ends] == [5, 5, 5]
+    assert [ids[k] for k in ends] == [106, 106, 106]
     assert not mask[0] and ids[0] == 2
 
 
@@ -327,7 +327,7 @@ def test_text_mask_is_all_but_bos(tok):
 
 
 def with_template(tok, template):
-    clone = train_tokenizer(synthetic_corpus(50), vocab_size=300)
+    clone = train_tokenizer(synthetic_corpus(50), vocab_size=450)
     clone.chat_template = template
     return clone
 

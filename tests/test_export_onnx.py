@@ -120,7 +120,7 @@ def test_layout_for_transformers_js(exported):
     assert "chat_template" in json.loads((out / "tokenizer_config.json").read_text())
     assert (out / "tokenizer.json").exists()
     gen = json.loads((out / "generation_config.json").read_text())
-    assert gen["eos_token_id"][:2] == [1, 5]
+    assert gen["eos_token_id"][:2] == [1, 106]
     for name in ("model.onnx", "model_q4.onnx"):
         m = onnx.load(str(out / "onnx" / name), load_external_data=False)
         inputs = {i.name: i for i in m.graph.input}

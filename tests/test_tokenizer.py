@@ -1,4 +1,5 @@
-"""Tests for mlx_persona.data.tokenizer: lossless byte-level BPE, Gemma special tokens and chat template."""
+"""Tests for mlx_persona.data.tokenizer: a lossless SentencePiece BPE tokenizer built like Gemma 3's (byte fallback,
+`▁` for spaces, reserved ids, add_bos_token, tokenizer.model + tokenizer.json) and Gemma's chat template."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from transformers import AutoTokenizer
 
 from mlx_persona.data.tokenizer import (
     GEMMA_CHAT_TEMPLATE,
-    SPECIAL_TOKENS,
+    RESERVED_TOKENS,
     make_config_portable,
     save_tokenizer,
     train_tokenizer,
@@ -58,29 +59,46 @@ EXPECTED = (
 # --- special tokens and encoding -----------------------------------------------------------
 
 
-def test_special_tokens_have_ids_0_to_5(tok):
-    assert tok.convert_tokens_to_ids(SPECIAL_TOKENS) == [0, 1, 2, 3, 4, 5]
-    assert (tok.pad_token_id, tok.eos_token_id, tok.bos_token_id, tok.unk_token_id) == (0, 1, 2, 3)
-    for i, token in enumerate(SPECIAL_TOKENS):
+def test_reserved_tokens_have_gemmas_ids(tok):
+    # Gemma 3's layout: pad/eos/bos/unk 0..3, <mask> 4, [multimodal] 5, <unused0..98> 6..104, the turn markers.
+    assert tok.convert_tokens_to_ids(RESERVED_TOKENS) == list(range(107))
+    assert RESERVED_TOKENS[:6] == ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "[multimodal]"]
+    assert RESERVED_TOKENS[6] == "<unused0>" and RESERVED_TOKENS[104] == "<unused98>"
+    assert tok.convert_tokens_to_ids(["<start_of_turn>", "<end_of_turn>"]) == [105, 106]
+    assert (tok.pad_token_id, tok.eos_token_id, tok.bos_token_id, tok.unk_token_id, tok.mask_token_id) == (0, 1, 2, 3, 4)
+    for i, token in enumerate(RESERVED_TOKENS):
         assert tok.encode(token, add_special_tokens=False) == [i]
+    assert set(tok.all_special_ids) == {0, 1, 2, 3, 4, 105, 106}
 
 
 def test_special_tokens_are_never_split(tok):
-    ids = tok.encode("ab<start_of_turn>cd<end_of_turn>", add_special_tokens=False)
-    assert 4 in ids and 5 in ids
-    assert tok.decode(ids) == "ab<start_of_turn>cd<end_of_turn>"
+    ids = tok.encode("ab<start_of_turn>cd<end_of_turn><unused7>", add_special_tokens=False)
+    assert 105 in ids and 106 in ids and 13 in ids
+    assert tok.decode(ids) == "ab<start_of_turn>cd<end_of_turn><unused7>"
+    assert tok.decode(ids, skip_special_tokens=True) == "abcd<unused7>"
 
 
-def test_no_automatic_bos_or_eos(tok):
-    ids = tok("hello")["input_ids"]
-    assert ids == tok.encode("hello", add_special_tokens=False)
-    assert 1 not in ids and 2 not in ids
+def test_bos_is_added_like_gemmas(tok):
+    # Gemma's add_bos_token: <bos> first when special tokens are added, never an <eos>.
+    assert tok.add_bos_token is True and tok.add_eos_token is False
+    assert tok("hello")["input_ids"] == [2] + tok.encode("hello", add_special_tokens=False)
+    assert 1 not in tok("hello")["input_ids"]
+    assert 2 not in tok.encode("hello", add_special_tokens=False)
 
 
 def test_merges_were_learned(tok):
-    # A trained vocabulary is more than bytes + specials, and frequent words compress.
-    assert len(tok) > 256 + len(SPECIAL_TOKENS)
+    # A trained vocabulary is more than reserved + byte pieces, and frequent words compress.
+    assert len(tok) > len(RESERVED_TOKENS) + 256
     assert len(tok.encode(" happy", add_special_tokens=False)) < len(" happy")
+
+
+def test_spaces_are_pieces_and_unseen_characters_fall_back_to_bytes(tok):
+    pieces = tok.convert_ids_to_tokens(tok.encode(" happy dog", add_special_tokens=False))
+    assert pieces[0].startswith("▁") and all(" " not in p for p in pieces)
+    # Ω and ß are not in the training texts: their UTF-8 bytes, never <unk>.
+    ids = tok.encode("Ωß", add_special_tokens=False)
+    assert tok.convert_ids_to_tokens(ids) == ["<0xCE>", "<0xA9>", "<0xC3>", "<0x9F>"]
+    assert tok.unk_token_id not in ids and tok.decode(ids) == "Ωß"
 
 
 @pytest.mark.parametrize(
@@ -104,8 +122,11 @@ def test_training_is_deterministic(tok):
 
 
 def test_too_small_vocab_is_rejected():
-    with pytest.raises(ValueError, match="vocab_size"):
+    with pytest.raises(ValueError, match="vocab_size must be more than 363"):
         train_tokenizer(["abc"], vocab_size=100)
+    # Room for the reserved and byte pieces but not for every character of the texts.
+    with pytest.raises(ValueError, match="too small for these texts: .* need at least 4"):
+        train_tokenizer(synthetic_corpus(50), vocab_size=370)
 
 
 # --- chat template ---------------------------------------------------------------------------
@@ -143,8 +164,8 @@ def test_template_rejects_non_alternating_roles(tok, roles):
 
 def test_template_tokenizes_to_single_special_tokens(tok):
     ids = tok.apply_chat_template(CONVERSATION, tokenize=True, return_dict=False)
-    assert ids[0] == 2 and ids[1] == 4
-    assert ids.count(4) == 4 and ids.count(5) == 4
+    assert ids[0] == 2 and ids[1] == 105 and ids.count(2) == 1  # the template's <bos>, not a second one
+    assert ids.count(105) == 4 and ids.count(106) == 4
     assert tok.decode(ids) == EXPECTED
 
 
@@ -160,7 +181,8 @@ def _assert_same_tokenizer(a, b):
     assert a.chat_template == b.chat_template == GEMMA_CHAT_TEMPLATE
     assert a.apply_chat_template(CONVERSATION, tokenize=False) == EXPECTED
     assert (a.bos_token_id, a.eos_token_id, a.pad_token_id, a.unk_token_id) == (2, 1, 0, 3)
-    assert set(a.all_special_ids) == set(range(6))
+    assert set(a.all_special_ids) == {0, 1, 2, 3, 4, 105, 106}
+    assert a("hi")["input_ids"][0] == 2  # (transformers 5 reports add_bos_token False once reloaded; it adds it)
     assert a.decode(b.encode(SAMPLES[1], add_special_tokens=False)) == SAMPLES[1]
 
 
@@ -169,9 +191,11 @@ def test_save_and_reload_with_auto_tokenizer(tok, tmp_path):
     config = json.loads((tmp_path / "tokenizer_config.json").read_text(encoding="utf-8"))
     # transformers.js reads the template from here only; transformers 4 needs these forms.
     assert config["chat_template"] == GEMMA_CHAT_TEMPLATE
-    assert config["tokenizer_class"] == "PreTrainedTokenizerFast"
+    assert config["tokenizer_class"] == "GemmaTokenizer"
     assert config["additional_special_tokens"] == ["<start_of_turn>", "<end_of_turn>"]
+    assert config["add_bos_token"] is True and "vocab_file" not in config
     assert not isinstance(config.get("extra_special_tokens", {}), list)
+    assert (tmp_path / "tokenizer.model").read_bytes() == tok.sp_model_proto
     reloaded = AutoTokenizer.from_pretrained(tmp_path)
     _assert_same_tokenizer(reloaded, tok)
 
@@ -182,6 +206,9 @@ def test_reload_save_reload_keeps_everything(tok, tmp_path):
     save_tokenizer(first, tmp_path / "b")
     config = json.loads((tmp_path / "b" / "tokenizer_config.json").read_text(encoding="utf-8"))
     assert config["chat_template"] == GEMMA_CHAT_TEMPLATE
+    assert config["add_bos_token"] is True and "vocab_file" not in config
+    # The SentencePiece model travels with a reloaded tokenizer too.
+    assert (tmp_path / "b" / "tokenizer.model").read_bytes() == tok.sp_model_proto
     _assert_same_tokenizer(AutoTokenizer.from_pretrained(tmp_path / "b"), tok)
 
 
@@ -201,15 +228,85 @@ def test_loads_in_mlx_lm(tok, tmp_path):
     ids = tok.encode(SAMPLES[0], add_special_tokens=False)
     assert wrapper.encode(SAMPLES[0], add_special_tokens=False) == ids
     assert 1 in wrapper.eos_token_ids
-    # mlx-lm's streaming detokenizer must reproduce the text too. (It drops one leading space of
-    # the whole output by design, which never matters here: the template trims reply content.)
-    text = "東京 😀 naïve, the dog ran!"
-    detok = wrapper.detokenizer
+
+
+STREAMED = [" leading space", "  two  spaces", "東京 😀 naïve, the dog ran!", "Ωß 42\n\n end ", "\n\tx",
+            "<start_of_turn>model\n Hi<end_of_turn>"]
+
+
+@pytest.mark.parametrize("text", STREAMED)
+def test_mlx_lm_streaming_detokenizer_equals_transformers_decode(tok, tmp_path, text):
+    # mlx-lm picks its SentencePiece streaming detokenizer for Gemma's decoder, without trimming the
+    # first space: token by token it must build exactly what transformers' decode returns.
+    from mlx_lm.tokenizer_utils import SPMStreamingDetokenizer
+    from mlx_lm.utils import load_tokenizer
+
+    tok.save_pretrained(tmp_path)
+    detok = load_tokenizer(Path(tmp_path)).detokenizer
+    assert isinstance(detok, SPMStreamingDetokenizer) and detok.trim_space is False
+    ids = tok.encode(text, add_special_tokens=False)
     detok.reset()
-    for t in tok.encode(text, add_special_tokens=False):
+    seen = []
+    for t in ids:
         detok.add_token(t)
+        seen.append(detok.text)
     detok.finalize()
-    assert detok.text == text
+    assert detok.text == tok.decode(ids) == text
+    assert all(text.startswith(part) for part in seen)
+
+
+# --- the SentencePiece model and the converted tokenizer.json ------------------------------------
+
+
+def test_sentencepiece_model_is_gemmas_kind(tok):
+    from sentencepiece import sentencepiece_model_pb2
+
+    model = sentencepiece_model_pb2.ModelProto()
+    model.ParseFromString(tok.sp_model_proto)
+    spec, norm = model.trainer_spec, model.normalizer_spec
+    assert spec.model_type == sentencepiece_model_pb2.TrainerSpec.BPE
+    assert spec.byte_fallback and spec.split_digits and spec.allow_whitespace_only_pieces
+    assert (spec.pad_id, spec.eos_id, spec.bos_id, spec.unk_id) == (0, 1, 2, 3)
+    assert not norm.add_dummy_prefix and not norm.remove_extra_whitespaces and norm.name == "identity"
+    kinds = {p.piece: p.type for p in model.pieces}
+    assert kinds["<bos>"] == kinds["<eos>"] == kinds["<pad>"] == 3 and kinds["<unk>"] == 2  # control, unknown
+    assert kinds["<start_of_turn>"] == kinds["<mask>"] == 4 and kinds["<0x41>"] == 6  # user-defined, byte
+    backend = json.loads(tok.backend_tokenizer.to_str())
+    assert backend["model"]["type"] == "BPE" and backend["model"]["byte_fallback"] is True
+    assert backend["normalizer"] == {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}
+    assert [d["type"] for d in backend["decoder"]["decoders"]] == ["Replace", "ByteFallback", "Fuse"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.lists(st.sampled_from(WORDS + [" ", "  ", "\n", "\n\n", "\t", "<end_of_turn>", "Ω", "x"]),
+                     max_size=12).map("".join) | st.text(max_size=40))
+def test_sentencepiece_and_tokenizer_json_encode_alike(tok, text):
+    # Converters that read tokenizer.model (llama.cpp's, transformers' own) must see the same ids.
+    sp = _sp_processor(tok)
+    assert sp.encode(text) == tok.encode(text, add_special_tokens=False)
+
+
+_SP = {}
+
+
+def _sp_processor(tok):
+    import sentencepiece as spm
+
+    if id(tok) not in _SP:
+        _SP[id(tok)] = spm.SentencePieceProcessor(model_proto=tok.sp_model_proto)
+    return _SP[id(tok)]
+
+
+def test_folder_with_only_tokenizer_model_loads_the_same(tok, tmp_path):
+    # transformers converts tokenizer.model itself when tokenizer.json is missing (as for an old Gemma folder).
+    tok.save_pretrained(tmp_path / "full")
+    (tmp_path / "spm").mkdir()
+    for name in ("tokenizer.model", "tokenizer_config.json"):
+        (tmp_path / "spm" / name).write_bytes((tmp_path / "full" / name).read_bytes())
+    converted = AutoTokenizer.from_pretrained(tmp_path / "spm")
+    assert not (tmp_path / "spm" / "tokenizer.json").exists()
+    for text in SAMPLES + STREAMED:
+        assert converted(text)["input_ids"] == tok(text)["input_ids"]
 
 
 def test_unwrap_tokenizer(tok, tmp_path):

@@ -1,27 +1,34 @@
-"""Gemma 3's chat format and a small byte-level BPE tokenizer that speaks it.
+"""Gemma 3's chat format and a small SentencePiece tokenizer built the way Gemma's is.
 
-The built-in tiny model needs a tokenizer that behaves like Gemma's where it matters to the rest of
-the project (special token ids, the chat template, lossless decoding) but is small and can be trained
-in a second from the project's own data, so that nothing has to be downloaded.
+The built-in tiny model needs a tokenizer that behaves like Gemma's wherever the rest of the project
+(and every tool a user hands the model to) can tell: a SentencePiece BPE model with byte fallback and
+``▁`` for spaces, Gemma's reserved ids 0..106 in Gemma's order, ``add_bos_token``, a ``tokenizer.model``
+beside a ``tokenizer.json`` converted from it by transformers' own Gemma code, and the chat template.
+It is small and trained in a fraction of a second from the project's own data, so nothing has to be
+downloaded.
 """
 
 from __future__ import annotations
 
 import json
+import re
+import tempfile
 import types
 from collections.abc import Iterable
 from pathlib import Path
 
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 __all__ = [
     "GEMMA_CHAT_TEMPLATE",
+    "RESERVED_TOKENS",
     "SPECIAL_TOKENS",
-    "train_tokenizer",
-    "save_tokenizer",
-    "unwrap_tokenizer",
+    "bos_eos_flags",
     "make_config_portable",
+    "save_tokenizer",
+    "train_tokenizer",
+    "unwrap_tokenizer",
 ]
 
 # Gemma 3's chat format. Written to render byte for byte like the official template:
@@ -74,105 +81,145 @@ GEMMA_CHAT_TEMPLATE = (
     "{%- endif -%}"
 )
 
-# Ids 0..5 in this order: Gemma's own pad/eos/bos/unk ids, then the two turn markers.
-SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
+# Gemma 3's reserved ids 0..106, in Gemma's order: pad/eos/bos/unk are SentencePiece's control and
+# unknown pieces, the rest are user-defined pieces (always whole, never merged), the turn markers last.
+RESERVED_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "[multimodal]",
+                   *(f"<unused{i}>" for i in range(99)), "<start_of_turn>", "<end_of_turn>"]
+# The reserved tokens marked special in tokenizer.json (skipped by `decode(skip_special_tokens=True)`).
+SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>"]
 
-# The byte alphabet alone takes 256 ids; below this the trainer cannot even represent every byte.
-_MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)
+# The reserved ids plus the 256 byte-fallback pieces; the text's own characters need room above it.
+_MIN_VOCAB_SIZE = len(RESERVED_TOKENS) + 256
+
+# Gemma's SentencePiece trainer settings (as its tokenizer.model records them): BPE, byte fallback,
+# digits split one by one, whitespace kept as it is (no dummy prefix, no collapsing, identity
+# normalization) and allowed as whole pieces. The rest make training deterministic on small data.
+_GEMMA_TRAINER = {
+    "model_type": "bpe", "byte_fallback": True, "split_digits": True, "split_by_unicode_script": True,
+    "split_by_number": True, "split_by_whitespace": True, "treat_whitespace_as_suffix": False,
+    "allow_whitespace_only_pieces": True, "normalization_rule_name": "identity", "add_dummy_prefix": False,
+    "remove_extra_whitespaces": False, "pad_id": 0, "eos_id": 1, "bos_id": 2, "unk_id": 3,
+    "pad_piece": "<pad>", "eos_piece": "<eos>", "bos_piece": "<bos>", "unk_piece": "<unk>",
+    "user_defined_symbols": RESERVED_TOKENS[4:], "character_coverage": 1.0, "hard_vocab_limit": False,
+    "max_sentence_length": 1 << 20, "num_threads": 1, "shuffle_input_sentence": False, "minloglevel": 2,
+}
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> PreTrainedTokenizerFast:
-    """Train a byte-level BPE tokenizer carrying Gemma's special tokens and chat template.
+    """Train a SentencePiece BPE tokenizer in Gemma 3's configuration, with Gemma's chat template.
 
-    Byte-level pre-tokenization with a byte-level decoder and no normalizer makes decoding lossless:
-    `decode(encode(s)) == s` for any text. No BOS/EOS is added when encoding; the chat template writes
-    `<bos>` itself, as Gemma's does. Training is deterministic for the same texts.
+    SentencePiece trains the ``tokenizer.model``; transformers' own Gemma conversion turns it into the
+    ``tokenizer.json`` model (BPE with byte fallback, spaces as ``▁``), so both files encode alike.
+    Decoding is lossless: `decode(encode(s)) == s` for any text. Like Gemma's, the tokenizer adds
+    ``<bos>`` when encoding with special tokens (``add_bos_token``); the chat template writes
+    ``<bos>`` itself, so rendered conversations are encoded with ``add_special_tokens=False``.
+    Training is deterministic for the same texts.
 
     Args:
         texts: training text (for example every message of the training conversations).
-        vocab_size: target vocabulary size including the 256 byte tokens and the 6 special tokens;
-            the result is smaller when the texts do not support that many merges.
+        vocab_size: target vocabulary size including the 107 reserved tokens and the 256 byte
+            pieces; the result is smaller when the texts do not support that many merges.
 
     Returns:
-        A `PreTrainedTokenizerFast` with bos/eos/pad/unk set and `chat_template` set to
-        `GEMMA_CHAT_TEMPLATE`. Its `save_pretrained` also writes the template into
-        `tokenizer_config.json` and keeps the folder loadable by transformers 4 (see
+        A transformers ``GemmaTokenizer`` with Gemma's special tokens and `chat_template` set to
+        `GEMMA_CHAT_TEMPLATE`. Its `save_pretrained` writes ``tokenizer.model`` too, and a
+        ``tokenizer_config.json`` holding the template that transformers 4 loads as well (see
         `make_config_portable`).
 
     Raises:
-        ValueError: if `vocab_size` is too small to hold the byte alphabet and the special tokens.
+        ValueError: if `vocab_size` is too small to hold the reserved and byte pieces and some text.
     """
-    if vocab_size < _MIN_VOCAB_SIZE:
-        raise ValueError(
-            f"vocab_size must be at least {_MIN_VOCAB_SIZE} (256 bytes + 6 special tokens), got {vocab_size}"
-        )
-    backend = _train_backend(texts, vocab_size)
-    return _wrap(backend)
+    if vocab_size <= _MIN_VOCAB_SIZE:
+        raise ValueError(f"vocab_size must be more than {_MIN_VOCAB_SIZE} ({len(RESERVED_TOKENS)} reserved tokens "
+                         f"+ 256 byte pieces), got {vocab_size}")
+    proto = _train_sentencepiece(texts, vocab_size)
+    return _wrap(_convert(proto), proto)
 
 
-def _train_backend(texts: Iterable[str], vocab_size: int) -> Tokenizer:
-    """Train the raw `tokenizers` BPE model (special tokens first so they get ids 0..5)."""
-    tok = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
-    # add_prefix_space=False: a leading space would break lossless round trips and Gemma adds none.
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        min_frequency=2,
-        show_progress=False,
-        special_tokens=[_special(t) for t in SPECIAL_TOKENS],
-        # Every byte is in the vocabulary even if the texts never use it, so nothing maps to <unk>.
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
+def _train_sentencepiece(texts: Iterable[str], vocab_size: int) -> bytes:
+    """The serialized SentencePiece model (``tokenizer.model``) trained on `texts`."""
+    import io
+
+    import sentencepiece as spm
+
     # A list (not a generator) so the same texts give the same counts however the iterable behaves.
-    tok.train_from_iterator(list(texts), trainer=trainer)
-    tok.add_special_tokens([_special(t) for t in SPECIAL_TOKENS])
-    _check_special_ids(tok)
-    return tok
+    sentences = [t for t in texts if t]
+    model = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(sentence_iterator=iter(sentences), model_writer=model,
+                                       vocab_size=vocab_size, **_GEMMA_TRAINER)
+    except RuntimeError as err:  # e.g. more distinct characters than the vocabulary has room for
+        need = re.search(r"Vocabulary size is smaller than required_chars\. \d+ vs (\d+)", str(err))
+        if need:
+            raise ValueError(f"vocab_size {vocab_size} is too small for these texts: their characters, the reserved "
+                             f"tokens and the byte pieces need at least {need.group(1)}") from None
+        raise ValueError(f"SentencePiece could not train a {vocab_size}-token vocabulary: {err}") from None
+    proto = model.getvalue()
+    _check_reserved_ids(proto)
+    return proto
 
 
-def _special(content: str) -> AddedToken:
-    """A special token that is matched verbatim and never split or stripped."""
-    return AddedToken(content, special=True, normalized=False, lstrip=False, rstrip=False, single_word=False)
+def _check_reserved_ids(proto: bytes) -> None:
+    """Fail loudly if the trainer did not put the reserved tokens at ids 0..106 (the model relies on it)."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_proto=proto)
+    got = [sp.piece_to_id(t) for t in RESERVED_TOKENS]
+    if got != list(range(len(RESERVED_TOKENS))):
+        raise RuntimeError(f"reserved tokens got ids {got}, expected 0..{len(RESERVED_TOKENS) - 1}")
 
 
-def _check_special_ids(tok: Tokenizer) -> None:
-    """Fail loudly if the trainer did not put the special tokens at ids 0..5 (the model relies on it)."""
-    got = [tok.token_to_id(t) for t in SPECIAL_TOKENS]
-    if got != list(range(len(SPECIAL_TOKENS))):
-        raise RuntimeError(f"special tokens got ids {got}, expected 0..{len(SPECIAL_TOKENS) - 1}")
+def _convert(proto: bytes) -> Tokenizer:
+    """The ``tokenizer.json`` backend, converted from the SentencePiece model by transformers' Gemma code.
+
+    transformers' conversion adds every user-defined piece as an added token that is not special;
+    Gemma marks its control tokens, ``<mask>`` and the turn markers special.
+    """
+    from transformers.models.gemma.tokenization_gemma import GemmaTokenizer
+
+    with tempfile.TemporaryDirectory(prefix="mlx-persona-spm-") as tmp:  # created 0700
+        (Path(tmp) / "tokenizer.model").write_bytes(proto)
+        converted = GemmaTokenizer.from_pretrained(tmp).backend_tokenizer
+    data = json.loads(converted.to_str())
+    for token in data["added_tokens"]:
+        token["special"] = token["content"] in SPECIAL_TOKENS
+    return Tokenizer.from_str(json.dumps(data))
 
 
-def _wrap(backend: Tokenizer) -> PreTrainedTokenizerFast:
-    """Wrap a trained backend for transformers/mlx-lm and make its saves carry the chat template."""
-    hf = PreTrainedTokenizerFast(
+def _wrap(backend: Tokenizer, proto: bytes) -> PreTrainedTokenizerFast:
+    """Wrap a converted backend for transformers/mlx-lm and make its saves carry the template and model."""
+    from transformers.models.gemma.tokenization_gemma import GemmaTokenizer
+
+    hf = GemmaTokenizer(
         tokenizer_object=backend,
         bos_token="<bos>",
         eos_token="<eos>",
         pad_token="<pad>",
         unk_token="<unk>",
+        mask_token="<mask>",
         extra_special_tokens=["<start_of_turn>", "<end_of_turn>"],
         chat_template=GEMMA_CHAT_TEMPLATE,
-        # Cleanup would rewrite " ." as "." and break lossless decoding.
+        # Cleanup would rewrite " ." as "." and break lossless decoding (Gemma's config says false too).
         clean_up_tokenization_spaces=False,
-        add_bos_token=False,
+        add_bos_token=True,
         add_eos_token=False,
     )
+    hf.sp_model_proto = proto
     _patch_save_pretrained(hf)
     return hf
 
 
 def _patch_save_pretrained(hf: PreTrainedTokenizerFast) -> None:
-    """Make this instance's `save_pretrained` write a portable `tokenizer_config.json`.
+    """Make this instance's `save_pretrained` write ``tokenizer.model`` and a portable config.
 
     Patching the instance (not subclassing) keeps the saved `tokenizer_class` a stock transformers
-    class, so `AutoTokenizer` reloads it anywhere. See `make_config_portable` for what is rewritten.
+    class, so `AutoTokenizer` reloads it anywhere. See `save_tokenizer` for what is written.
     """
     original = hf.save_pretrained
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         files = original(save_directory, *args, **kwargs)
-        make_config_portable(save_directory, self.chat_template)
+        _finish_saved_folder(self, save_directory)
         return files
 
     hf.save_pretrained = types.MethodType(save_pretrained, hf)
@@ -205,15 +252,57 @@ def save_tokenizer(tokenizer, directory: str | Path) -> None:
         directory: the output folder (created if missing).
 
     Returns:
-        None. The folder holds the usual files, with `tokenizer_config.json` rewritten by
-        `make_config_portable`.
+        None. The folder holds the usual files, the SentencePiece ``tokenizer.model`` where the
+        tokenizer has one (transformers 5 does not copy it), and `tokenizer_config.json` rewritten by
+        `make_config_portable`, recording ``add_bos_token``/``add_eos_token`` as encoding behaves.
     """
     hf = unwrap_tokenizer(tokenizer)
     hf.save_pretrained(str(directory))
-    make_config_portable(directory, hf.chat_template)
+    _finish_saved_folder(hf, directory)
 
 
-def make_config_portable(directory: str | Path, chat_template: str | None = None) -> dict:
+def _finish_saved_folder(hf, directory: str | Path) -> None:
+    """What transformers 5's `save_pretrained` leaves out: the SentencePiece model, add_bos_token, the template."""
+    directory = Path(directory)
+    proto = getattr(hf, "sp_model_proto", None) or _loaded_sentencepiece(hf)
+    if proto is not None:
+        (directory / "tokenizer.model").write_bytes(proto)
+    make_config_portable(directory, hf.chat_template, set_keys=bos_eos_flags(hf))
+
+
+def _loaded_sentencepiece(hf) -> bytes | None:
+    """The ``tokenizer.model`` of the local folder `hf` was loaded from, if it has one of the same size."""
+    import sentencepiece as spm
+
+    folder = Path(str(hf.name_or_path or ""))
+    source = folder / "tokenizer.model" if folder.is_dir() else None
+    if source is None or not source.is_file() or source.stat().st_size > 64 << 20:
+        return None
+    proto = source.read_bytes()
+    try:
+        pieces = spm.SentencePieceProcessor(model_proto=proto).get_piece_size()
+    except (RuntimeError, OSError):
+        return None
+    return proto if pieces == len(hf) else None
+
+
+def bos_eos_flags(hf) -> dict:
+    """``add_bos_token``/``add_eos_token`` as the tokenizer behaves (readers of the config need them).
+
+    transformers 5 leaves them out of what it saves and ignores them when it loads a tokenizer.json
+    (its post-processor decides), so a reloaded tokenizer's attributes may say False while it adds
+    ``<bos>``; what encoding does is the truth.
+    """
+    ids = hf("a")["input_ids"]
+    flags = {}
+    for key, tid, got in (("add_bos_token", hf.bos_token_id, ids[:1]), ("add_eos_token", hf.eos_token_id, ids[-1:])):
+        if tid is not None:
+            flags[key] = got == [tid]
+    return flags
+
+
+def make_config_portable(directory: str | Path, chat_template: str | None = None, *,
+                         set_keys: dict | None = None) -> dict:
     """Rewrite a saved `tokenizer_config.json` so that transformers 4 and 5, mlx-lm and transformers.js load it.
 
     transformers 5 writes the template only to `chat_template.jinja` (transformers.js reads it from
@@ -225,6 +314,7 @@ def make_config_portable(directory: str | Path, chat_template: str | None = None
     Args:
         directory: a folder written by `save_pretrained`.
         chat_template: the template to write; defaults to the folder's `chat_template.jinja`.
+        set_keys: further keys to set (transformers 5 drops ``add_bos_token`` from what it saves).
 
     Returns:
         The config as written.
@@ -244,5 +334,7 @@ def make_config_portable(directory: str | Path, chat_template: str | None = None
         config["additional_special_tokens"] = merged + [t for t in extra if t not in merged]
     if config.get("tokenizer_class") == "TokenizersBackend":
         config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config.pop("vocab_file", None)  # a path on the machine that saved it; the file itself sits beside
+    config.update(set_keys or {})
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
     return config

@@ -36,6 +36,8 @@ _GEMMA_SHAPES = {
                  sliding_window_pattern=2, vocab_size=None, max_position_embeddings=2048),
 }
 TINY_TOKENIZER_VOCAB = 2048
+# Part of a built model's cache key: a model cached with an older tokenizer layout is built again.
+TOKENIZER_FORMAT = "spm-gemma3"
 
 
 def builtin_names() -> list[str]:
@@ -186,7 +188,7 @@ def builtin_path(name: str) -> Path:
     if base not in _GEMMA_SHAPES:
         raise ModelError(f"unknown built-in model {name!r}; choose one of "
                          + ", ".join(f"builtin:{n}" for n in builtin_names()))
-    key = f"{base}-{_data_fingerprint(DEFAULT_DATA)}-v{__version__}"
+    key = f"{base}-{_data_fingerprint(DEFAULT_DATA)}-v{__version__}-{TOKENIZER_FORMAT}"
     path = cache_dir() / "models" / key
     if not (path / "config.json").exists():
         with output_lock(path, wait=True):  # another process (e.g. a second rank) may be building it
