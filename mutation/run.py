@@ -3,7 +3,7 @@
     python mutation/run.py                      # every target
     python mutation/run.py batching tuning-loss # some
     python mutation/run.py --survivors batching # re-test only the survivors of the last run
-    python mutation/run.py --survivors --tests tests/test_x_mutants.py batching
+    python mutation/run.py --survivors batching --tests tests/test_x_mutants.py
                                                 # ... with only the tests written since (the survivors
                                                 # passed the others already): minutes instead of an hour
     python mutation/run.py --resume batching    # finish an interrupted run (with the current tests)
