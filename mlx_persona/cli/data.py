@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from mlx_persona.cli.errors import fail, user_errors
+from mlx_persona.cli.options import model_option
 
 
 @click.group()
@@ -16,14 +17,21 @@ def data():
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
 @click.option("--no-system", is_flag=True, help="Reject system turns (for templates without a system role).")
 def data_validate(paths, no_system):
-    """Check JSONL files line by line; print every problem as file:line: reason."""
-    from mlx_persona.data import DataError, load_jsonl
+    """Check JSONL files, or data folders (train.jsonl [+ valid.jsonl], as `train` reads them), line by
+    line; print every problem as file:line: reason."""
+    from pathlib import Path
+
+    from mlx_persona.data import DataError, load_jsonl, load_splits
 
     bad = False
     for path in paths:
         try:
-            examples = load_jsonl(path, system_ok=not no_system)
-            click.echo(f"{path}: ok, {len(examples)} examples")
+            if Path(path).is_dir():
+                train, valid = load_splits(path, system_ok=not no_system)
+                click.echo(f"{path}: ok, {len(train)} training + {len(valid)} validation examples")
+            else:
+                examples = load_jsonl(path, system_ok=not no_system)
+                click.echo(f"{path}: ok, {len(examples)} examples")
         except DataError as e:
             bad = True
             click.echo(str(e), err=True)
@@ -33,7 +41,7 @@ def data_validate(paths, no_system):
 
 @data.command("stats")
 @click.argument("path", type=click.Path())
-@click.option("--model", default=None, help="Also count tokens with this model's tokenizer.")
+@model_option(default=None, help="Also count tokens with this model's tokenizer.")
 @click.option("--json", "as_json", is_flag=True, help="Print the statistics as JSON.")
 def data_stats(path, model, as_json):
     """Examples, turns, and the length distribution of assistant replies."""
