@@ -80,12 +80,23 @@ def test_a_stopped_runs_resume_command_works_from_any_folder(tiny_path, small_da
     assert list(elsewhere.iterdir()) == []
 
 
+def test_the_shipped_data_name_is_saved_as_the_shipped_folder(tmp_path, monkeypatch):
+    from mlx_persona.paths import DEFAULT_DATA
+    from mlx_persona.tuner.config import absolute_paths
+
+    monkeypatch.chdir(tmp_path)  # no data/bluey here: the name means the shipped data
+    cfg = absolute_paths(load_config(None, {"data": "data/bluey", "output": "runs/q"}))
+    assert (cfg.data, cfg.output, cfg.model) == (str(DEFAULT_DATA), str(tmp_path / "runs" / "q"), "builtin:tiny")
+    (tmp_path / "data" / "bluey").mkdir(parents=True)  # a folder of the user's wins, as any relative path
+    assert absolute_paths(load_config(None, {"data": "data/bluey"})).data == str(tmp_path / "data" / "bluey")
+
+
 def test_a_relative_path_not_found_says_what_it_was_resolved_against(small_data, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cwd = Path.cwd()
-    result = cli("train", "--data", "data/bluey", "-o", "runs/x", "--steps", 1)
+    result = cli("train", "--data", "data/mine", "-o", "runs/x", "--steps", 1)
     assert result.exit_code == 1
-    assert result.output == f"error: --data: data/bluey (resolved against {cwd}): no such file or folder\n"
+    assert result.output == f"error: --data: data/mine (resolved against {cwd}): no such file or folder\n"
     result = cli("train", "-c", "nope.yaml")
     assert result.output == f"error: nope.yaml (resolved against {cwd}): no such config file\n"
     result = cli("train", "-m", "./models/mine", "--data", small_data, "-o", "runs/x")

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mlx_persona.paths import data_path
 from mlx_persona.safe_io import InputError, clip, load_yaml, parse_yaml, shorten
 
 
@@ -258,14 +259,16 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None,
 PATH_KEYS = ("model", "data", "valid_data", "output")  # the keys that may name a local path
 
 
-def _resolved(value, cwd: Path | None = None) -> str:
+def _resolved(value) -> str:
     """`value` as a message names a path not found: a relative one with what it was resolved against."""
-    return str(value) if Path(value).expanduser().is_absolute() else \
-        f"{value} (resolved against {cwd or Path.cwd()})"
+    return str(value) if Path(value).expanduser().is_absolute() else f"{value} (resolved against {Path.cwd()})"
 
 
-def _absolute(value: str, cwd: Path) -> str:
-    return os.path.normpath(cwd / Path(value).expanduser())
+def _absolute(value: str | Path, key: str = "") -> str:
+    """`value` as an absolute path; for ``data``/``valid_data`` after :func:`~mlx_persona.paths.data_path`
+    (``data/bluey`` is the shipped data where this folder has none)."""
+    path = data_path(value) if key in ("data", "valid_data") else Path(value)
+    return os.path.abspath(path.expanduser())
 
 
 def _maybe_hub_id(spec: str) -> bool:
@@ -273,44 +276,41 @@ def _maybe_hub_id(spec: str) -> bool:
     return spec.startswith("builtin:") or (spec.count("/") == 1 and not spec.startswith((".", "/", "~")))
 
 
-def absolute_paths(cfg: TrainConfig, cwd: str | Path | None = None) -> TrainConfig:
-    """A copy of `cfg` whose local paths are absolute, resolved against `cwd` (default: the current folder):
-    ``data``, ``valid_data``, ``output``, and ``model`` when it is a local folder (a hub id or
-    ``builtin:NAME`` stays as it is). The ``config.yaml`` a run saves then works from any folder.
+def absolute_paths(cfg: TrainConfig) -> TrainConfig:
+    """A copy of `cfg` whose local paths are absolute (resolved against the current folder): ``data``,
+    ``valid_data``, ``output``, and ``model`` when it is a local folder (a hub id or ``builtin:NAME``
+    stays as it is). The ``config.yaml`` a run saves then works from any folder.
 
     Raises:
         ConfigError: ``data`` or ``valid_data`` does not exist, or ``model`` is neither a folder nor a hub
             id or built-in; a relative path's message says what it was resolved against.
     """
-    cwd = Path.cwd() if cwd is None else Path(cwd)
-
     def existing(key: str, value: str) -> str:
-        path = _absolute(value, cwd)
+        path = _absolute(value, key)
         if not os.path.exists(path):
-            raise ConfigError(f"{key}: {_resolved(value, cwd)}: no such file or folder")
+            raise ConfigError(f"{key}: {_resolved(value)}: no such file or folder")
         return path
 
-    changes = {"data": existing("data", cfg.data), "output": _absolute(cfg.output, cwd)}
+    changes = {"data": existing("data", cfg.data), "output": _absolute(cfg.output)}
     if cfg.valid_data is not None:
         changes["valid_data"] = existing("valid_data", cfg.valid_data)
-    if not cfg.model.startswith("builtin:") and os.path.exists(_absolute(cfg.model, cwd)):
-        changes["model"] = _absolute(cfg.model, cwd)
+    if not cfg.model.startswith("builtin:") and os.path.exists(_absolute(cfg.model)):
+        changes["model"] = _absolute(cfg.model)
     elif not _maybe_hub_id(cfg.model):
-        raise ConfigError(f"model: {_resolved(cfg.model, cwd)}: no such folder, and not a hub id (org/name) "
-                          "or builtin:NAME")
+        raise ConfigError(f"model: {_resolved(cfg.model)}: no such folder, and not a hub id (org/name) or "
+                          "builtin:NAME")
     return dataclasses.replace(cfg, **changes)
 
 
-def absolute_saved_paths(saved: dict, cwd: str | Path | None = None) -> dict:
+def absolute_saved_paths(saved: dict) -> dict:
     """A saved config dict with its relative local paths made absolute as :func:`absolute_paths` does
     (runs saved before paths were stored absolute compare equal to the same config today)."""
-    cwd = Path.cwd() if cwd is None else Path(cwd)
     out = dict(saved)
     for key in PATH_KEYS:
         value = out.get(key)
         if isinstance(value, str) and value and not value.startswith("builtin:") and \
-                (key != "model" or os.path.exists(_absolute(value, cwd))):
-            out[key] = _absolute(value, cwd)
+                (key != "model" or os.path.exists(_absolute(value))):
+            out[key] = _absolute(value, key)
     return out
 
 
