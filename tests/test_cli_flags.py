@@ -155,8 +155,7 @@ def test_every_command_that_writes_takes_o_and_output(tmp_path):
     (["--max-tokens", 0], "error: --max-tokens: must be an integer >= 1"),
     (["--min-new-tokens", 30, "--max-tokens", 20],
      "error: --min-new-tokens 30 is greater than --max-tokens 20: every reply would run to the length limit"),
-    (["--preset", "persona", "--max-new-tokens", 20],
-     "error: min_new_tokens 50 (of --preset persona) is greater than --max-new-tokens 20"),
+    (["--min-new-tokens", 300], "error: --min-new-tokens 300 is greater than max_new_tokens 256 (of --preset"),
 ])
 def test_generation_errors_name_the_flag_typed(args, message):
     for command in (["generate", "-p", "hi"], ["chat"], ["eval", "-o", "unused"]):
@@ -176,6 +175,12 @@ def test_train_errors_name_the_flag_typed(tmp_path):
             else cli("train", *args)
         assert result.exit_code == 1 and result.output.startswith(start), (args, result.output)
     assert not (tmp_path / "o").exists()
+
+
+def test_a_presets_min_new_tokens_above_a_smaller_max_is_allowed():
+    # persona's min_new_tokens=50 with --max-new-tokens 8: a short reply with the preset's other settings.
+    cfg = generation(generate, "-p", "x", "--preset", "persona", "--max-new-tokens", 8)
+    assert (cfg.min_new_tokens, cfg.max_new_tokens, cfg.temperature) == (50, 8, 0.8)
 
 
 def test_a_number_as_the_model_points_to_max_tokens():

@@ -36,19 +36,17 @@ def generation_options(f):
     return f
 
 
-def _setting(name: str, value, preset: str, typed: bool) -> str:
-    return f"{typed_flag(name)} {value}" if typed else f"{name} {value} (of --preset {preset})"
-
-
 def _check_lengths(cfg, preset: str) -> None:
-    """More --min-new-tokens than --max-new-tokens would run every reply to the length limit: an error."""
-    if cfg.min_new_tokens <= cfg.max_new_tokens or click.get_current_context(silent=True) is None:
+    """--min-new-tokens above the max (--max-new-tokens, or the preset's) would run every reply to the
+    length limit: an error. A preset's own min_new_tokens above a smaller --max-new-tokens is not (a short
+    reply in the preset's other settings; transformers' semantics)."""
+    if cfg.min_new_tokens <= cfg.max_new_tokens or click.get_current_context(silent=True) is None or \
+            not from_command_line("min_new_tokens"):
         return
-    typed_min, typed_max = from_command_line("min_new_tokens"), from_command_line("max_new_tokens")
-    low = _setting("min_new_tokens", cfg.min_new_tokens, preset, typed_min)
-    high = _setting("max_new_tokens", cfg.max_new_tokens, preset, typed_max)
-    fail(f"{low} is greater than {high}: every reply would run to the length limit; lower "
-         f"{typed_flag('min_new_tokens')} or raise {typed_flag('max_new_tokens')}")
+    high = f"{typed_flag('max_new_tokens')} {cfg.max_new_tokens}" if from_command_line("max_new_tokens") else \
+        f"max_new_tokens {cfg.max_new_tokens} (of --preset {preset})"
+    fail(f"{typed_flag('min_new_tokens')} {cfg.min_new_tokens} is greater than {high}: every reply would run to "
+         f"the length limit; lower {typed_flag('min_new_tokens')} or raise {typed_flag('max_new_tokens')}")
 
 
 def make_generation_config(preset, **settings):
