@@ -14,6 +14,7 @@ from mlx_persona.cli import train as train_cli
 from mlx_persona.cli.doctor import init_model_cmd
 from mlx_persona.cli.eval import compare, eval_cmd, sweep
 from mlx_persona.cli.export import export_onnx_cmd, fuse, web
+from mlx_persona.cli.export_gguf import gguf_cmd, ollama_cmd
 from mlx_persona.cli.generate import chat, generate, make_generation_config
 from mlx_persona.tuner.config import to_dict
 
@@ -133,12 +134,12 @@ def test_every_command_that_writes_takes_o_and_output(tmp_path):
         train_cli.train: ([], "output"), eval_cmd: (["-m", "builtin:tiny"], "out"),
         sweep: (["-m", "builtin:tiny"], "out"), compare: (["recipe.yaml"], "out"),
         fuse: (["--adapter", "runs/a"], "out"), export_onnx_cmd: (["hf"], "out"), init_model_cmd: ([], "output"),
-        web: (["runs/a"], "output"),
+        web: (["runs/a"], "output"), gguf_cmd: (["runs/a"], "out"), ollama_cmd: (["runs/a"], "out"),
     }
     for command, (rest, name) in commands.items():
         for flag in ("-o", "--output"):
             assert params(command, *rest, flag, out)[name] == out, (command.name, flag)
-    for command in (eval_cmd, sweep, compare, fuse, export_onnx_cmd):  # the old spelling still works
+    for command in (eval_cmd, sweep, compare, fuse, export_onnx_cmd, gguf_cmd):  # the old spelling still works
         assert params(command, *commands[command][0], "--out", out)["out"] == out
     assert params(fuse, "--adapter", "a", "--save-path", out)["out"] == out  # mlx_lm.fuse's name
     assert params(train_cli.train, "--output", out) == params(train_cli.train, "--adapter-path", out)
