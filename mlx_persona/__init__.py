@@ -2,8 +2,7 @@
 
     import mlx_persona
     mlx_persona.backend.setup()  # Linux: the CPU speed layer, before mlx is imported (no-op on a Mac)
-    from mlx_persona.sampling import preset
-    result = mlx_persona.generate("builtin:tiny", "Hi Bluey!", preset("persona"))
+    result = mlx_persona.generate("builtin:tiny", "Hi Bluey!", "persona", seed=0)
     print(result.text, result.stop_reason, result.decode_tps)
 
 Importing the package changes nothing (no environment variable, file or compiler); see
@@ -22,12 +21,15 @@ _LOADED: dict = {}
 def _resolve(model, tokenizer, adapter):
     if tokenizer is not None:
         return model, tokenizer
-    key = (str(model), str(adapter) if adapter else None)
+    from mlx_persona.runs import resolve_run
+
+    spec, adapter = resolve_run(str(model), str(adapter) if adapter else None, model_flag="model")
+    key = (spec, adapter)
     if key not in _LOADED:
         from mlx_persona.models import load_model
 
         _LOADED.clear()  # keep at most one model alive
-        _LOADED[key] = load_model(model, adapter_path=adapter)
+        _LOADED[key] = load_model(spec, adapter_path=adapter)
     return _LOADED[key]
 
 
@@ -37,10 +39,14 @@ def generate(model, prompt, config=None, *, tokenizer=None, adapter=None, **kwar
     Args:
         model: a model spec (folder, hub id, ``builtin:NAME``; loaded and kept) or a loaded model.
         prompt: a user message, a list of ``{"role", "content"}`` messages, or token ids.
-        config: a :class:`mlx_persona.sampling.GenerationConfig` (default settings if None).
+        config: a :class:`mlx_persona.sampling.GenerationConfig` or a preset name (``"persona"``,
+            ``"greedy"``, ``"default"``); default settings if None.
         tokenizer: required when `model` is an already loaded model.
-        adapter: an adapter folder from ``mlx-persona train``.
-        **kwargs: see :func:`mlx_persona.generation.stream_generate` (system, end_ids, ...).
+        adapter: an output folder of ``mlx-persona train`` (a LoRA/DoRA run or a full fine-tune); `model`
+            may also be a run folder, as on the command line.
+        **kwargs: see :func:`mlx_persona.generation.stream_generate` (system, end_ids, ...), and any
+            :class:`~mlx_persona.sampling.GenerationConfig` field replacing the config's (``seed=3``,
+            ``max_new_tokens=64``, ...).
     """
     from mlx_persona import generation
 

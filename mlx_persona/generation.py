@@ -8,6 +8,7 @@ end id from the model's ``generation_config.json`` / tokenizer (for Gemma both `
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
@@ -17,6 +18,9 @@ from typing import Iterator
 import mlx.core as mx
 
 from mlx_persona.sampling import GenerationConfig, make_sampler_and_processors
+from mlx_persona.sampling import preset as named_preset
+
+DEFAULT_PRESET = "default"  # plain GenerationConfig() (the CLI's --preset default)
 
 
 @dataclass
@@ -40,6 +44,33 @@ class Chunk:
     text: str
     token: int | None = None
     result: GenerationResult | None = None
+
+
+def generation_config(config: GenerationConfig | str | None = None, **settings) -> GenerationConfig:
+    """The validated settings that `config` and `settings` name, as the CLI's ``--preset`` and options do.
+
+    Args:
+        config: a :class:`GenerationConfig`, a preset name (``"persona"``, ``"greedy"``, ``"default"``), or
+            None for the defaults.
+        **settings: :class:`GenerationConfig` fields that replace the config's (``seed=3``,
+            ``max_new_tokens=64``, ...); a None value keeps the config's.
+
+    Raises:
+        ValueError: an unknown preset or setting (named), or an impossible value.
+    """
+    if config is None or config == DEFAULT_PRESET:
+        config = GenerationConfig()
+    elif isinstance(config, str):
+        config = named_preset(config)
+    elif not isinstance(config, GenerationConfig):
+        raise ValueError(f"config: expected a GenerationConfig or a preset name, got {type(config).__name__}")
+    known = {f.name for f in dataclasses.fields(GenerationConfig)}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise ValueError(f"unknown generation setting(s) {', '.join(map(repr, unknown))}; "
+                         f"known: {', '.join(sorted(known))}")
+    given = {k: list(v) if k == "stop" else v for k, v in settings.items() if v is not None}
+    return (dataclasses.replace(config, **given) if given else config).validate()
 
 
 def end_token_ids(tokenizer, model_path: str | Path | None = None) -> list[int]:
@@ -156,24 +187,26 @@ class ReplyText:
         return self._show(len(self.text))
 
 
-def stream_generate(model, tokenizer, prompt: str | list[dict] | list[int], config: GenerationConfig | None = None,
-                    *, system: str | None = None, end_ids: list[int] | None = None,
-                    chat_template: bool = True, prompt_cache=None) -> Iterator[Chunk]:
+def stream_generate(model, tokenizer, prompt: str | list[dict] | list[int],
+                    config: GenerationConfig | str | None = None, *, system: str | None = None,
+                    end_ids: list[int] | None = None, chat_template: bool = True, prompt_cache=None,
+                    **settings) -> Iterator[Chunk]:
     """Yields text as it is generated; the final chunk has ``.result``.
 
     Args:
         model, tokenizer: from :func:`mlx_persona.models.load_model`.
         prompt: a user message, a message list, or token ids.
-        config: generation settings (default: :class:`GenerationConfig` defaults).
+        config: generation settings or a preset name (default: :class:`GenerationConfig` defaults).
         system: system/persona prompt for chat rendering.
         end_ids: ids that end generation (default: :func:`end_token_ids`).
         chat_template: render string prompts with the chat template.
         prompt_cache: an mlx-lm prompt cache to reuse across calls (chat).
+        **settings: :class:`GenerationConfig` fields replacing the config's, e.g. ``seed=3``
+            (see :func:`generation_config`).
     """
     from mlx_lm.generate import generate_step
 
-    config = config or GenerationConfig()
-    config.validate()
+    config = generation_config(config, **settings)
     ids = prompt_ids(tokenizer, prompt, system=system, chat_template=chat_template)
     end_ids = list(end_ids if end_ids is not None else end_token_ids(tokenizer))
     sampler, processors = make_sampler_and_processors(config, prompt_tokens=ids, eos_token_ids=end_ids)
@@ -216,8 +249,8 @@ def stream_generate(model, tokenizer, prompt: str | list[dict] | list[int], conf
     yield Chunk("", None, result)
 
 
-def generate(model, tokenizer, prompt, config: GenerationConfig | None = None, **kwargs) -> GenerationResult:
-    """Generates a whole reply; see :func:`stream_generate` for the arguments."""
+def generate(model, tokenizer, prompt, config: GenerationConfig | str | None = None, **kwargs) -> GenerationResult:
+    """Generates a whole reply; see :func:`stream_generate` for the arguments (a preset name, ``seed=``)."""
     result = None
     for chunk in stream_generate(model, tokenizer, prompt, config, **kwargs):
         result = chunk.result or result

@@ -264,7 +264,7 @@ def test_eval_user_errors_exit_cleanly(prompts, tmp_path):
                       (["--model", "builtin:tiny", "--seeds", "1", "--seed", "2"], "not both"),
                       (["--model", "a=builtin:tiny", "--model", "a=builtin:tiny"], "two models are named"),
                       (["--model", "builtin:tiny", "--persona", tmp_path / "none.yaml"], "no such file"),
-                      (["--model", "builtin:tiny", "--top-p", "3"], "top_p")):
+                      (["--model", "builtin:tiny", "--top-p", "3"], "error: --top-p: must be a number in (0, 1]")):
         result = run("eval", "--prompts", prompts, "-o", tmp_path / "o", *args)
         assert result.exit_code == 1 and why in result.output, (args, result.output)
     result = run("sweep", "--model", "builtin:tiny", "--grid", "colour=1", "-o", tmp_path / "s")

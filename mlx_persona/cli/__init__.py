@@ -7,7 +7,8 @@ so `mlx_persona.__main__` can set the backend up before mlx loads.
 One module per pipeline stage, each with plain click commands; this file is the one list of them:
 data (validate, stats), train, generate (generate, chat and the generation options), eval (eval,
 sweep, compare), export (fuse, export onnx, web; export gguf and ollama in export_gguf), doctor (doctor, init-model); errors holds the
-user-error handling they share.
+user-error handling they share, options the option spellings (mlx-lm's names, ``-o/--output``) and the
+messages that name the flag typed.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ import click
 
 from mlx_persona import __version__
 from mlx_persona.cli import data, doctor, eval, export, export_gguf, generate, serve, train
+from mlx_persona.cli.options import Group
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="mlx-persona")
 def main():
     """Teach small chat models (Gemma 3) a personality on MLX."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from mlx_persona.cli.errors import fail, user_errors
+from mlx_persona.cli.options import model_option
 
 
 @click.group()
@@ -12,48 +13,58 @@ def data():
     """Validate training data and show its length statistics."""
 
 
+def _examples(path, system_ok: bool = True):
+    """``(training, validation)`` examples of a data folder (as `train` reads one), or ``(examples, None)``
+    of one JSONL file."""
+    from mlx_persona.data import load_jsonl, load_splits
+    from mlx_persona.paths import data_path
+
+    if data_path(path).is_dir():
+        return load_splits(path, system_ok=system_ok)
+    return load_jsonl(path, system_ok=system_ok), None
+
+
 @data.command("validate")
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
 @click.option("--no-system", is_flag=True, help="Reject system turns (for templates without a system role).")
 def data_validate(paths, no_system):
-    """Check JSONL files line by line; print every problem as file:line: reason."""
-    from mlx_persona.data import DataError, load_jsonl
+    """Check JSONL files, or data folders (train.jsonl [+ valid.jsonl], as `train` reads them), line by
+    line; print every problem as file:line: reason."""
+    from mlx_persona.data import DataError
 
     bad = False
     for path in paths:
         try:
-            examples = load_jsonl(path, system_ok=not no_system)
-            click.echo(f"{path}: ok, {len(examples)} examples")
+            train, valid = _examples(path, system_ok=not no_system)
         except DataError as e:
             bad = True
             click.echo(str(e), err=True)
+            continue
+        counts = f"{len(train)} examples" if valid is None else \
+            f"{len(train)} training + {len(valid)} validation examples"
+        click.echo(f"{path}: ok, {counts}")
     if bad:
         raise SystemExit(1)
 
 
 @data.command("stats")
 @click.argument("path", type=click.Path())
-@click.option("--model", default=None, help="Also count tokens with this model's tokenizer.")
+@model_option(default=None, help="Also count tokens with this model's tokenizer.")
 @click.option("--json", "as_json", is_flag=True, help="Print the statistics as JSON.")
 def data_stats(path, model, as_json):
     """Examples, turns, and the length distribution of assistant replies."""
     import json as _json
 
-    from mlx_persona.data import compute_stats, format_stats, load_jsonl, load_splits
-    from mlx_persona.paths import data_path
+    from mlx_persona.data import compute_stats, format_stats
 
     try:
-        if data_path(path).is_dir():
-            train, valid = load_splits(path)
-            examples = train + valid
-        else:
-            examples = load_jsonl(path)
+        train, valid = _examples(path)
         tokenizer = None
         if model:
             from mlx_persona.models import load_model
 
             _, tokenizer = load_model(model)
-        stats = compute_stats(examples, tokenizer)
+        stats = compute_stats(train + (valid or []), tokenizer)
     except user_errors() as e:
         fail(str(e))
     click.echo(_json.dumps(stats, indent=2) if as_json else format_stats(stats))

@@ -7,6 +7,7 @@ import os
 import click
 
 from mlx_persona.cli.errors import fail, user_errors
+from mlx_persona.cli.options import output_option
 
 
 @click.command()
@@ -32,16 +33,19 @@ def doctor(size):
 
 
 @click.command("init-model")
-@click.argument("out", type=click.Path())
+@click.argument("out", required=False, type=click.Path())
+@output_option(help="The model folder to write (or give it as OUT).")
 @click.option("--preset", type=click.Choice(["tiny", "gemma-3-270m", "gemma-3-1b"]), default="tiny", show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
-def init_model_cmd(out, preset, seed, overwrite):
+def init_model_cmd(out, output, preset, seed, overwrite):
     """Write a random-weight Gemma 3 model (tokenizer trained on the shipped data) as a HF folder."""
     from mlx_persona.models import init_model
 
+    if (out is None) == (output is None):
+        fail("give the folder to write once: OUT or -o/--output OUT")
     try:
-        path = init_model(out, preset, seed=seed, overwrite=overwrite)
+        path = init_model(out or output, preset, seed=seed, overwrite=overwrite)
     except user_errors() as e:
         fail(str(e))
     click.echo(f"wrote {path}")

@@ -17,11 +17,13 @@ def user_errors():
     from mlx_persona.eval.persona import PersonaError
     from mlx_persona.models import ModelError
     from mlx_persona.outputs import OutputError
+    from mlx_persona.runs import RunFolderError
     from mlx_persona.safe_io import InputError, WriteError
     from mlx_persona.tuner.config import ConfigError
 
     # InputError: a file read within bounds failed (bad UTF-8, YAML aliases); WriteError: a full disk.
-    return (ConfigError, DataError, ModelError, OutputError, PersonaError, InputError, WriteError, FileNotFoundError)
+    return (ConfigError, DataError, ModelError, OutputError, PersonaError, RunFolderError, InputError, WriteError,
+            FileNotFoundError)
 
 
 def log_to_stderr(message):

@@ -6,6 +6,7 @@ import click
 
 from mlx_persona.cli.errors import fail, log_to_stderr, user_errors
 from mlx_persona.cli.generate import generation_options, make_generation_config
+from mlx_persona.cli.options import output_option
 
 
 def _eval_errors():
@@ -43,7 +44,7 @@ batch_size_option = click.option(
 def eval_options(f):
     """Options shared by `eval` and `sweep`: models, prompt set, persona card, data, seeds, output."""
     options = [
-        click.option("--model", "models", multiple=True, required=True, metavar="[NAME=]SPEC[@ADAPTER]",
+        click.option("-m", "--model", "models", multiple=True, required=True, metavar="[NAME=]SPEC[@ADAPTER]",
                      help="A model to evaluate (repeatable): a folder, hub id or builtin:NAME, optionally named "
                           "and with an adapter folder from `train`, e.g. base=google/gemma-3-1b-it, "
                           "ft=google/gemma-3-1b-it@runs/bluey-1b-it. A LoRA output folder alone means its "
@@ -63,7 +64,7 @@ def eval_options(f):
         click.option("--no-valid", is_flag=True, help="Skip the validation loss and the reference row."),
         click.option("--early-tokens", type=int, default=50, show_default=True,
                      help="An end token before 0.75 x this many words counts as an early end."),
-        click.option("--out", "-o", required=True, type=click.Path(), help="Report folder to write."),
+        output_option("--out", dest="out", required=True, help="Report folder to write."),
         click.option("--overwrite", is_flag=True, help="Replace the report folder if it exists."),
     ]
     for option in reversed(options):
@@ -145,7 +146,7 @@ def sweep(models, prompts, limit, seeds, persona_card, persona_system, train_dat
 
 @click.command()
 @click.argument("recipe", type=click.Path())
-@click.option("--out", "-o", type=click.Path(), help="Report folder (default: the recipe's output).")
+@output_option("--out", dest="out", help="Report folder (default: the recipe's output).")
 @click.option("--overwrite", is_flag=True, help="Replace the report folder if it exists.")
 @click.option("--retrain", is_flag=True, help="Train every `train` variant again, even if its run is finished.")
 @click.option("--limit", type=int, help="Only the first N prompts (overrides the recipe).")

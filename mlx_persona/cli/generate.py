@@ -5,17 +5,24 @@ from __future__ import annotations
 import click
 
 from mlx_persona.cli.errors import fail, user_errors
+from mlx_persona.cli.options import (
+    from_command_line,
+    generation_message,
+    model_option,
+    typed_flag,
+)
 
 
 def generation_options(f):
-    """Every GenerationConfig field as an option; unset options keep the preset's value."""
+    """Every GenerationConfig field as an option (mlx-lm's names too); unset options keep the preset's value."""
     options = [
         click.option("--preset", type=click.Choice(["persona", "greedy", "default"]), default="default",
                      show_default=True, help="persona: min_new_tokens=50, temperature=0.8, top_k=50, "
                                              "top_p=0.95, repetition_penalty=1.1; greedy: temperature=0."),
-        click.option("--max-new-tokens", type=int),
-        click.option("--min-new-tokens", type=int, help="Suppress every end token until this many new tokens."),
-        click.option("--temperature", type=float, help="0 = greedy."),
+        click.option("--max-new-tokens", "--max-tokens", "max_new_tokens", type=int),
+        click.option("--min-new-tokens", type=int, help="Suppress every end token until this many new tokens "
+                                                        "(at most --max-new-tokens)."),
+        click.option("--temperature", "--temp", "temperature", type=float, help="0 = greedy."),
         click.option("--top-k", type=int, help="0 = off."),
         click.option("--top-p", type=float, help="1 = off."),
         click.option("--min-p", type=float, help="0 = off."),
@@ -29,21 +36,30 @@ def generation_options(f):
     return f
 
 
+def _check_lengths(cfg, preset: str) -> None:
+    """--min-new-tokens above the max (--max-new-tokens, or the preset's) would run every reply to the
+    length limit: an error. A preset's own min_new_tokens above a smaller --max-new-tokens is not (a short
+    reply in the preset's other settings; transformers' semantics)."""
+    if cfg.min_new_tokens <= cfg.max_new_tokens or click.get_current_context(silent=True) is None or \
+            not from_command_line("min_new_tokens"):
+        return
+    high = f"{typed_flag('max_new_tokens')} {cfg.max_new_tokens}" if from_command_line("max_new_tokens") else \
+        f"max_new_tokens {cfg.max_new_tokens} (of --preset {preset})"
+    fail(f"{typed_flag('min_new_tokens')} {cfg.min_new_tokens} is greater than {high}: every reply would run to "
+         f"the length limit; lower {typed_flag('min_new_tokens')} or raise {typed_flag('max_new_tokens')}")
+
+
 def make_generation_config(preset, **settings):
-    """GenerationConfig from a preset name plus the options given on the command line."""
-    import dataclasses
+    """GenerationConfig from a preset name plus the options given on the command line; a bad value is an
+    error naming the flag typed."""
+    from mlx_persona.generation import generation_config
 
-    from mlx_persona.sampling import GenerationConfig
-    from mlx_persona.sampling import preset as get_preset
-
-    cfg = GenerationConfig() if preset == "default" else get_preset(preset)
-    given = {k: v for k, v in settings.items() if v is not None and v != ()}
-    if "stop" in given:
-        given["stop"] = list(given["stop"])
     try:
-        return dataclasses.replace(cfg, **given).validate()
+        cfg = generation_config(preset, **{k: v for k, v in settings.items() if v != ()})
     except ValueError as e:
-        fail(str(e))
+        fail(generation_message(str(e)))
+    _check_lengths(cfg, preset)
+    return cfg
 
 
 def _persona_system(system, persona):
@@ -67,25 +83,47 @@ def _persona_name(persona):
 
 
 def _load_for_generation(model, adapter, system, persona):
-    """(system prompt, model, tokenizer, resolved model path), or a clean exit on the user's mistakes."""
-    from mlx_persona.models import load_model, resolve_model
+    """(system prompt, model, tokenizer, resolved model path), or a clean exit on the user's mistakes.
 
+    `model` or `adapter` may be an output folder of `train` (see :func:`mlx_persona.runs.resolve_run`)."""
+    from pathlib import Path
+
+    from mlx_persona.models import load_model, resolve_model
+    from mlx_persona.runs import resolve_run
+
+    if model is not None and model.isdigit() and not Path(model).exists():
+        fail(f"{typed_flag('model')} {model}: not a model. -m is --model here; for mlx_lm.generate's -m "
+             f"(the number of tokens) use --max-tokens {model}")
     try:
+        spec, adapter = resolve_run(model, adapter, model_flag=typed_flag("model"))
         system = _persona_system(system, persona)
-        m, tok = load_model(model, adapter_path=adapter)
-        path = resolve_model(model)
+        m, tok = load_model(spec, adapter_path=adapter)
+        path = resolve_model(spec)
     except user_errors() as e:
         fail(str(e))
     return system, m, tok, path
 
 
+def _read_prompt(prompt: str) -> str:
+    """The prompt; ``-`` reads it from stdin (as mlx_lm.generate does)."""
+    import sys
+
+    return sys.stdin.read() if prompt == "-" else prompt
+
+
+_MODEL_HELP = ("A model (folder, hub id, builtin:NAME), or an output folder of `train` (a LoRA/DoRA run stands "
+               "for its recorded base + itself).")
+_ADAPTER_HELP = "An output folder of `train` (LoRA/DoRA, or full) applied to --model [default --model: its base]."
+
+
 @click.command()
-@click.option("--model", required=True, help="Local folder, hub id, or builtin:NAME.")
-@click.option("--adapter", type=click.Path(exists=True, file_okay=False), help="Adapter folder from `train`.")
-@click.option("--prompt", required=True, help="The user message.")
-@click.option("--system", help="System/persona prompt.")
+@model_option(help=_MODEL_HELP)
+@click.option("--adapter", "--adapter-path", "adapter", type=click.Path(), help=_ADAPTER_HELP)
+@click.option("-p", "--prompt", required=True, help="The user message ('-' reads it from stdin).")
+@click.option("--system", "--system-prompt", "system", help="System/persona prompt.")
 @click.option("--persona", type=click.Path(exists=True, dir_okay=False), help="Use a persona card's system_prompt.")
-@click.option("--raw", is_flag=True, help="Feed the prompt as plain text, without the chat template.")
+@click.option("--raw", "--ignore-chat-template", "raw", is_flag=True,
+              help="Feed the prompt as plain text, without the chat template.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result (text, tokens, stop reason, speed) as JSON.")
 @generation_options
 def generate(model, adapter, prompt, system, persona, raw, as_json, preset, **settings):
@@ -96,6 +134,7 @@ def generate(model, adapter, prompt, system, persona, raw, as_json, preset, **se
     from mlx_persona.generation import end_token_ids, stream_generate
 
     config = make_generation_config(preset, **settings)
+    prompt = _read_prompt(prompt)
     system, m, tok, path = _load_for_generation(model, adapter, system, persona)
     try:
         end_ids = end_token_ids(tok, path)
@@ -108,7 +147,7 @@ def generate(model, adapter, prompt, system, persona, raw, as_json, preset, **se
                 click.echo(chunk.text, nl=False)
             result = chunk.result or result
     except user_errors() as e:  # e.g. the chat template failed on this prompt
-        fail(f"{model}: {e}")
+        fail(f"{model or adapter}: {e}")
     if as_json:
         click.echo(_json.dumps(dataclasses.asdict(result), indent=2))
     else:
@@ -118,9 +157,9 @@ def generate(model, adapter, prompt, system, persona, raw, as_json, preset, **se
 
 
 @click.command()
-@click.option("--model", required=True, help="Local folder, hub id, or builtin:NAME.")
-@click.option("--adapter", type=click.Path(exists=True, file_okay=False), help="Adapter folder from `train`.")
-@click.option("--system", help="System/persona prompt.")
+@model_option(help=_MODEL_HELP)
+@click.option("--adapter", "--adapter-path", "adapter", type=click.Path(), help=_ADAPTER_HELP)
+@click.option("--system", "--system-prompt", "system", help="System/persona prompt.")
 @click.option("--persona", type=click.Path(exists=True, dir_okay=False), help="Use a persona card's system_prompt.")
 @generation_options
 def chat(model, adapter, system, persona, preset, **settings):

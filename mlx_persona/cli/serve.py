@@ -5,12 +5,14 @@ from __future__ import annotations
 import click
 
 from mlx_persona.cli.errors import fail, log_to_stderr, user_errors
+from mlx_persona.cli.options import model_option
 
 
 @click.command()
-@click.option("--model", required=True, help="[NAME=]SPEC[@ADAPTER]: a folder, hub id, builtin:NAME or a `train` "
+@model_option(required=True, help="[NAME=]SPEC[@ADAPTER]: a folder, hub id, builtin:NAME or a `train` "
               "output folder; NAME (default: the folder's name) is the id clients send as `model`.")
-@click.option("--adapter", type=click.Path(exists=True, file_okay=False), help="Adapter folder from `train`.")
+@click.option("--adapter", "--adapter-path", "adapter", type=click.Path(exists=True, file_okay=False),
+              help="Adapter folder from `train`.")
 @click.option("--persona", type=click.Path(exists=True, dir_okay=False),
               help="Put a persona card's system_prompt before conversations that have no system message.")
 @click.option("--preset", type=click.Choice(["persona", "greedy", "default"]), default="persona", show_default=True,

@@ -22,7 +22,7 @@ from pathlib import Path
 from mlx_persona import __version__
 from mlx_persona.export.errors import ExportError
 from mlx_persona.outputs import atomic_output_dir, check_output_dir, output_lock
-from mlx_persona.runs import adapter_config, recorded_base
+from mlx_persona.runs import adapter_config, resolve_run
 
 __all__ = ["fuse", "fuse_model", "write_tokenizer", "write_generation_config"]
 
@@ -149,10 +149,11 @@ def fuse(model_spec, adapter_dir, out_dir, *, overwrite: bool = False, generatio
     """Fuses an adapter into its base model and writes a Hugging Face folder.
 
     Args:
-        model_spec: the base model (a folder, hub id or ``builtin:NAME``); None = the ``model`` recorded
-            in the adapter's ``adapter_config.json``.
+        model_spec: the base model (a folder, hub id or ``builtin:NAME``), or a LoRA/DoRA run folder (its
+            recorded base + its adapters); None = the ``model`` recorded in the adapter's
+            ``adapter_config.json`` (a full fine-tune's folder is the model itself).
         adapter_dir: an output folder of ``mlx-persona train`` (LoRA/DoRA adapters, or a full
-            fine-tune's model folder); None exports the base model alone.
+            fine-tune's model folder); None exports the model alone.
         out_dir: the folder to write; replaced in one rename when the export succeeds.
         overwrite: replace an existing non-empty `out_dir`.
         generation: generation defaults for ``generation_config.json`` (see
@@ -164,6 +165,7 @@ def fuse(model_spec, adapter_dir, out_dir, *, overwrite: bool = False, generatio
 
     Raises:
         ExportError: the output exists, the model cannot be written with HF names, or bad arguments.
+        RunFolderError: no model, no such adapter folder, or an adapter run that names no base model.
     """
     import mlx.core as mx
     from mlx.utils import tree_flatten
@@ -172,14 +174,11 @@ def fuse(model_spec, adapter_dir, out_dir, *, overwrite: bool = False, generatio
 
     if dtype not in _DTYPES:
         raise ExportError(f"dtype must be one of {', '.join(_DTYPES)}, not {dtype!r}")
+    # A run folder: a LoRA/DoRA run is its recorded base + its adapters, a full fine-tune is the model itself.
+    model_spec, adapter_dir = resolve_run(None if model_spec is None else str(model_spec),
+                                          None if adapter_dir is None else str(adapter_dir))
     adapter = Path(adapter_dir).expanduser() if adapter_dir is not None else None
-    if adapter is not None and not adapter.is_dir():
-        raise FileNotFoundError(f"{adapter}: no such adapter folder")
     adapter_cfg = adapter_config(adapter)
-    if model_spec is None:
-        model_spec = recorded_base(adapter_cfg)
-        if not model_spec:
-            raise ExportError(f"{adapter}: adapter_config.json names no base model; pass --model")
     # One writer per folder: the lock (beside out_dir) outlives atomic_output_dir's rename.
     with output_lock(out_dir):
         base = resolve_model(model_spec)

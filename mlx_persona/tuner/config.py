@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mlx_persona.paths import data_path
 from mlx_persona.safe_io import InputError, clip, load_yaml, parse_yaml, shorten
 
 
@@ -232,7 +234,7 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None,
     if path is not None:
         p = Path(path)
         if not p.is_file():
-            raise ConfigError(f"{p}: no such config file")
+            raise ConfigError(f"{_resolved(p)}: no such config file")
         try:  # no anchors or aliases, at most 64 kB, strict UTF-8 (see mlx_persona.safe_io)
             loaded = load_yaml(p)
         except InputError as e:
@@ -252,6 +254,64 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None,
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}" if path else str(e)) from None
     return cfg.validate()
+
+
+PATH_KEYS = ("model", "data", "valid_data", "output")  # the keys that may name a local path
+
+
+def _resolved(value) -> str:
+    """`value` as a message names a path not found: a relative one with what it was resolved against."""
+    return str(value) if Path(value).expanduser().is_absolute() else f"{value} (resolved against {Path.cwd()})"
+
+
+def _absolute(value: str | Path, key: str = "") -> str:
+    """`value` as an absolute path; for ``data``/``valid_data`` after :func:`~mlx_persona.paths.data_path`
+    (``data/bluey`` is the shipped data where this folder has none)."""
+    path = data_path(value) if key in ("data", "valid_data") else Path(value)
+    return os.path.abspath(path.expanduser())
+
+
+def _maybe_hub_id(spec: str) -> bool:
+    """What a missing local model may still be: ``builtin:NAME`` or a hub id (``org/name``)."""
+    return spec.startswith("builtin:") or (spec.count("/") == 1 and not spec.startswith((".", "/", "~")))
+
+
+def absolute_paths(cfg: TrainConfig) -> TrainConfig:
+    """A copy of `cfg` whose local paths are absolute (resolved against the current folder): ``data``,
+    ``valid_data``, ``output``, and ``model`` when it is a local folder (a hub id or ``builtin:NAME``
+    stays as it is). The ``config.yaml`` a run saves then works from any folder.
+
+    Raises:
+        ConfigError: ``data`` or ``valid_data`` does not exist, or ``model`` is neither a folder nor a hub
+            id or built-in; a relative path's message says what it was resolved against.
+    """
+    def existing(key: str, value: str) -> str:
+        path = _absolute(value, key)
+        if not os.path.exists(path):
+            raise ConfigError(f"{key}: {_resolved(value)}: no such file or folder")
+        return path
+
+    changes = {"data": existing("data", cfg.data), "output": _absolute(cfg.output)}
+    if cfg.valid_data is not None:
+        changes["valid_data"] = existing("valid_data", cfg.valid_data)
+    if not cfg.model.startswith("builtin:") and os.path.exists(_absolute(cfg.model)):
+        changes["model"] = _absolute(cfg.model)
+    elif not _maybe_hub_id(cfg.model):
+        raise ConfigError(f"model: {_resolved(cfg.model)}: no such folder, and not a hub id (org/name) or "
+                          "builtin:NAME")
+    return dataclasses.replace(cfg, **changes)
+
+
+def absolute_saved_paths(saved: dict) -> dict:
+    """A saved config dict with its relative local paths made absolute as :func:`absolute_paths` does
+    (runs saved before paths were stored absolute compare equal to the same config today)."""
+    out = dict(saved)
+    for key in PATH_KEYS:
+        value = out.get(key)
+        if isinstance(value, str) and value and not value.startswith("builtin:") and \
+                (key != "model" or os.path.exists(_absolute(value))):
+            out[key] = _absolute(value, key)
+    return out
 
 
 def config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:

@@ -11,7 +11,11 @@ Only rank 0 of a data-parallel run touches the folder (and takes its lock).
 from __future__ import annotations
 
 import hashlib
+import json
+import math
+import shutil
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
@@ -24,11 +28,12 @@ from mlx_persona import data as data_mod
 from mlx_persona import testing
 from mlx_persona.backend import sgemm
 from mlx_persona.models import load_model, resolve_model
-from mlx_persona.outputs import output_lock, prepare_output_dir
+from mlx_persona.outputs import check_output_dir, output_lock, prepare_output_dir
 from mlx_persona.tuner import checkpoint as ckpt
 from mlx_persona.tuner.adapters import attach_adapters, trainable_parameter_count
 from mlx_persona.tuner.batching import batch_plan
-from mlx_persona.tuner.config import ConfigError, TrainConfig, config_diff, to_dict
+from mlx_persona.tuner.config import (ConfigError, TrainConfig, absolute_paths, absolute_saved_paths, config_diff,
+                                       to_dict)
 from mlx_persona.tuner.progress import Progress
 from mlx_persona.tuner.results import MetricsWriter, save_result, summarize
 from mlx_persona.tuner.trainer import (Callbacks, TrainingArgs, TrainingCallback, TrainingError, build_schedule,
@@ -36,10 +41,11 @@ from mlx_persona.tuner.trainer import (Callbacks, TrainingArgs, TrainingCallback
 
 # Config keys that may change between a run and its resume: they change no weight or result file.
 RESUME_MAY_CHANGE = {"output", "overwrite", "progress", "log_every", "save_every", "keep_checkpoints"}
+_RESUME_HINT = ", --resume to continue it"
 
 
-def _prepare_output(out: Path, cfg: TrainConfig, resume: bool, force: bool) -> None:
-    """Checks the output folder (on resume, that the config is the run's); makes it if needed."""
+def _check_output(out: Path, cfg: TrainConfig, resume: bool, force: bool) -> None:
+    """Checks the output folder (on resume, that the config is the run's); changes nothing on disk."""
     if resume:
         saved = out / "config.yaml"
         if not saved.exists():
@@ -49,14 +55,25 @@ def _prepare_output(out: Path, cfg: TrainConfig, resume: bool, force: bool) -> N
         old = load_yaml(saved)
         if not isinstance(old, dict):
             raise TrainingError(f"{saved}: not a training config (expected a mapping)")
-        diff = [k for k in config_diff(old, to_dict(cfg)) if k not in RESUME_MAY_CHANGE]
+        diff = [k for k in config_diff(absolute_saved_paths(old), to_dict(cfg)) if k not in RESUME_MAY_CHANGE]
         if diff and not force:
             raise TrainingError(f"{out}: the config differs from the run being resumed in: {', '.join(diff)}. "
                                 "Use the same config (e.g. --config OUT/config.yaml), or pass --force to "
                                 "resume anyway.")
     else:  # --overwrite deletes earlier runs (a folder with config.yaml), nothing else
-        prepare_output_dir(out, cfg.overwrite, must_hold="config.yaml", hint=", --resume to continue it")
-    out.mkdir(parents=True, exist_ok=True)
+        check_output_dir(out, cfg.overwrite, must_hold="config.yaml", hint=_RESUME_HINT)
+
+
+def _make_output(out: Path, cfg: TrainConfig) -> bool:
+    """Empties (``--overwrite``) and creates the folder of a new run, once everything it needs has loaded.
+
+    Returns:
+        Whether a failure before the first step should remove it again (False for a folder that was
+        already there and empty: someone else's).
+    """
+    theirs = out.is_dir() and not any(out.iterdir())
+    prepare_output_dir(out, cfg.overwrite, must_hold="config.yaml", hint=_RESUME_HINT)
+    return not theirs
 
 
 def _data_id(ds) -> str:
@@ -172,6 +189,9 @@ def run(cfg: TrainConfig, *, resume: bool = False, force: bool = False, log=prin
         callback: TrainingCallback | None = None) -> dict:
     """Fine-tunes a model as `cfg` says and writes the output folder.
 
+    Its local paths are made absolute first (:func:`~mlx_persona.tuner.config.absolute_paths`), so the
+    ``config.yaml`` it saves, and the resume command it prints, work from any folder.
+
     Args:
         cfg: a validated :class:`TrainConfig`.
         resume: continue from the newest intact checkpoint in ``cfg.output``.
@@ -188,6 +208,7 @@ def run(cfg: TrainConfig, *, resume: bool = False, force: bool = False, log=prin
         log = lambda *a, **k: None  # noqa: E731
     if cfg.batch_size < size:
         raise ConfigError(f"batch_size: {cfg.batch_size} is smaller than the number of processes ({size})")
+    cfg = absolute_paths(cfg)
     out = Path(cfg.output)
     # One writer per folder: taken before the folder is first looked at (the "already exists" check,
     # --resume's checkpoints), held until the last result is written. Other ranks never touch OUT.
@@ -196,14 +217,26 @@ def run(cfg: TrainConfig, *, resume: bool = False, force: bool = False, log=prin
         return _run(cfg, out, rank, size, resume, force, log, callback)
 
 
-def _run(cfg: TrainConfig, out: Path, rank: int, size: int, resume: bool, force: bool, log,
-         callback: TrainingCallback | None) -> dict:
-    """:func:`run` once the output folder is this process's."""
-    if rank == 0:
-        _prepare_output(out, cfg, resume, force)
+@dataclass
+class _Loaded:
+    """What a run has loaded and built before its folder is made."""
+
+    model: object
+    optimizer: object
+    train_ds: object
+    valid_ds: object
+    adapter_config: dict
+    base: Path
+    n_trainable: int
+    loop: dict
+    data_id: str
+    total_steps: int
+
+
+def _load(cfg: TrainConfig, out: Path, rank: int, size: int, resume: bool, force: bool, log) -> _Loaded:
+    """The model with its adapters, the data, the optimizer and (on resume) the checkpoint's state."""
     mx.random.seed(cfg.seed)
     np.random.seed(cfg.seed)
-
     base = resolve_model(cfg.model)
     model, tokenizer = load_model(base, dtype=cfg.dtype)
     train_ds, valid_ds = _load_data(cfg, tokenizer, log)
@@ -220,6 +253,46 @@ def _run(cfg: TrainConfig, out: Path, rank: int, size: int, resume: bool, force:
     if resume:
         loop = _resume(out, model, optimizer, data_id, force, rank, size, log, (total_steps, n_batches)) or loop
         log(f"resuming at step {loop['step']} of {total_steps} (epoch {loop['epoch']}, batch {loop['batch']})")
+    return _Loaded(model, optimizer, train_ds, valid_ds, adapter_config, base, n_trainable, loop, data_id,
+                   total_steps)
+
+
+def _run(cfg: TrainConfig, out: Path, rank: int, size: int, resume: bool, force: bool, log,
+         callback: TrainingCallback | None) -> dict:
+    """:func:`run` once the output folder is this process's: check it, load everything, then make it."""
+    if rank == 0:
+        _check_output(out, cfg, resume, force)
+    loaded = _load(cfg, out, rank, size, resume, force, log)
+    loop = loaded.loop
+    if resume and (loop["step"] >= loaded.total_steps or loop["stop_reason"] != "completed") and \
+            (out / "summary.json").is_file():
+        log(f"{out}: the run is finished; its results stay as they are")  # nothing to train or rewrite
+        return json.loads((out / "summary.json").read_text())
+    # A new run's folder is made (or emptied, with --overwrite) only now: a bad model, data or config
+    # fails before it, and a failure before the first step removes it again.
+    removable = rank == 0 and not resume and _make_output(out, cfg)
+    started = _Started()
+    try:
+        return _train_and_save(loaded, cfg, out, rank, size, resume, log, Callbacks(started, callback))
+    except BaseException:
+        if removable and not started.seen:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+class _Started(TrainingCallback):
+    """Notes that a step has run."""
+
+    seen = False
+
+    def on_step(self, info):
+        self.seen = True
+
+
+def _train_and_save(loaded: _Loaded, cfg: TrainConfig, out: Path, rank: int, size: int, resume: bool, log,
+                    callback: TrainingCallback) -> dict:
+    """Writes the config, runs the loop from the loaded state and writes the results."""
+    model, loop, total_steps, base = loaded.model, loaded.loop, loaded.total_steps, loaded.base
     metrics = MetricsWriter(out / "metrics.jsonl", cfg.log_every, total_steps, enabled=rank == 0)
     if rank == 0:
         if resume:
@@ -228,22 +301,24 @@ def _run(cfg: TrainConfig, out: Path, rank: int, size: int, resume: bool, force:
 
     how = f"mlx.launch -n {size} -- python -m mlx_persona.train" if size > 1 else "mlx-persona train"
     args = TrainingArgs.from_config(cfg, total_steps, checkpoint_dir=out / "checkpoints",
-                                    checkpoint_meta={"config": to_dict(cfg), "data": data_id},
+                                    checkpoint_meta={"config": to_dict(cfg), "data": loaded.data_id},
                                     resume_command=f"{how} --config {out / 'config.yaml'} --resume")
     progress = Progress(total_steps, enabled=cfg.progress and rank == 0)
     progress.start(loop["step"])
-    best = _BestWriter(model, cfg, adapter_config, base, out) if rank == 0 else None
+    best = _BestWriter(model, cfg, loaded.adapter_config, base, out) if rank == 0 else None
     try:
-        loop = train(model, optimizer, train_ds, valid_ds, args, loop=loop,
+        loop = train(model, loaded.optimizer, loaded.train_ds, loaded.valid_ds, args, loop=loop,
                      callback=Callbacks(metrics, _ProgressBar(progress), best, callback,
                                         _TestHold() if testing.requested() else None))
     finally:
         progress.close()
 
-    summary = summarize(cfg, loop, n_trainable, train_ds.report)
+    summary = summarize(cfg, loop, loaded.n_trainable, loaded.train_ds.report)
     if rank == 0:
+        # A resumed run's process saw only its own part: the peak is the largest any part recorded.
+        summary["peak_memory_gb"] = max(summary["peak_memory_gb"], _recorded_peak(out / "metrics.jsonl"))
         testing.hold("results")
-        save_result(model, cfg, adapter_config, base, out)
+        save_result(model, cfg, loaded.adapter_config, base, out)
         ckpt.write_json_atomic(out / "summary.json", summary)
         try:
             from mlx_persona.eval.plots import plot_loss
@@ -256,3 +331,17 @@ def _run(cfg: TrainConfig, out: Path, rank: int, size: int, resume: bool, force:
         + (f", best val_loss {loop['best_val']:.4f} at step {loop['best_step']}" if loop["best_val"] is not None else "")
         + f"; wrote {out}")
     return summary
+
+
+def _recorded_peak(path: Path) -> float:
+    """The largest ``peak_memory_gb`` of the rows of ``metrics.jsonl`` (0 without any)."""
+    peak = 0.0
+    if path.is_file():
+        for line in path.read_text(errors="replace").splitlines():
+            try:
+                value = json.loads(line).get("peak_memory_gb")
+            except (ValueError, AttributeError):
+                continue
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                peak = max(peak, float(value))
+    return peak
