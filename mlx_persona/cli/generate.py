@@ -175,4 +175,4 @@ def chat(model, adapter, system, persona, preset, **settings):
     try:
         run_chat(ChatSession(m, tok, config, system=system, model_path=path, name=name))
     except user_errors() as e:  # e.g. the chat template failed on the conversation
-        fail(f"{model}: {e}")
+        fail(f"{model or adapter}: {e}")
