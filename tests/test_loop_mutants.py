@@ -2,7 +2,8 @@
 trainer, golden-loss and resume tests let live (`make mutate TARGETS=train-loop`): which checkpoints a run
 leaves (the last step when `save_every` does not divide it, the best one past `keep_checkpoints`, none from a
 rank other than 0, the step an early stop ends at), the exit code of a rank stopped by another rank's Ctrl-C, the loss of a step with a single loss token, and the step a non-finite loss or gradient
-is reported at, and the step times."""
+is reported at, the step times, the loop position after an accumulated step, and a step without loss
+tokens."""
 
 import json
 import textwrap
@@ -184,3 +185,25 @@ def test_step_seconds_are_spans_of_the_run(tiny_path):
     assert all(s["seconds"] > 0 for s in steps)
     assert sum(s["seconds"] for s in steps) == pytest.approx(final["train_time"])
     assert final["train_time"] <= wall
+
+
+def test_an_accumulated_step_saves_the_position_after_its_last_micro_batch(tiny_path):
+    # 6 examples in batches of 2: 3 batches an epoch; one step of 2 micro-batches ends before the third.
+    final, steps = _fit(tiny_path, TrainingArgs(total_steps=1, batch_size=2, grad_accumulation=2))
+    assert (final["epoch"], final["batch"]) == (0, 2)
+    assert len(steps[0]["batches"]) == 2
+
+
+def test_a_step_without_loss_tokens_has_loss_zero(tiny_path):
+    # E.g. a batch whose replies were all cut by truncation: nothing to learn, not a 0/0.
+    tokens = np.array([5, 17, 29, 41], dtype=np.int32)
+    batch = collate([tokens], [np.zeros(4, dtype=bool)])
+    assert batch.n_loss == 0
+
+    def empty_batches(dataset, batch_size, seed, start=(0, 0), shard=(0, 1)):
+        while True:
+            yield MicroBatch(batch, [0], 0, (0, 0))
+
+    final, steps = _fit(tiny_path, TrainingArgs(total_steps=2, batch_size=1), iterate_batches=empty_batches)
+    assert final["step"] == 2 and [s["loss"] for s in steps] == [0.0, 0.0]
+    assert [s["grad_norm"] for s in steps] == [0.0, 0.0]
