@@ -13,11 +13,8 @@ line, so that ``printf 'hi\nwhat now?\n' | mlx-persona chat ...`` works in scrip
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import signal
 import sys
-import threading
 from collections.abc import Callable
 from typing import TextIO
 
@@ -89,15 +86,12 @@ class ChatSession:
         stream = stream_generate(self.model, self.tokenizer, messages, self.config, system=self.system,
                                  end_ids=self.end_ids)
         try:
-            with _ctrl_c_sets_a_flag() as stop:
-                for chunk in stream:
-                    if chunk.text:
-                        shown.append(chunk.text)
-                        if on_text:
-                            on_text(chunk.text)
-                    result = chunk.result or result
-                    if stop.is_set():
-                        raise KeyboardInterrupt
+            for chunk in stream:
+                if chunk.text:
+                    shown.append(chunk.text)
+                    if on_text:
+                        on_text(chunk.text)
+                result = chunk.result or result
         except KeyboardInterrupt:
             partial = "".join(shown).strip()
             if partial:
@@ -107,25 +101,6 @@ class ChatSession:
             stream.close()
         self.history = messages + [{"role": "assistant", "content": result.text.strip()}]
         return result
-
-
-@contextlib.contextmanager
-def _ctrl_c_sets_a_flag():
-    """While a reply streams, SIGINT sets a flag that the loop checks after every piece.
-
-    The default handler raises KeyboardInterrupt wherever the interpreter happens to be, and Python drops an
-    exception raised inside a finalizer ("Exception ignored in ..."): under load a Ctrl-C was seen lost
-    that way, the reply running on. A flag cannot be dropped. (Outside the main thread: nothing to install.)
-    """
-    stop = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
-        yield stop
-        return
-    old = signal.signal(signal.SIGINT, lambda signum, frame: stop.set())
-    try:
-        yield stop
-    finally:
-        signal.signal(signal.SIGINT, old)
 
 
 def _command(session: ChatSession, line: str, say: Callable[[str], object]) -> bool:
