@@ -255,7 +255,7 @@ def test_setup_refuses_folders_others_can_write_and_loads_nothing_from_them(tmp_
 HOOK = """
 import ctypes, json, shutil
 from mlx_persona.backend import jit, native
-lib = ctypes.CDLL(str(native.build("jit_hook.cpp", shutil.which("g++"), jit._HOOK_FLAGS, folder="jit-hook",
+lib = ctypes.CDLL(str(native.build("jit_hook.cpp", shutil.which("g++"), jit.hook_flags(), folder="jit-hook",
                                    name="libmlxp_jit.so", libs=("-ldl",))))
 lib.mlxp_jit_install.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
 lib.mlxp_jit_error.restype = ctypes.c_char_p
