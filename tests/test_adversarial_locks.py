@@ -104,7 +104,8 @@ def assert_in_use(fn, out: Path, pid: int):
     before, cpu = snapshot(out), time.process_time()
     with pytest.raises(OutputInUse) as e:
         fn()
-    assert time.process_time() - cpu < 5
+    print(f"refused after {time.process_time() - cpu:.3f} CPU s")
+    assert time.process_time() - cpu < 5  # measured <= 0.005 for every command here
     assert e.value.pid == pid
     assert str(e.value).startswith(f"{out} is in use by process {pid} (started 20")
     assert snapshot(out) == before
