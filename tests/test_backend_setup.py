@@ -35,7 +35,8 @@ def _fresh(tmp_path: Path, **extra) -> tuple[dict, list[Path]]:
     roots = [tmp_path / "home", tmp_path / "cache", tmp_path / "tmp"]
     roots[0].mkdir()
     roots[2].mkdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLX_PERSONA_")}
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("MLX_PERSONA_") or k == "MLX_PERSONA_CPU_FLAGS_MASK"}  # the CPU the suite runs as
     env.update(HOME=str(roots[0]), MLX_PERSONA_CACHE=str(roots[1]), TMPDIR=str(roots[2]), **extra)
     return env, roots
 
