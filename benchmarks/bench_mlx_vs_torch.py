@@ -603,7 +603,7 @@ def mlx_matmul_modes(a) -> list[str]:
 
     cpu_only = a.mlx_dtype in ("auto", "float32") and torch_device() == "cpu"
     possible = (sys.platform == "linux" and platform.machine() == "x86_64" and sgemm.find_mkl() is not None
-                and sgemm.cpu_support() != "")
+                and sgemm.cpu_support() != "" and not sgemm._layer_off())  # MLX_PERSONA_SGEMM=0: no bf16
     return ["fp32", "bf16"] if cpu_only and possible else ["fp32"]
 
 

@@ -122,7 +122,8 @@ def _attack(plan: dict) -> None:
 
 
 def _env(home: Path, tmpdir: Path, cache: Path | None = None, **extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLX_PERSONA_")}
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("MLX_PERSONA_") or k == "MLX_PERSONA_CPU_FLAGS_MASK"}  # the CPU the suite runs as
     env.update(HOME=str(home), TMPDIR=str(tmpdir), HF_HUB_OFFLINE="1", **extra)
     for name in ("TMP", "TEMP", "TEMPDIR"):  # MLX's temp_directory_path() would read them after TMPDIR
         env.pop(name, None)

@@ -23,6 +23,7 @@ from mlx_persona.export.web import PAGE_DIR, install_page, make_server, node_mod
 
 SECRET = "TOP-SECRET-7f3a"
 INDEX = "<!DOCTYPE html><title>persona page</title>"
+PATIENCE = 6.0  # seconds a test waits for a server with a 1 s timeout to close a connection (default: 10)
 needs_js = pytest.mark.needs((node_modules() / "@huggingface" / "transformers" / "dist").is_dir(),
                              reason=f"transformers.js not installed: run `npm ci` in {PAGE_DIR}")
 
@@ -238,10 +239,12 @@ def test_half_sent_connections_bounded_and_timed_out(site):
         time.sleep(0.3)
         peak = threading.active_count() - before
         assert peak <= 32 + 3, f"{peak} server threads for 200 half-sent requests"
-        # Each is closed by the server: at once over the bound, after the 1 s read timeout within it.
+        # Each is closed by the server: at once over the bound, after the 1 s read timeout within it. Only
+        # time tells the 1 s asked for from the 10 s default: the patience sits between them, 5 s past the
+        # timeout, for a loaded machine (measured here: all closed within 1.0-1.3 s).
         held = []
         for c, since in socks:
-            c.settimeout(max(0.05, since + 4 - time.monotonic()))
+            c.settimeout(max(0.05, since + PATIENCE - time.monotonic()))
             try:
                 while c.recv(4096):
                     pass
@@ -251,7 +254,7 @@ def test_half_sent_connections_bounded_and_timed_out(site):
                 held.append(float("inf"))
                 continue
             held.append(time.monotonic() - since)
-        assert max(held) < 3, f"a half-sent request was held {max(held):.1f}s (timeout 1s)"
+        assert max(held) < PATIENCE, f"a half-sent request was held {max(held):.1f}s (timeout 1s)"
         with urllib.request.urlopen(f"http://127.0.0.1:{s.port}/index.html", timeout=5) as r:
             assert r.read() == INDEX.encode()
         print(f"200 half-sent connections opened in {opened:.2f}s: peak {peak} server threads, "
@@ -260,35 +263,39 @@ def test_half_sent_connections_bounded_and_timed_out(site):
         for c, _ in socks:
             c.close()
         s.close()
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 60  # waits for the server's threads to end, no longer than needed
     while threading.active_count() > before and time.monotonic() < deadline:
         time.sleep(0.05)
     assert threading.active_count() <= before
 
 
 def test_trickled_request_cut_at_the_deadline(site):
-    """One byte per 0.3 s never trips a per-read timeout of 1 s; the request as a whole must."""
+    """One byte per 0.3 s never trips a per-read timeout of 1 s; the request as a whole (line and headers
+    within 1 s) must: the server closes the connection while the trickle goes on. 30 bytes take 9 s, so
+    neither a missing deadline nor the 10 s default passes; a late scheduler only closes it later."""
     s = Served(site, timeout=1.0)
     try:
         with socket.create_connection(("127.0.0.1", s.port), timeout=2) as c:
-            t0, closed = time.monotonic(), None
-            data = f"GET /index.html HTTP/1.1\r\nHost: 127.0.0.1:{s.port}\r\nX-Slow: {'a' * 40}".encode()
-            for i in range(len(data)):  # bounded: at most 4 s
-                if time.monotonic() - t0 > 4:
-                    break
+            c.sendall(f"GET /index.html HTTP/1.1\r\nHost: 127.0.0.1:{s.port}\r\nX-Slow: ".encode())
+            t0, sent, closed = time.monotonic(), 0, False
+            for _ in range(30):
                 try:
-                    c.sendall(data[i:i + 1])
+                    c.sendall(b"a")
                 except (BrokenPipeError, ConnectionResetError):
-                    closed = time.monotonic() - t0
+                    closed = True
                     break
+                sent += 1
                 c.settimeout(0.3)
                 try:
-                    if c.recv(4096) == b"":
-                        closed = time.monotonic() - t0
-                        break
+                    closed = c.recv(4096) == b""
+                except ConnectionResetError:
+                    closed = True
                 except TimeoutError:
                     pass
-            assert closed is not None and closed < 3, f"trickled request still open after {time.monotonic() - t0:.1f}s"
+                if closed:
+                    break
+            print(f"closed by the server after {sent} trickled bytes, {time.monotonic() - t0:.2f}s")
+            assert closed, f"trickled request still open after {sent} bytes, {time.monotonic() - t0:.1f}s"
         with urllib.request.urlopen(f"http://127.0.0.1:{s.port}/", timeout=5) as r:
             assert r.read() == INDEX.encode()
     finally:

@@ -35,7 +35,8 @@ def _fresh(tmp_path: Path, **extra) -> tuple[dict, list[Path]]:
     roots = [tmp_path / "home", tmp_path / "cache", tmp_path / "tmp"]
     roots[0].mkdir()
     roots[2].mkdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLX_PERSONA_")}
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("MLX_PERSONA_") or k == "MLX_PERSONA_CPU_FLAGS_MASK"}  # the CPU the suite runs as
     env.update(HOME=str(roots[0]), MLX_PERSONA_CACHE=str(roots[1]), TMPDIR=str(roots[2]), **extra)
     return env, roots
 
@@ -255,7 +256,7 @@ def test_setup_refuses_folders_others_can_write_and_loads_nothing_from_them(tmp_
 HOOK = """
 import ctypes, json, shutil
 from mlx_persona.backend import jit, native
-lib = ctypes.CDLL(str(native.build("jit_hook.cpp", shutil.which("g++"), jit._HOOK_FLAGS, folder="jit-hook",
+lib = ctypes.CDLL(str(native.build("jit_hook.cpp", shutil.which("g++"), jit.hook_flags(), folder="jit-hook",
                                    name="libmlxp_jit.so", libs=("-ldl",))))
 lib.mlxp_jit_install.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
 lib.mlxp_jit_error.restype = ctypes.c_char_p

@@ -7,6 +7,7 @@ commands, Ctrl-D. Each expect has a generous timeout only so that a broken build
 
 import importlib.util
 import os
+import signal
 import stat
 import sys
 from pathlib import Path
@@ -32,8 +33,11 @@ def spawn(state: Path, *args):
     env = {k: v for k, v in os.environ.items() if k != "MLX_PERSONA_HISTORY"}
     # A plain terminal and no inputrc of the user's: the keys do what readline's defaults say.
     env.update(XDG_STATE_HOME=str(state), TERM="dumb", INPUTRC=os.devnull, HF_HUB_OFFLINE="1")
+    # SIGINT as at a terminal: a suite started in the background (nohup, `&`, some CI runners) ignores it, and
+    # a child inherits that, so Python would install no KeyboardInterrupt and Ctrl-C would do nothing.
     child = pexpect.spawn(sys.executable, ["-m", "mlx_persona", "chat", "--model", "builtin:tiny", "--temperature",
-                                           "0", *args], cwd=str(REPO), env=env, encoding="utf-8", timeout=120)
+                                           "0", *args], cwd=str(REPO), env=env, encoding="utf-8", timeout=120,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     child.expect_exact(PROMPT)
     return child
 

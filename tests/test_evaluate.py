@@ -46,9 +46,9 @@ def prompts(tmp_path_factory) -> Path:
 def adapter(tiny_path, tmp_path_factory) -> Path:
     """A LoRA folder whose lora_b is random, so the model it makes replies (and scores) differently."""
     model, _ = load_model(tiny_path)
+    mx.random.seed(3)  # before attach_adapters, which draws lora_a: the same adapter whatever ran before
     cfg = attach_adapters(model, "lora", rank=4, alpha=8.0, modules=["q_proj", "v_proj", "down_proj"])
     cfg.update({"model": str(tiny_path), "model_spec": "builtin:tiny"})
-    mx.random.seed(3)
     for _, m in model.named_modules():
         if hasattr(m, "lora_b"):
             m.lora_b = 0.2 * mx.random.normal(m.lora_b.shape)

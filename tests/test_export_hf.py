@@ -30,9 +30,9 @@ PROMPT = [{"role": "user", "content": "Bluey and Bingo are playing keepy uppy wi
 def make_adapter(base: Path, out: Path, method: str = "lora", seed: int = 1, zero: bool = False) -> Path:
     """An adapter folder for `base` whose lora_b (and DoRA magnitude) are random, so it changes outputs."""
     model, _ = load_model(str(base))
+    mx.random.seed(seed)  # before attach_adapters, which draws lora_a: the same adapter whatever ran before
     cfg = attach_adapters(model, method, rank=4, alpha=8.0, modules=MODULES)
     cfg["model"] = str(base)
-    mx.random.seed(seed)
     for _, m in model.named_modules():
         if hasattr(m, "lora_b"):
             m.lora_b = mx.zeros_like(m.lora_b) if zero else 0.05 * mx.random.normal(m.lora_b.shape)

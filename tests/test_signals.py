@@ -1,13 +1,11 @@
 """Stopping well: Ctrl-C saves at the next step boundary and says how to resume; a second Ctrl-C exits at
 once without writing; a non-finite loss or gradient stops the run without touching the last checkpoint."""
 
-import time
-
 import mlx.core as mx
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from training_runs import SIGINT, SignalAtStep, cli_args, config, metrics, train_process
+from training_runs import SIGINT, Held, SignalAtStep, cli_args, config, metrics
 
 import mlx_persona.tuner.batching as batching_mod
 import mlx_persona.tuner.run as run_mod
@@ -33,26 +31,20 @@ def test_ctrl_c_saves_at_the_next_step_and_exits_130_with_the_resume_command(tin
 
 
 def test_second_ctrl_c_exits_at_once_without_writing(tiny_path, small_data, tmp_path):
-    """Two SIGINTs to a real process: the first asks for a save at the end of the step, the second (sent
-    while that save is held open by the test-only pause) exits at once; no checkpoint is completed."""
+    """Two SIGINTs to a real process: the first (while it waits after step 1) asks for a save at the end of
+    the next step; the second, sent while that save waits after its first file (a test hold point, not a
+    race against a pause), exits at once; no checkpoint is completed."""
     out = tmp_path / "run"
-    proc = train_process(cli_args(tiny_path, small_data, out, steps=200, save_every=1000),
-                         env={"MLX_PERSONA_TEST_PAUSE_IN_SAVE": "5"})
-    try:
-        deadline = time.monotonic() + 120
-        while not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text():
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-            time.sleep(0.05)
-        proc.send_signal(SIGINT)
-        while not list((out / "checkpoints").glob(".tmp-step-*")):  # the save has begun, and pauses
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-            time.sleep(0.02)
-        proc.send_signal(SIGINT)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 130, err
+    args = cli_args(tiny_path, small_data, out, steps=200, save_every=1000)
+    with Held(args, ["step:1", "save:2:weights.safetensors"], tmp_path / "hold") as proc:
+        proc.wait("step:1")
+        proc.proc.send_signal(SIGINT)
+        proc.release()
+        proc.wait("save:2:weights.safetensors")  # the save the first Ctrl-C asked for has begun
+        assert list((out / "checkpoints").glob(".tmp-step-*"))
+        proc.proc.send_signal(SIGINT)
+        code, err = proc.finish(timeout=60), proc.output()
+    assert code == 130, err
     assert "second interrupt: exiting now without saving" in err
     assert ckpt.list_checkpoints(out / "checkpoints") == []
     assert not (out / "adapters.safetensors").exists()

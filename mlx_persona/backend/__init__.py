@@ -27,7 +27,7 @@ import platform
 
 from mlx_persona.backend import blas, jit, sgemm
 from mlx_persona.backend.blas import openblas_coretype
-from mlx_persona.backend.cpu import cpu_flags, file_stamp, is_linux
+from mlx_persona.backend.cpu import cpu_flags, describe_flags, file_stamp, is_linux
 from mlx_persona.backend.device import default_dtype, dtype_from_name, matmul_gflops
 
 __all__ = ["blas_status", "cpu_flags", "cpu_rewrites_enabled", "default_dtype", "describe", "dtype_from_name",
@@ -92,6 +92,7 @@ def describe() -> dict:
         "precision": sgemm.bf16_status() if linux else "the dtype's own",
         "jit": jit_status()[1],
         "cpu_count": os.cpu_count(),
+        "cpu": describe_flags() if linux else "not read (not Linux)",
     }
     try:
         import mlx_lm

@@ -2,13 +2,13 @@
 
 ``mx.compile`` fuses elementwise ops into C++ that MLX builds at run time with ``g++ -O3``, for the
 baseline x86-64 (SSE2) and with ``exp``/``tanh`` left as out-of-line calls, one element at a time: ~40
-million exp/s here. The same kernel built with :data:`JIT_FLAGS` (for the host CPU, math errno off, MLX's
+million exp/s here. The same kernel built with :func:`jit_flags` (for the host CPU, math errno off, MLX's
 inline vector ``exp`` actually inlined) runs ~25x faster (AVX-512). MLX keeps its kernels by name under
 ``temp_directory_path()/mlx`` (``$TMPDIR``, usually the shared ``/tmp``) and loads any library it finds
 there.
 
 :func:`install` changes both for MLX alone: it builds ``native/jit_hook.cpp`` with ``g++`` and
-:data:`JIT_FLAGS` (so the build also proves that the compiler takes them) and points two entries of
+:func:`jit_flags` (so the build also proves that the compiler takes them) and points two entries of
 ``libmlx.so``'s own global offset table at it: ``popen`` (MLX's compile command gets the flags and the
 compiler's absolute path; any other command runs unchanged) and ``std::filesystem::temp_directory_path``
 (the kernel folder becomes ``cache_dir()/jit/<key>``, created 0700 and checked to be ours alone before
@@ -38,14 +38,23 @@ import shutil
 from pathlib import Path
 
 from mlx_persona.backend import native
-from mlx_persona.backend.cpu import cpu_flags, file_stamp, warn
+from mlx_persona.backend.cpu import cpu_flags, file_stamp, march_flags, warn
 from mlx_persona.backend.folders import private_dir
 from mlx_persona.paths import cache_dir
 
-# Added to MLX's `g++ -std=c++17 -O3 -Wall -fPIC -shared` for its fused CPU kernels (see the module doc).
-JIT_FLAGS = ("-march=native", "-fno-math-errno", "-fno-trapping-math",
-             "--param", "max-inline-insns-single=2000", "--param", "max-inline-insns-auto=2000")
-_HOOK_FLAGS = (*JIT_FLAGS, "-std=c++17", "-O2", "-fPIC", "-shared")
+# Added to MLX's `g++ -std=c++17 -O3 -Wall -fPIC -shared` for its fused CPU kernels (see the module doc), after
+# -march=native and the -mno- switches of the flags $MLX_PERSONA_CPU_FLAGS_MASK hides (cpu.march_flags).
+MATH_FLAGS = ("-fno-math-errno", "-fno-trapping-math",
+              "--param", "max-inline-insns-single=2000", "--param", "max-inline-insns-auto=2000")
+
+
+def jit_flags() -> tuple[str, ...]:
+    return (*march_flags(), *MATH_FLAGS)
+
+
+def hook_flags() -> tuple[str, ...]:
+    return (*jit_flags(), "-std=c++17", "-O2", "-fPIC", "-shared")
+
 
 _state = {"lib": None, "folder": None, "reason": "not set up"}
 
@@ -61,7 +70,7 @@ def kernel_folder(gxx: str, root: Path | None = None) -> Path:
     Raises:
         UnsafeFolder: a folder on the way is not ours alone.
     """
-    key = hashlib.sha256(repr((file_stamp(gxx), JIT_FLAGS, sorted(cpu_flags()), platform.machine()))
+    key = hashlib.sha256(repr((file_stamp(gxx), jit_flags(), sorted(cpu_flags()), platform.machine()))
                          .encode()).hexdigest()[:12]
     return private_dir(root or cache_dir(), "jit", key)
 
@@ -69,7 +78,7 @@ def kernel_folder(gxx: str, root: Path | None = None) -> Path:
 def _hook_in(gxx: str, root: Path) -> tuple[Path, ctypes.CDLL]:
     """(the kernel folder, the hook library loaded), both under `root`."""
     folder = kernel_folder(gxx, root)
-    path = native.build("jit_hook.cpp", gxx, _HOOK_FLAGS, folder="jit-hook", name="libmlxp_jit.so",
+    path = native.build("jit_hook.cpp", gxx, hook_flags(), folder="jit-hook", name="libmlxp_jit.so",
                         libs=("-ldl",), root=root)
     return folder, ctypes.CDLL(str(path), mode=os.RTLD_LOCAL)
 
@@ -111,7 +120,7 @@ def install() -> None:
     try:
         (folder, lib), refused = native.cache_or_run_dir(lambda root: _hook_in(gxx, root))
     except native.BuildError as e:
-        _guard_mlx_folder(f"g++ cannot build the hook with {' '.join(JIT_FLAGS)}: {e}")
+        _guard_mlx_folder(f"g++ cannot build the hook with {' '.join(jit_flags())}: {e}")
         return
     except OSError as e:  # no safe folder to build in, even for this run alone
         _guard_mlx_folder(f"not set up: {e}")
@@ -125,13 +134,13 @@ def install() -> None:
     lib.mlxp_jit_last_command.argtypes = [ctypes.c_char_p, ctypes.c_long]
     lib.mlxp_jit_last_command.restype = ctypes.c_long
     lib.mlxp_jit_compiles.restype = ctypes.c_long
-    compiler = " ".join(shlex.quote(word) for word in (gxx, *JIT_FLAGS))
+    compiler = " ".join(shlex.quote(word) for word in (gxx, *jit_flags()))
     rc = lib.mlxp_jit_install(compiler.encode(), str(folder).encode())
     if rc != 0:
         _guard_mlx_folder(f"not installed ({lib.mlxp_jit_error().decode()})")
         return
     where = f" (for this run alone: {refused})" if refused is not None else ""
-    _state.update(lib=lib, folder=str(folder), reason=f"g++ {' '.join(JIT_FLAGS)}; kernels in {folder}{where}")
+    _state.update(lib=lib, folder=str(folder), reason=f"g++ {' '.join(jit_flags())}; kernels in {folder}{where}")
 
 
 def status() -> tuple[str | None, str]:

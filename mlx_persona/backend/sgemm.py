@@ -34,14 +34,19 @@ import shutil
 import sys
 
 from mlx_persona.backend import native
-from mlx_persona.backend.cpu import cpu_flags, is_x86_64, warn
+from mlx_persona.backend.cpu import cpu_flags, is_x86_64, march_flags, warn
 from mlx_persona.backend.folders import UnsafeFolder
 
 ENV = "MLX_PERSONA_MATMUL"
 # Products with m*n*k below MIN_WORK, or any side below MIN_DIM, stay exact float32 in bf16 mode.
 MIN_WORK = 1 << 21
 MIN_DIM = 32
-CFLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared")
+
+
+def cflags() -> tuple[str, ...]:
+    """For this CPU (less any flag $MLX_PERSONA_CPU_FLAGS_MASK hides): its AVX512-BF16, where it has it,
+    rounds to bf16 sixteen floats at a time; elsewhere, a scalar loop with the same rounding."""
+    return ("-O3", *march_flags(), "-fopenmp", "-fPIC", "-shared")
 
 _state = {"lib": None, "bf16": False, "reason": "not set up",
           "bf16_reason": "off (set MLX_PERSONA_MATMUL=bf16 to turn it on)"}
@@ -75,9 +80,10 @@ def find_mkl() -> str | None:
     return None
 
 
-def cpu_support() -> str:
-    """What the CPU multiplies bfloat16 with: 'AMX', 'AVX512-BF16', or '' (oneMKL emulates it, slowly)."""
-    flags = cpu_flags()
+def cpu_support(flags: frozenset[str] | None = None) -> str:
+    """What the CPU (`flags`: this one's) multiplies bfloat16 with: 'AMX', 'AVX512-BF16', or '' (oneMKL
+    emulates it, slowly)."""
+    flags = cpu_flags() if flags is None else flags
     if "amx_bf16" in flags:
         return "AMX"
     if "avx512_bf16" in flags:
@@ -142,7 +148,7 @@ def setup(blas: str, bf16: bool) -> bool:
         return False
     try:
         path, refused = native.cache_or_run_dir(
-            lambda root: native.build("sgemm.c", cc, CFLAGS, folder="sgemm", name="libmlxp_sgemm.so",
+            lambda root: native.build("sgemm.c", cc, cflags(), folder="sgemm", name="libmlxp_sgemm.so",
                                       libs=("-ldl",), root=root))
         lib = ctypes.CDLL(str(path), mode=os.RTLD_LOCAL)
     except UnsafeFolder as e:  # not even a private folder of this run

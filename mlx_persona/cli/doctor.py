@@ -20,7 +20,7 @@ def doctor(size):
     from mlx_persona.backend import sgemm
 
     info = plat.describe()
-    for key in ("platform", "python", "mlx", "mlx_lm", "device", "metal", "dtype", "blas", "blas_core", "blas_note", "sgemm", "precision", "jit", "cpu_count"):
+    for key in ("platform", "python", "mlx", "mlx_lm", "device", "metal", "dtype", "blas", "blas_core", "blas_note", "sgemm", "precision", "jit", "cpu_count", "cpu"):
         click.echo(f"{key:>10}: {info.get(key)}")
     gflops = plat.matmul_gflops(size, mx.float32)
     inputs = ", bf16 inputs" if sgemm.bf16_active() else ""
