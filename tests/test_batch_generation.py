@@ -22,6 +22,7 @@ from mlx_persona.cli import main
 from mlx_persona.generation import build_prompt, end_token_ids, generate
 from mlx_persona.models import load_model
 from mlx_persona.sampling import GenerationConfig, process_logits
+from mlx_persona.sampling.sampler import HFSampler
 
 PROMPTS = ["Hi!", "G'day Bluey! What will we play in the backyard today?",
            "Tell me everything about Bingo, the long game of keepy uppy with the balloon and what Dad said",
@@ -88,9 +89,24 @@ def _finite_close(got: np.ndarray, want: np.ndarray, tol: float) -> bool:
     return bool((np.isneginf(got) == excluded).all() and np.abs(got[~excluded] - want[~excluded]).max() < tol)
 
 
+def _draw(cfg: GenerationConfig, step: int, logprobs: np.ndarray) -> int:
+    """The token a row seeded as `cfg` draws at `step` from `logprobs` (its key chain split once per token)."""
+    sampler = HFSampler(cfg)
+    for _ in range(step):
+        sampler(mx.zeros((1, logprobs.shape[-1])))
+    return int(sampler(mx.array(logprobs)[None]).item())
+
+
 def test_sampled_rows_draw_from_the_unbatched_distribution(tiny):
     """At every step a sampled row's sampler is given what process_logits makes of the model's logits for that
-    row's history alone (a fresh forward pass, no cache), and its seeded draws are the unbatched ones."""
+    row's history alone (a fresh forward pass, no cache), and draws from it with the row's own key; so its
+    seeded draws are the unbatched ones, except where a draw is a rounding near-tie.
+
+    A draw depends on the last bits of the probabilities: one row of the batch and the unbatched decode
+    (sgemv instead of sgemm) differ by ~1e-6, and with MLX_PERSONA_JIT=0 and OpenBLAS's AVX-512 kernels row
+    3 drew token 1379 batched, 1380 unbatched, at step 14. Such a step is a near-tie: the draw from the
+    fresh forward pass's probabilities (a third rounding of the same distribution) is one of the two. After
+    it the histories differ, so that row is compared no further; at most one row may have one."""
     model, tok, ends = tiny
     end_ids = ends + [PRO]
     base = {"temperature": 0.9, "top_k": 40, "top_p": 0.9, "min_p": 0.02, "max_new_tokens": 24}
@@ -105,16 +121,33 @@ def test_sampled_rows_draw_from_the_unbatched_distribution(tiny):
         seen[i, step] = np.array(logprobs)
 
     got = batch_generate(model, tok, PROMPTS, configs, batch_size=3, end_ids=end_ids, on_logits=keep)
-    assert same(got, unbatched(tiny, configs, end_ids))
-    for i, (prompt, cfg, row) in enumerate(zip(PROMPTS, configs, got)):
+    want = unbatched(tiny, configs, end_ids)
+    near_ties = []
+    for i, (prompt, cfg, row, ref) in enumerate(zip(PROMPTS, configs, got, want)):
         ids = build_prompt(tok, prompt)
         processors_only = dataclasses.replace(cfg, temperature=0.0)  # the warpers are the sampler's
-        for step in range(len(row.tokens) + (row.stop_reason == "end_token")):
+        steps = len(row.tokens) + (row.stop_reason == "end_token")
+        for step in range(steps):
             history = ids + row.tokens[:step]
             logits = model(mx.array([history]))[0, -1]
-            want = process_logits(processors_only, history, logits, prompt_length=len(ids), eos_token_ids=end_ids)
-            assert _finite_close(seen[i, step], np.array(want), 1e-5), (i, step)
+            fresh = np.array(process_logits(processors_only, history, logits, prompt_length=len(ids),
+                                            eos_token_ids=end_ids))
+            assert _finite_close(seen[i, step], fresh, 1e-5), (i, step)
+            drawn = row.tokens[step] if step < len(row.tokens) else None
+            if drawn is not None:
+                assert _draw(cfg, step, seen[i, step]) == drawn, (i, step)  # its own key, what it was given
+            if near_ties and near_ties[-1][0] == i:
+                continue  # past this row's near-tie: another history than the unbatched row's
+            theirs = ref.tokens[step] if step < len(ref.tokens) else None
+            if drawn != theirs:
+                assert drawn is not None and theirs is not None, (i, step, row, ref)
+                assert _draw(cfg, step, fresh) in (drawn, theirs), (i, step, drawn, theirs)
+                near_ties.append((i, step, drawn, theirs))
+        if not (near_ties and near_ties[-1][0] == i):
+            assert same([row], [ref]), i
     assert len(seen) == sum(len(r.tokens) + (r.stop_reason == "end_token") for r in got)
+    print(f"sampled rows: near-ties {near_ties} in {len(seen)} draws")
+    assert len(near_ties) <= 1, near_ties
 
 
 def test_kv_bytes_and_default_batch_size(tiny, tiny_path):
