@@ -261,6 +261,18 @@ def test_in_character_with_another_card(tmp_path):
     assert check_contract(out) == rule_pairs_of([(D, B), (A, B), (D, A), (C, B), (D, C)], "rule:in-character")
 
 
+def test_text_that_utf8_cannot_hold_is_kept_escaped(tmp_path):
+    results = tmp_path / "results.jsonl"
+    rows = [row(0, P0, "Hooray \ud800!", "end_token"), row(0, P0, "Oh no", "end_token", seed=1)]
+    results.write_text("".join(json.dumps(r) + "\n" for r in rows))  # json.dumps escapes the lone surrogate
+    out = tmp_path / "pairs.jsonl"
+    result = run("data", "pairs", results, "--prefer", "complete", "-o", out)
+    assert result.exit_code == 0, result.output
+    assert '"chosen": "Hooray \\ud800!"' in out.read_text(encoding="ascii")
+    assert [json.loads(line) for line in out.read_text().splitlines()] == \
+        [pair(P0, "Hooray \ud800!", "Oh no", "rule:complete", "0")]
+
+
 def test_parse_rule():
     assert [parse_rule(t) for t in ("complete", "in-character", "longer-than 40", "longer-than=7", "longer-than:1")] \
         == [Rule("complete"), Rule("in-character"), Rule("longer-than", 40), Rule("longer-than", 7),
@@ -295,6 +307,7 @@ def test_bad_results_are_path_line_reason(tmp_path):
             ([results, "--prefer", "complete", "--rater", "all"],
              f"error: {results}: is an eval's results, not a ratings database; --rater applies to a database"),
             ([bare, "--prefer", "in-character"], f"error: {bare}:1: metrics: no breaking_hits"),
+            ([good, "--prefer", "complete", "-o", good, "--overwrite"], f"error: {good}: is the input"),
             ([good, "--prefer", "complete", "-o", tmp_path / "file.txt" / "pairs.jsonl"],
              f"error: {tmp_path / 'file.txt' / 'pairs.jsonl'}: could not be written")):
         (tmp_path / "file.txt").write_text("a file, not a folder")

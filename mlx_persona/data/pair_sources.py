@@ -261,6 +261,15 @@ def dedupe(pairs: list[dict], counts: Counter) -> list[dict]:
     return out
 
 
+def _json_line(obj) -> bytes:
+    """`obj` as one UTF-8 JSON line; escaped as ASCII when it holds a lone surrogate (a ``\\ud800`` escape in
+    the input), which UTF-8 cannot hold."""
+    try:
+        return (json.dumps(obj, ensure_ascii=False) + "\n").encode("utf-8")
+    except UnicodeEncodeError:
+        return (json.dumps(obj) + "\n").encode("ascii")
+
+
 def write_pairs(out: str | Path, pairs: list[dict], *, overwrite: bool = False, source: str | Path | None = None) -> Path:
     """Writes `pairs` as JSONL at `out`: a temporary file beside it, synced, renamed over it.
 
@@ -282,9 +291,9 @@ def write_pairs(out: str | Path, pairs: list[dict], *, overwrite: bool = False, 
         out.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
         try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
+            with os.fdopen(fd, "wb") as f:
                 for p in pairs:
-                    f.write(json.dumps(p, ensure_ascii=False) + "\n")
+                    f.write(_json_line(p))
                 f.flush()
                 os.fsync(f.fileno())
             umask = os.umask(0)
