@@ -219,6 +219,13 @@ def test_pages_and_unknown_routes(served):
     assert server.raw("GET", "/api/judge")[0] == 405
 
 
+def test_one_writer_per_database(served):
+    server, db = served
+    result = CliRunner().invoke(main, ["rate", "--db", str(db), "--no-serve"])
+    assert result.exit_code == 1 and f"is in use by process {server.proc.pid}" in result.output, result.output
+    assert CliRunner().invoke(main, ["rate", "--summary", str(db)]).exit_code == 0  # readers need no lock
+
+
 # ------------------------------------------------------------------------------ the database file
 def test_a_file_that_is_not_a_ratings_database_is_one_clear_line(tmp_path):
     garbage = tmp_path / "garbage.db"
@@ -455,3 +462,22 @@ def test_the_tiny_model_served_as_a_judge_then_stopped(tiny_path, tmp_path):
     assert f"judge:tiny-judge: 0 stored, 0 unparsable, {6 - kept} failed" in second.output
     assert len(rows(db)) == kept
     assert summarize(conn)["judge_answers"]["judge:tiny-judge"]["failed"] == 6 - kept
+
+
+# ------------------------------------------------------------------------------ the eval report
+def test_eval_report_shows_the_ratings(tmp_path):
+    conn = store.connect(tmp_path / "r.db")
+    pair = store.Pair("0", "p?", None, "m1", "r1", "m2", "r2")
+    for verdict in ("a", "a", "b", "tie"):
+        store.record(conn, pair, "human", "a", verdict)
+    args = ["eval", "-m", "builtin:tiny", "--limit", "1", "--seeds", "0", "--no-valid", "--max-new-tokens", "4",
+            "-o", str(tmp_path / "report"), "--ratings"]
+    result = CliRunner().invoke(main, [*args, str(tmp_path / "r.db")])
+    assert result.exit_code == 0, result.output
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "## Blind ratings" in md and "| m1 | m2 | 2 | 1 | 1 | 0 | 67% (21%–94%) |" in md
+    assert "67% (21%–94%)" in (tmp_path / "report" / "report.html").read_text()
+    (tmp_path / "bad.db").write_text("not a database")
+    result = CliRunner().invoke(main, [*args[:-2], str(tmp_path / "report2"), "--ratings", str(tmp_path / "bad.db")])
+    assert result.exit_code == 1 and "--ratings: " in result.output and "loading" not in result.output, result.output
+    assert not (tmp_path / "report2").exists()

@@ -16,17 +16,7 @@ from __future__ import annotations
 import click
 
 from mlx_persona import __version__
-from mlx_persona.cli import (
-    data,
-    doctor,
-    eval,
-    export,
-    export_gguf,
-    generate,
-    rate,
-    serve,
-    train,
-)
+from mlx_persona.cli import data, doctor, eval, export, export_gguf, generate, rate, serve, train
 from mlx_persona.cli.options import Group
 
 

@@ -75,24 +75,29 @@ def _pct(x) -> str:
     return "–" if x is None else f"{100 * x:.0f}%"
 
 
-def markdown(summary: dict) -> str:
-    """The summary as markdown tables (what ``rate --summary`` prints and the eval report shows)."""
-    lines = []
+PAIR_HEADER = ["A", "B", "A wins", "B wins", "ties", "both bad", "A's win rate (95% Wilson)"]
+
+
+def tables(summary: dict) -> tuple[list[dict], list[str]]:
+    """The summary as plain tables (``{"title", "header", "rows", "notes"}``, cells as text) and closing
+    lines, for any renderer (:func:`markdown`, the eval report)."""
+    out = []
     for rater, s in summary["raters"].items():
-        lines += [f"### {rater}: {s['judgements']} judgements", "",
-                  "| A | B | A wins | B wins | ties | both bad | A's win rate (95% Wilson) |",
-                  "|---|---|---:|---:|---:|---:|---|"]
+        rows = []
         for p in s["pairs"]:
             ci = f"{_pct(p['win_rate_a'])} ({_pct(p['ci_a'][0])}–{_pct(p['ci_a'][1])})" if p["ci_a"] else "–"
-            lines.append(f"| {p['model_a']} | {p['model_b']} | {p['wins_a']} | {p['wins_b']} | {p['ties']} | "
-                         f"{p['both_bad']} | {ci} |")
+            rows.append([p["model_a"], p["model_b"], *(str(p[k]) for k in ("wins_a", "wins_b", "ties", "both_bad")),
+                         ci])
+        notes = []
         if s["bradley_terry"]:
             ranked = sorted(s["bradley_terry"].items(), key=lambda kv: -kv[1])
-            lines += ["", "Bradley-Terry strength (geometric mean 1; P(i beats j) = s_i / (s_i + s_j)): "
-                      + ", ".join(f"{m} {v:.3g}" for m, v in ranked)]
+            notes.append("Bradley-Terry strength (geometric mean 1; P(i beats j) = s_i / (s_i + s_j)): "
+                         + ", ".join(f"{m} {v:.3g}" for m, v in ranked))
         elif s["bradley_terry_note"]:
-            lines += ["", f"Bradley-Terry strength: {s['bradley_terry_note']}"]
-        lines.append("")
+            notes.append(f"Bradley-Terry strength: {s['bradley_terry_note']}")
+        out.append({"title": f"{rater}: {s['judgements']} judgements", "header": PAIR_HEADER, "rows": rows,
+                    "notes": notes})
+    lines = []
     for a in summary["agreement"]:
         kappa = "–" if a["kappa"] is None else f"{a['kappa']:.2f}"
         pct = "–" if a["percent"] is None else f"{a['percent']:.0f}%"
@@ -101,4 +106,28 @@ def markdown(summary: dict) -> str:
         lines.append(f"{judge} answers: {c['stored']} stored, {c['unparsable']} unparsable, {c['failed']} failed")
     if not summary["raters"]:
         lines.append("no judgements yet")
-    return "\n".join(lines).rstrip() + "\n"
+    return out, lines
+
+
+def markdown(summary: dict) -> str:
+    """The summary as markdown tables (what ``rate --summary`` prints)."""
+    found, closing = tables(summary)
+    lines = []
+    for t in found:
+        lines += [f"### {t['title']}", "", "| " + " | ".join(t["header"]) + " |",
+                  "|---|---|" + "---:|" * 4 + "---|"]
+        lines += ["| " + " | ".join(r) + " |" for r in t["rows"]]
+        lines += [x for n in t["notes"] for x in ("", n)] + [""]
+    return "\n".join(lines + closing).rstrip() + "\n"
+
+
+def report_section(path) -> dict:
+    """What the eval report shows of the ratings database at `path`: ``{"db", "tables", "lines"}``."""
+    from mlx_persona.rate.store import connect
+
+    conn = connect(path, create=False)
+    try:
+        found, closing = tables(summarize(conn))
+    finally:
+        conn.close()
+    return {"db": str(path), "tables": found, "lines": closing}
