@@ -66,10 +66,10 @@ class RateServer(Serve):
     """`python -m mlx_persona rate --results R --db DB --port 0` with its log in a file; `url` once it listens
     (test_serve's Serve: `raw` requests, `stop`)."""
 
-    def __init__(self, results: Path, db: Path, log: Path):
+    def __init__(self, results: Path, db: Path, log: Path, port: int = 0):
         self.log, self._log = log, open(log, "w")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen([sys.executable, "-m", "mlx_persona", "rate", "--results", str(results),
-                                      "--db", str(db), "--port", "0"], cwd=REPO, stdin=subprocess.DEVNULL,
+                                      "--db", str(db), "--port", str(port)], cwd=REPO, stdin=subprocess.DEVNULL,
                                      stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 120
         while not (m := re.search(r"rating on http://127\.0\.0\.1:(\d+)/", self.output())):
@@ -123,7 +123,10 @@ def test_ten_judgements_in_the_browser_survive_a_sigkill(tmp_path):
               {"note": "sounds like her", "key": "2"}, {"click": "#pick-both-bad"},
               {"key": "u"}, {"key": "1"}]  # the 5th judgement undone, then made again
     phase2 = [{"key": "1"}]  # the server is dead: the page says so, nothing is stored
-    phase3 = [{"key": "ArrowRight"}, {"click": "#pick-left"}, {"key": "b"}, {"click": "#pick-tie"}, {"key": "2"}]
+    # Restarted on the same port, the page not reloaded: its pair's token is gone (409), so it says so and
+    # shows the next pair; then five more judgements.
+    phase3 = [{"key": "ArrowLeft"}, {"key": "ArrowRight"}, {"click": "#pick-left"}, {"key": "b"}, {"click": "#pick-tie"},
+              {"key": "2"}]
     cfg = tmp_path / "run.json"
     server = RateServer(results, db, tmp_path / "rate1.log")
     cfg.write_text(json.dumps({"chromium": CHROMIUM, "url": server.url, "phases": [phase1, phase2, phase3]}))
@@ -139,8 +142,8 @@ def test_ten_judgements_in_the_browser_survive_a_sigkill(tmp_path):
         node.stdin.flush()
         assert json.loads(node.stdout.readline()) == {"phase": 2}, node.stderr.read()
         assert rows(db) == after_kill
-        server = RateServer(results, db, tmp_path / "rate2.log")
-        node.stdin.write(server.url + "\n")
+        server = RateServer(results, db, tmp_path / "rate2.log", port=server.port)
+        node.stdin.write("same\n")
         node.stdin.flush()
         out = json.loads(node.stdout.readline())
         node.wait(timeout=60)
@@ -150,8 +153,8 @@ def test_ten_judgements_in_the_browser_survive_a_sigkill(tmp_path):
         server.stop()
     assert "error" not in out, out["error"] + "\n" + "\n".join(out["logs"][-20:])
     steps = out["steps"]
-    assert len(steps) == 13
-    judging = [steps[i] for i in (0, 1, 2, 3, 6)] + steps[8:]  # the judgements kept, in order
+    assert len(steps) == 14
+    judging = [steps[i] for i in (0, 1, 2, 3, 6)] + steps[9:]  # the judgements kept, in order
 
     # Before the kill: 5 judgements kept, the undone one marked, each exactly as shown and chosen.
     assert [r["undone"] for r in after_kill] == [0, 0, 0, 0, 1, 0]
@@ -165,9 +168,10 @@ def test_ten_judgements_in_the_browser_survive_a_sigkill(tmp_path):
         ["1 / 12 rated", "2 / 12 rated", "3 / 12 rated", "4 / 12 rated", "5 / 12 rated", "4 / 12 rated", "5 / 12 rated"]
     # The dead server: the page kept the pair and said why.
     assert steps[7]["phase"] == 1 and "cannot be reached" in steps[7]["after"]["error"]
-    # Restarted: the count as it was, the next pair not a rated one, then five more.
-    first = steps[8]["before"]
-    assert first["progress"] == "5 / 12 rated"
+    assert steps[7]["after"]["left"] == steps[7]["before"]["left"]
+    # Restarted: the stale pair refused, the count as it was, the next pair not a rated one, then five more.
+    assert "nothing was saved" in steps[8]["after"]["error"] and steps[8]["after"]["progress"] == "5 / 12 rated"
+    first = steps[8]["after"]
     rated = {(r["prompt"], frozenset((r["reply_a"], r["reply_b"]))) for r in kept}
     assert (first["prompt"], frozenset((first["left"], first["right"]))) not in rated
     final = rows(db)
@@ -242,6 +246,18 @@ def test_a_file_that_is_not_a_ratings_database_is_one_clear_line(tmp_path):
         assert len(lines) == 1 and lines[0].startswith(f"error: {path}: {what}"), result.output
     result = runner.invoke(main, ["rate", "--results", str(write_results(tmp_path)), "--db", str(other), "--no-serve"])
     assert result.exit_code == 1 and "not a ratings database" in result.output
+
+
+def test_a_database_of_just_the_contract_table_is_read(tmp_path):
+    """Another tool may write the shared `judgements` table alone (issue 15's contract): it is summarised."""
+    db = tmp_path / "contract.db"
+    with sqlite3.connect(db) as c:
+        c.execute("PRAGMA user_version=1")
+        c.execute(store._JUDGEMENTS)
+        c.execute("INSERT INTO judgements (created, rater, prompt_key, prompt, model_a, reply_a, model_b, reply_b, "
+                  "left_is, verdict) VALUES (0, 'human', '0', 'p', 'm1', 'x', 'm2', 'y', 'b', 'a')")
+    result = CliRunner().invoke(main, ["rate", "--summary", str(db)])
+    assert result.exit_code == 0 and "| m1 | m2 | 1 | 0 | 0 | 0 |" in result.output, result.output
 
 
 def test_bad_results_line_names_file_and_line(tmp_path):
@@ -340,6 +356,8 @@ def test_summary_counts_ties_apart_and_undone_nowhere(tmp_path):
     assert p["win_rate_a"] == 0.7 and p["ci_a"] == pytest.approx(list(wilson(7, 10)))
     result = CliRunner().invoke(main, ["rate", "--summary", str(tmp_path / "r.db")])
     assert "| m1 | m2 | 7 | 3 | 2 | 1 | 70% (40%–89%) |" in result.output, result.output
+    as_json = CliRunner().invoke(main, ["rate", "--summary", str(tmp_path / "r.db"), "--json"])
+    assert json.loads(as_json.output) == json.loads(json.dumps(summarize(conn)))
 
 
 def test_summary_agreement_of_human_and_judge(tmp_path):

@@ -86,14 +86,17 @@ class Pair:
 
 
 def _check_schema(conn: sqlite3.Connection, path: Path) -> bool:
-    """Whether the file is a ratings database already (False: an empty one); raises for anything else."""
+    """Whether the file is a ratings database already (False: an empty one); raises for anything else.
+
+    The ``judgements`` table must be the contract's; this command's own tables, where present, its own
+    (a database holding just ``judgements``, written by another tool, gains them when opened)."""
     tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     if not tables:
         return False
     version = conn.execute("PRAGMA user_version").fetchone()[0]
     for name, columns in _COLUMNS.items():
         found = [r[1] for r in conn.execute(f"PRAGMA table_info({name})")]
-        if found != columns:
+        if found != columns and (found or name == "judgements"):
             what = "has no table" if not found else "has a table of other columns:"
             raise RateError(f"{path}: not a ratings database of this version ({what} {name}"
                             f"{'' if not found else ' ' + ', '.join(found)})")
@@ -113,12 +116,12 @@ def connect(path: str | Path, *, create: bool = True) -> sqlite3.Connection:
     try:
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10)
         try:
-            known = _check_schema(conn, path)
+            if not _check_schema(conn, path) and not create:
+                raise RateError(f"{path}: an empty database, not a ratings database")
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
-            if not known:
-                if not create:
-                    raise RateError(f"{path}: an empty database, not a ratings database")
+            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            if not tables >= set(_COLUMNS):
                 with conn:
                     conn.execute("BEGIN")
                     for sql in (_JUDGEMENTS, _ITEMS, _JUDGE_LOG):

@@ -39,8 +39,13 @@
     document.querySelectorAll("button").forEach((b) => { b.disabled = true; });
     try {
       let { status, data } = await call(method, path, body);
-      if (status === 409 && data.error && data.error.code === "stale_pair") ({ status, data } = await call("GET", "/api/next"));
-      if (status === 200) { show(data); setError(null); }
+      let note = null;
+      if (status === 409 && data.error && data.error.code === "stale_pair") {
+        note = "That pair was no longer open (the server restarted, or it was judged in another tab); nothing " +
+               "was saved for it. Judge the pair shown now.";
+        ({ status, data } = await call("GET", "/api/next"));
+      }
+      if (status === 200) { show(data); setError(note); }
       else setError((data.error && data.error.message) || `the server answered ${status}`);
     } catch (e) {
       setError(`the server cannot be reached (${e.message}); the judgement was not saved, try again`);
