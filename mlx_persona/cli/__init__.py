@@ -6,9 +6,9 @@ so `mlx_persona.__main__` can set the backend up before mlx loads.
 
 One module per pipeline stage, each with plain click commands; this file is the one list of them:
 data (validate, stats), train, generate (generate, chat and the generation options), eval (eval,
-sweep, compare), export (fuse, export onnx, web; export gguf and ollama in export_gguf), doctor (doctor, init-model), rate (blind rating); errors holds the
-user-error handling they share, options the option spellings (mlx-lm's names, ``-o/--output``) and the
-messages that name the flag typed.
+sweep, compare), export (fuse, export onnx, web; export gguf and ollama in export_gguf), doctor (doctor,
+init-model), serve, rate (blind rating); errors holds the user-error handling they share, options the
+option spellings (mlx-lm's names, ``-o/--output``) and the messages that name the flag typed.
 """
 
 from __future__ import annotations
