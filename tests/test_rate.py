@@ -384,6 +384,8 @@ def test_replies_generated_by_the_tiny_model_and_not_again(tmp_path):
     assert first.exit_code == 0, first.output
     assert "4 new replies generated" in first.output and "2 pairs" in first.output
     conn = store.connect(tmp_path / "out" / "ratings.db", create=False)
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
     items = [tuple(r) for r in conn.execute("SELECT prompt_key, prompt, model, reply FROM items ORDER BY id")]
     assert [(k, m) for k, _, m, _ in items] == [("0", "one"), ("1", "one"), ("0", "two"), ("1", "two")]
     again = CliRunner().invoke(main, args)
