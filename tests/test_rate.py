@@ -256,8 +256,13 @@ def test_a_database_of_just_the_contract_table_is_read(tmp_path):
         c.execute(store._JUDGEMENTS)
         c.execute("INSERT INTO judgements (created, rater, prompt_key, prompt, model_a, reply_a, model_b, reply_b, "
                   "left_is, verdict) VALUES (0, 'human', '0', 'p', 'm1', 'x', 'm2', 'y', 'b', 'a')")
+    before = db.read_bytes()
     result = CliRunner().invoke(main, ["rate", "--summary", str(db)])
     assert result.exit_code == 0 and "| m1 | m2 | 1 | 0 | 0 | 0 |" in result.output, result.output
+    assert db.read_bytes() == before and not Path(f"{db}-wal").exists()  # a reader writes nothing
+    result = CliRunner().invoke(main, ["rate", "--db", str(db), "--no-serve"])  # a writer adds its tables
+    assert result.exit_code == 1 and "no pairs to rate" in result.output, result.output
+    assert store.has_table(store.connect(db, create=False), "items")
 
 
 def test_bad_results_line_names_file_and_line(tmp_path):

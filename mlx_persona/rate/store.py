@@ -107,7 +107,8 @@ def _check_schema(conn: sqlite3.Connection, path: Path) -> bool:
 
 def connect(path: str | Path, *, create: bool = True) -> sqlite3.Connection:
     """Opens (or, with `create`, makes) the ratings database at `path`, checked; autocommit mode, so that
-    every write below is its own transaction."""
+    every write below is its own transaction. Without `create` (a reader) nothing is written: a missing
+    ``items`` or ``judge_log`` reads as empty (:func:`has_table`)."""
     path = Path(path)
     if not path.exists() and not create:
         raise RateError(f"{path}: no such ratings database")
@@ -118,10 +119,11 @@ def connect(path: str | Path, *, create: bool = True) -> sqlite3.Connection:
         try:
             if not _check_schema(conn, path) and not create:
                 raise RateError(f"{path}: an empty database, not a ratings database")
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
             tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-            if not tables >= set(_COLUMNS):
+            if create:  # a reader (the summary) writes nothing, so a read-only file can be summarised
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=FULL")
+            if create and not tables >= set(_COLUMNS):
                 with conn:
                     conn.execute("BEGIN")
                     for sql in (_JUDGEMENTS, _ITEMS, _JUDGE_LOG):
@@ -134,6 +136,10 @@ def connect(path: str | Path, *, create: bool = True) -> sqlite3.Connection:
         raise RateError(f"{path}: not an SQLite ratings database ({e})") from None
     conn.row_factory = sqlite3.Row
     return conn
+
+
+def has_table(conn: sqlite3.Connection, name: str) -> bool:
+    return conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (name,)).fetchone() is not None
 
 
 def add_items(conn: sqlite3.Connection, rows: list[dict]) -> int:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections import Counter
 
 from mlx_persona.rate.stats import bradley_terry, cohen_kappa, wilson
-from mlx_persona.rate.store import HUMAN
+from mlx_persona.rate.store import HUMAN, has_table
 
 
 def _pair_rows(rows) -> list[dict]:
@@ -63,7 +63,8 @@ def summarize(conn) -> dict:
     by_rater: dict[str, list] = {}
     for r in rows:
         by_rater.setdefault(r["rater"], []).append(r)
-    log = Counter((r[0], r[1]) for r in conn.execute("SELECT rater, outcome FROM judge_log"))
+    log = Counter((r[0], r[1]) for r in conn.execute("SELECT rater, outcome FROM judge_log")) \
+        if has_table(conn, "judge_log") else Counter()
     judges = sorted({rater for rater, _ in log})
     return {"raters": {r: _rater(v) for r, v in sorted(by_rater.items())},
             "agreement": _agreement(by_rater) if HUMAN in by_rater else [],
