@@ -325,3 +325,29 @@ def test_the_command_line_shows_no_traceback(tmp_path):
     assert proc.returncode == 1 and proc.stdout == ""
     assert proc.stderr.startswith(f"error: {results}:3: invalid JSON") and proc.stderr.count("\n") == 1, proc.stderr
     assert os.listdir(tmp_path) == ["results.jsonl"]
+
+
+def test_a_database_written_by_rate_gives_its_verdicts_as_pairs(tmp_path):
+    """The two commands meet at the contract: judgements `rate`'s store records (either side shown on the
+    left, one undone) come out of `data pairs` with the winner chosen, in a/b terms, not left/right."""
+    from mlx_persona.rate import store
+
+    conn = store.connect(tmp_path / "ratings.db")
+    store.add_items(conn, [
+        {"prompt_key": "0", "prompt": "Hi!", "messages": None, "model": "base", "reply": "Hello."},
+        {"prompt_key": "0", "prompt": "Hi!", "messages": None, "model": "tuned", "reply": "Hooray!"},
+        {"prompt_key": "1", "prompt": "Play?", "messages": None, "model": "base", "reply": "No."},
+        {"prompt_key": "1", "prompt": "Play?", "messages": None, "model": "tuned", "reply": "Yes please!"},
+    ])
+    first, second = store.pairs(conn)
+    store.record(conn, first, store.HUMAN, left_is="b", verdict="b")   # tuned (model_b) shown left, chosen
+    store.record(conn, second, store.HUMAN, left_is="a", verdict="a")  # base chosen ...
+    store.undo_last(conn)                                              # ... undone
+    store.record(conn, second, store.HUMAN, left_is="a", verdict="b")  # then tuned
+    out = tmp_path / "pairs.jsonl"
+    result = run("data", "pairs", tmp_path / "ratings.db", "-o", out)
+    assert result.exit_code == 0, result.output
+    assert check_contract(out) == [pair("Hi!", "Hooray!", "Hello.", "human", "0"),
+                                   pair("Play?", "Yes please!", "No.", "human", "1")]
+    assert "1 undone skipped" in result.output
+    conn.close()
