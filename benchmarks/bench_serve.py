@@ -31,7 +31,13 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from benchmarks.common import free_ports, machine_info, write_results
+from benchmarks.common import (
+    cpu_model,
+    free_ports,
+    load_line,
+    machine_info,
+    write_results,
+)
 
 PROMPT = "Hi Bluey! I'm friend number {i}. What game should we play in the backyard today, and why?"
 MLX_LM = ("import sys, mlx_persona.backend as b\n"
@@ -143,13 +149,15 @@ def bench(name: str, server: Server, model: str, a, extra: dict) -> dict:
 def table(res: dict, a) -> str:
     lines = [(f"Serving: 1 model ({a.preset}, fp32 random weights), greedy, {a.max_tokens} tokens per reply, "
               f"{a.requests} requests per client per round, median of {a.trials} rounds"),
-             "", "| clients | ours tok/s | mlx_lm.server tok/s | ratio | ours TTFT ms | mlx_lm TTFT ms | ratio |",
-             "|---:|---:|---:|---:|---:|---:|---:|"]
+             "", ("| clients | ours tok/s | mlx_lm.server tok/s | ratio | ours TTFT ms | mlx_lm TTFT ms | ratio | "
+                  "tokens/reply ours / mlx_lm |"),
+             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for n in a.clients:
         o, m = res["ours"][n], res["mlx_lm"][n]
         lines.append(f"| {n} | {o['tokens_per_s']:.1f} | {m['tokens_per_s']:.1f} | "
                      f"{o['tokens_per_s'] / m['tokens_per_s']:.2f} | {o['ttft_s'] * 1e3:.0f} | "
-                     f"{m['ttft_s'] * 1e3:.0f} | {o['ttft_s'] / m['ttft_s']:.2f} |")
+                     f"{m['ttft_s'] * 1e3:.0f} | {o['ttft_s'] / m['ttft_s']:.2f} | "
+                     f"{o['tokens_per_request']:.0f} / {m['tokens_per_request']:.0f} |")
     return "\n".join(lines)
 
 
@@ -165,6 +173,7 @@ def main() -> None:
     p.add_argument("--no-results", action="store_true", help="do not append to RESULTS.md")
     a = p.parse_args()
     machine = machine_info()
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:  # created 0700
         tmp = Path(tmp)
         model = tmp / "model"
@@ -180,8 +189,10 @@ def main() -> None:
         res["mlx_lm"] = bench("mlx_lm.server", theirs, "default_model", a, {})
     result = {"machine": machine, "command": " ".join(["python", *sys.argv]), "args": {
         k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()}, "results": res,
-        "cpu_count": os.cpu_count()}
-    write_results(a.out, "bench_serve", result, table(res, a), append=not a.no_results)
+        "cpu_count": os.cpu_count(), "cpu_model": cpu_model(), "load_before": load_before,
+        "load_after": os.getloadavg()}
+    md = table(res, a) + "\n\n" + load_line(load_before, result["load_after"])
+    write_results(a.out, "bench_serve", result, md, append=not a.no_results)
 
 
 if __name__ == "__main__":
