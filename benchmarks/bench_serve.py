@@ -1,6 +1,7 @@
 """Serving speed: `mlx-persona serve` against `mlx_lm.server` on the same model, with 1, 4 and 16 clients.
 
-One random-weight model folder (`mlx-persona init-model` into a private temporary folder) is served by
+One random-weight fp32 model folder (`init_model` into a private temporary folder, its embedding rows
+past the tokenizer's pieces zeroed: see `zero_rows_without_pieces`) is served by
 each server in turn, alone on the machine (never both at once). Every client is a thread of the official
 `openai` client streaming greedy chat completions of `--max-tokens` tokens (`stream_options.include_usage`
 gives the count; on our server `min_new_tokens` makes every reply that long, and a random model seldom
@@ -85,6 +86,24 @@ class Server:
             self.proc.kill()
             self.proc.wait()
         self._log.close()
+
+
+def zero_rows_without_pieces(model: Path) -> None:
+    """Zeroes the embedding rows past the tokenizer's pieces (262,144 rows, 2,048 pieces at the Gemma shapes).
+
+    Their logits are then 0 (tied embeddings), below the largest of 2,048 random ones, so greedy decoding
+    never picks an id that has no text: mlx_lm.server's SentencePiece detokenizer raises IndexError on one.
+    The shapes, and so the cost of every step, are unchanged.
+    """
+    import mlx.core as mx
+    from transformers import AutoTokenizer
+
+    pieces = len(AutoTokenizer.from_pretrained(model))
+    path = model / "model.safetensors"
+    weights, meta = mx.load(str(path), return_metadata=True)
+    table = weights["model.embed_tokens.weight"]
+    weights["model.embed_tokens.weight"] = mx.concatenate([table[:pieces], mx.zeros_like(table[pieces:])])
+    mx.save_safetensors(str(path), weights, metadata=meta)
 
 
 def one_request(client, model: str, i: int, max_tokens: int, extra: dict) -> tuple[float, int]:
@@ -172,13 +191,15 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out")
     p.add_argument("--no-results", action="store_true", help="do not append to RESULTS.md")
     a = p.parse_args()
-    machine = machine_info()
+    machine = machine_info()  # runs mlx_persona.backend.setup() before mlx loads
+    from mlx_persona.models import init_model
+
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:  # created 0700
         tmp = Path(tmp)
         model = tmp / "model"
-        subprocess.run([sys.executable, "-m", "mlx_persona", "init-model", str(model), "--preset", a.preset],
-                       cwd=REPO, check=True, stdout=subprocess.DEVNULL)
+        init_model(model, a.preset, dtype="float32")  # fp32 on disk: mlx-lm would run bf16 weights as bf16
+        zero_rows_without_pieces(model)
         port = free_ports(1)
         ours = Server([sys.executable, "-m", "mlx_persona", "serve", "--model", f"bench={model}", "--preset",
                        "greedy", "--port", "0", "--queue-size", "256"], tmp / "ours.log", "/health")
