@@ -1,14 +1,14 @@
 """Serving speed: `mlx-persona serve` against `mlx_lm.server` on the same model, with 1, 4 and 16 clients.
 
-One random-weight fp32 model folder (`init_model` into a private temporary folder, its embedding rows
-past the tokenizer's pieces zeroed: see `zero_rows_without_pieces`) is served by
+One random-weight fp32 model folder (`init_model` into a private temporary folder, the embedding rows of
+ids that show no text zeroed: see `zero_rows_without_text`) is served by
 each server in turn, alone on the machine (never both at once). Every client is a thread of the official
 `openai` client streaming greedy chat completions of `--max-tokens` tokens (`stream_options.include_usage`
 gives the count; on our server `min_new_tokens` makes every reply that long, and a random model seldom
 ends sooner on mlx-lm's). Per level: one warm-up request, then `--trials` rounds in which each of the N
 clients sends `--requests` requests back to back. Measured: aggregate tokens/s (completion tokens of the
-round / its wall time; median over rounds) and time to first token (first content chunk; median over all
-requests). Both servers get the Linux speed layer (`mlx_persona.backend.setup()`: OpenBLAS, kernel JIT
+round / its wall time; median over rounds) and time to first token (the first chunk with text; median
+over all requests). Both servers get the Linux speed layer (`mlx_persona.backend.setup()`: OpenBLAS, kernel JIT
 flags) unless `--mlx-lm-plain`; ours also its CPU rewrites of Gemma's GELU and attention, as always.
 Our server decodes one request at a time; mlx_lm.server batches concurrent ones (`--decode-concurrency`).
 
@@ -88,21 +88,26 @@ class Server:
         self._log.close()
 
 
-def zero_rows_without_pieces(model: Path) -> None:
-    """Zeroes the embedding rows past the tokenizer's pieces (262,144 rows, 2,048 pieces at the Gemma shapes).
+def zero_rows_without_text(model: Path) -> None:
+    """Zeroes the embedding rows of ids that show no text by themselves: those past the tokenizer's pieces
+    (262,144 rows, 2,048 pieces at the Gemma shapes) and the 256 byte pieces (``<0x00>``...).
 
-    Their logits are then 0 (tied embeddings), below the largest of 2,048 random ones, so greedy decoding
-    never picks an id that has no text: mlx_lm.server's SentencePiece detokenizer raises IndexError on one.
-    The shapes, and so the cost of every step, are unchanged.
+    Their logits are then 0 (tied embeddings), below the largest of the ~1,800 random others, so greedy
+    decoding never picks one. mlx_lm.server's SentencePiece detokenizer raises IndexError on an id past
+    the pieces, and byte pieces of random text seldom complete a UTF-8 character, so both servers would
+    hold the text back and the time to the first text would measure that, not the server. A trained
+    model's first token shows text. The shapes, and so the cost of every step, are unchanged.
     """
     import mlx.core as mx
     from transformers import AutoTokenizer
 
-    pieces = len(AutoTokenizer.from_pretrained(model))
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
     path = model / "model.safetensors"
     weights, meta = mx.load(str(path), return_metadata=True)
     table = weights["model.embed_tokens.weight"]
-    weights["model.embed_tokens.weight"] = mx.concatenate([table[:pieces], mx.zeros_like(table[pieces:])])
+    keep = mx.array([i < len(pieces) and not pieces[i].startswith("<0x") for i in range(table.shape[0])])
+    weights["model.embed_tokens.weight"] = mx.where(keep[:, None], table, mx.zeros_like(table))
     mx.save_safetensors(str(path), weights, metadata=meta)
 
 
@@ -199,7 +204,7 @@ def main() -> None:
         tmp = Path(tmp)
         model = tmp / "model"
         init_model(model, a.preset, dtype="float32")  # fp32 on disk: mlx-lm would run bf16 weights as bf16
-        zero_rows_without_pieces(model)
+        zero_rows_without_text(model)
         port = free_ports(1)
         ours = Server([sys.executable, "-m", "mlx_persona", "serve", "--model", f"bench={model}", "--preset",
                        "greedy", "--port", "0", "--queue-size", "256"], tmp / "ours.log", "/health")
