@@ -6,7 +6,8 @@ each server in turn, alone on the machine (never both at once). Every client is 
 `openai` client streaming greedy chat completions of `--max-tokens` tokens (`stream_options.include_usage`
 gives the count; on our server `min_new_tokens` makes every reply that long, and a random model seldom
 ends sooner on mlx-lm's). Per level: one warm-up request, then `--trials` rounds in which each of the N
-clients sends `--requests` requests back to back. Measured: aggregate tokens/s (completion tokens of the
+clients sends `--requests` requests back to back, each with a prompt of its own (so that mlx_lm.server's
+prompt cache cannot skip a prefill that ours does; a failed request is counted, not retried). Measured: aggregate tokens/s (completion tokens of the
 round / its wall time; median over rounds) and time to first token (the first chunk with text; median
 over all requests). Both servers get the Linux speed layer (`mlx_persona.backend.setup()`: OpenBLAS, kernel JIT
 flags) unless `--mlx-lm-plain`; ours also its CPU rewrites of Gemma's GELU and attention, as always.
@@ -19,6 +20,7 @@ Our server decodes one request at a time; mlx_lm.server batches concurrent ones 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import re
 import statistics
@@ -40,7 +42,10 @@ from benchmarks.common import (
     write_results,
 )
 
-PROMPT = "Hi Bluey! I'm friend number {i}. What game should we play in the backyard today, and why?"
+# Each request of a run has its own number, first: no server's prompt cache (mlx_lm.server keeps one) can
+# answer a request from an earlier one beyond the chat template's first tokens.
+PROMPT = "Friend {i} here. Hi Bluey! What game should we play in the backyard today, and why?"
+NUMBERS = itertools.count()  # next() on it is atomic under the GIL
 MLX_LM = ("import sys, mlx_persona.backend as b\n"
           "if sys.argv[1] == 'setup': b.setup()\n"
           "from mlx_lm.server import main\n"
@@ -126,13 +131,18 @@ def one_request(client, model: str, i: int, max_tokens: int, extra: dict) -> tup
     return (first if first is not None else time.perf_counter() - tic), tokens
 
 
-def one_round(client, model: str, clients: int, a, extra: dict) -> tuple[float, list[tuple[float, int]]]:
-    """(wall seconds, [(TTFT, tokens)]) of `clients` threads each sending `a.requests` requests back to back."""
+def one_round(client, model: str, clients: int, a, extra: dict) -> tuple[float, list[tuple[float, int]], int]:
+    """(wall seconds, [(TTFT, tokens)], failed requests) of `clients` threads each sending `a.requests`
+    requests back to back."""
     results: list[tuple[float, int]] = []  # list.append is atomic
+    failed: list[str] = []
 
     def run(c):
-        for r in range(a.requests):
-            results.append(one_request(client, model, c * a.requests + r, a.max_tokens, extra))
+        for _ in range(a.requests):
+            try:
+                results.append(one_request(client, model, next(NUMBERS), a.max_tokens, extra))
+            except Exception as e:  # noqa: BLE001 - counted and reported, the round goes on
+                failed.append(f"{type(e).__name__}: {e}")
 
     threads = [threading.Thread(target=run, args=(c,)) for c in range(clients)]
     tic = time.perf_counter()
@@ -140,22 +150,25 @@ def one_round(client, model: str, clients: int, a, extra: dict) -> tuple[float, 
         t.start()
     for t in threads:
         t.join()
-    return time.perf_counter() - tic, results
+    for message in sorted(set(failed)):
+        print(f"  failed: {message}", flush=True)
+    return time.perf_counter() - tic, results, len(failed)
 
 
 def measure(base: str, model: str, clients: int, a, extra: dict) -> dict:
     import openai
 
     client = openai.OpenAI(base_url=base, api_key="bench", max_retries=0, timeout=3600)
-    one_request(client, model, 0, a.max_tokens, extra)  # warm-up
-    rates, ttft, tokens = [], [], []
+    one_request(client, model, next(NUMBERS), a.max_tokens, extra)  # warm-up
+    rates, ttft, tokens, failed = [], [], [], 0
     for _ in range(a.trials):
-        wall, results = one_round(client, model, clients, a, extra)
+        wall, results, lost = one_round(client, model, clients, a, extra)
         rates.append(sum(n for _, n in results) / wall)
         ttft += [t for t, _ in results]
         tokens += [n for _, n in results]
+        failed += lost
     return {"tokens_per_s": statistics.median(rates), "ttft_s": statistics.median(ttft),
-            "tokens_per_request": statistics.median(tokens), "rounds_tokens_per_s": rates}
+            "tokens_per_request": statistics.median(tokens), "rounds_tokens_per_s": rates, "failed": failed}
 
 
 def bench(name: str, server: Server, model: str, a, extra: dict) -> dict:
@@ -174,14 +187,14 @@ def table(res: dict, a) -> str:
     lines = [(f"Serving: 1 model ({a.preset}, fp32 random weights), greedy, {a.max_tokens} tokens per reply, "
               f"{a.requests} requests per client per round, median of {a.trials} rounds"),
              "", ("| clients | ours tok/s | mlx_lm.server tok/s | ratio | ours TTFT ms | mlx_lm TTFT ms | ratio | "
-                  "tokens/reply ours / mlx_lm |"),
-             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "tokens/reply ours / mlx_lm | failed requests ours / mlx_lm |"),
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for n in a.clients:
         o, m = res["ours"][n], res["mlx_lm"][n]
         lines.append(f"| {n} | {o['tokens_per_s']:.1f} | {m['tokens_per_s']:.1f} | "
                      f"{o['tokens_per_s'] / m['tokens_per_s']:.2f} | {o['ttft_s'] * 1e3:.0f} | "
                      f"{m['ttft_s'] * 1e3:.0f} | {o['ttft_s'] / m['ttft_s']:.2f} | "
-                     f"{o['tokens_per_request']:.0f} / {m['tokens_per_request']:.0f} |")
+                     f"{o['tokens_per_request']:.0f} / {m['tokens_per_request']:.0f} | {o['failed']} / {m['failed']} |")
     return "\n".join(lines)
 
 
