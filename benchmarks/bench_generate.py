@@ -10,6 +10,9 @@ difference between them is the sampler and logits processors alone:
   (temp 0.8, top_k 50, top_p 0.95, repetition_penalty 1.1 over its last 20 tokens);
 - `mlx_persona persona`: our chain with transformers' semantics (min_new_tokens, repetition penalty
   over prompt + generated, temperature -> top-k -> top-p);
+- `mlx_persona persona, its own loop`: the same chain in `generate`'s decode loop
+  (`mlx_persona.generation.token_steps`: the prompt in one pass, the LM head at its last position only,
+  a fused log-softmax), what users get;
 - `transformers (torch)`: `model.generate` with the same settings, on the best torch device.
 
 `--batch-sizes 1,4,16` adds batched generation (:mod:`mlx_persona.batch_generation`): that many prompts
@@ -19,10 +22,16 @@ issue's goal: >= 6x at batch 16 on the 270m shape). `--eval-e2e` times `evaluate
 preset, no validation loss) at batch size 1 and at the default batch size (the goal: >= 5x faster at the
 1b shape with 40 prompts x 3 seeds). Both want a quiet machine: the load average is recorded with them.
 
+`--ttft-breakdown` times the way from a prompt to its first token part by part (chat template, set-up, the
+layers and, op by op, their matmuls and attention, the LM head, processors, log-softmax, draw), end to end
+for mlx_persona's loop, mlx-lm's generate_step and transformers' generate (bf16 and fp32 weights), for
+short chat prompts and one ~400-token conversation (benchmarks/ttft_breakdown.py).
+
     python benchmarks/bench_generate.py                      # gemma-3-270m shape
     python benchmarks/bench_generate.py --preset tiny --new-tokens 32 --trials 2
     python benchmarks/bench_generate.py --batch-sizes 1,4,16 --no-torch
     python benchmarks/bench_generate.py --preset gemma-3-1b --eval-e2e --batch-sizes '' --no-torch
+    python benchmarks/bench_generate.py --ttft-breakdown --trials 3
 """
 
 from __future__ import annotations
@@ -46,16 +55,23 @@ PROMPT = ("Hi Bluey! My name is Sam and I am seven. Can you tell me all about th
           "with Bingo in the backyard, and what Mum and Dad did when it started to rain?")
 
 
-def _time_mlx(model, ids, n_new, sampler, processors) -> tuple[float, float]:
-    """(prompt tokens/s, decode tokens/s) for one generation of exactly n_new tokens."""
+def _time_mlx(model, ids, n_new, sampler, processors, loop: str = "mlx_persona") -> tuple[float, float]:
+    """(prompt tokens/s, decode tokens/s) for one generation of exactly n_new tokens, through mlx_persona's
+    decode loop (`generate`'s, the default) or mlx-lm's ``generate_step`` (`loop="mlx-lm"`)."""
     import mlx.core as mx
     from mlx_lm.generate import generate_step
 
+    from mlx_persona.generation import token_steps
+
+    if loop == "mlx-lm":
+        steps = (t for t, _ in generate_step(mx.array(ids), model, max_tokens=n_new, sampler=sampler,
+                                             logits_processors=processors))
+    else:
+        steps = token_steps(model, ids, sampler, processors, max_tokens=n_new)
     tic = time.perf_counter()
     t_first = None
     count = 0
-    for token, _ in generate_step(mx.array(ids), model, max_tokens=n_new, sampler=sampler,
-                                  logits_processors=processors):
+    for token in steps:
         if t_first is None:
             t_first = time.perf_counter()
         count += 1
@@ -83,17 +99,21 @@ def bench_mlx(model_path: Path, n_new: int, trials: int) -> dict:
     def ban_ends(tokens, logits):  # mlx-lm has no min_new_tokens: ban the end ids the same way
         return logits.at[..., ends].add(-float("inf"))
 
-    variants = {
-        "mlx-lm plain": lambda: (make_sampler(temp=0.8), [ban_ends]),
-        "mlx-lm comparable": lambda: (make_sampler(temp=0.8, top_p=0.95, top_k=50),
-                                      make_logits_processors(repetition_penalty=1.1) + [ban_ends]),
-        "mlx_persona persona": lambda: make_sampler_and_processors(cfg, prompt_tokens=ids, eos_token_ids=ends),
+    def ours():
+        return make_sampler_and_processors(cfg, prompt_tokens=ids, eos_token_ids=ends)
+
+    variants = {  # (sampler and processors, decode loop)
+        "mlx-lm plain": (lambda: (make_sampler(temp=0.8), [ban_ends]), "mlx-lm"),
+        "mlx-lm comparable": (lambda: (make_sampler(temp=0.8, top_p=0.95, top_k=50),
+                                       make_logits_processors(repetition_penalty=1.1) + [ban_ends]), "mlx-lm"),
+        "mlx_persona persona": (ours, "mlx-lm"),
+        "mlx_persona persona, its own loop (generate)": (ours, "mlx_persona"),
     }
     out = {}
-    for name, make in variants.items():
-        _time_mlx(model, ids, 8, *make())  # warm-up (compiles the kernels this shape needs)
-    for name, make in variants.items():
-        runs = [_time_mlx(model, ids, n_new, *make()) for _ in range(trials)]
+    for name, (make, loop) in variants.items():
+        _time_mlx(model, ids, 8, *make(), loop=loop)  # warm-up (compiles the kernels this shape needs)
+    for name, (make, loop) in variants.items():
+        runs = [_time_mlx(model, ids, n_new, *make(), loop=loop) for _ in range(trials)]
         out[name] = {"prompt_tps": statistics.median(r[0] for r in runs),
                      "decode_tps": statistics.median(r[1] for r in runs), "trials": trials}
     out["_prompt_tokens"] = len(ids)
@@ -232,6 +252,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--eval-prompts", type=int, default=40)
     p.add_argument("--eval-seeds", type=int, default=3)
     p.add_argument("--eval-max-new-tokens", type=int, help="default: the persona preset's (256)")
+    p.add_argument("--ttft-breakdown", action="store_true", help="where the time to the first token goes")
+    p.add_argument("--ttft-prompts", type=int, default=3, help="short eval prompts for --ttft-breakdown")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "out"))
     p.add_argument("--no-results", action="store_true", help="do not append to RESULTS.md")
     a = p.parse_args(argv)
@@ -240,6 +262,8 @@ def main(argv: list[str] | None = None) -> None:
     command = ("python benchmarks/bench_generate.py " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
     load = " ".join(f"{x:.1f}" for x in os.getloadavg())
     batch_sizes = [int(b) for b in a.batch_sizes.split(",") if b.strip()]
+    if a.ttft_breakdown:
+        return ttft(a, model_path, command, load)
     if batch_sizes or a.eval_e2e:
         result = {"benchmark": "batched generation", "command": command, "machine": machine_info(),
                   "preset": a.preset, "dtype": "float32", "load_average": load}
@@ -258,6 +282,22 @@ def main(argv: list[str] | None = None) -> None:
                       append=not a.no_results)
     if not batch_sizes and not a.eval_e2e:
         single_sequence(a, model_path, command)
+
+
+def ttft(a, model_path: Path, command: str, load: str) -> None:
+    """The --ttft-breakdown table (benchmarks/ttft_breakdown.py): MLX first, then transformers."""
+    from benchmarks import ttft_breakdown
+
+    machine = machine_info()
+    res = {"mlx": ttft_breakdown.bench_mlx(model_path, a.ttft_prompts, a.trials)}
+    if not a.no_torch:
+        res["torch"] = {dt: ttft_breakdown.bench_torch(model_path, a.ttft_prompts, a.trials, dt)
+                        for dt in ("bfloat16", "float32")}
+    load = f"{load} before, {' '.join(f'{x:.1f}' for x in os.getloadavg())} after"
+    result = {"benchmark": "time to first token", "command": command, "machine": machine, "preset": a.preset,
+              "dtype": "float32", "trials": a.trials, "load_average": load, "milliseconds": res}
+    md = ttft_breakdown.markdown(res, a.trials, load, f"{machine.get('processor')}, {machine.get('cpu')}")
+    write_results(Path(a.out), f"bench_generate_ttft_{a.preset}", result, md, append=not a.no_results)
 
 
 def single_sequence(a, model_path: Path, command: str) -> None:
