@@ -170,14 +170,22 @@ def log_softmax():
     return mx.compile(_log_softmax)
 
 
+# Prompts up to this many tokens (of the last chunk) go through the model in one pass; longer ones as mlx-lm
+# does it: all but the last token into the cache alone, then that token. One pass reads every weight once
+# instead of twice (~18 ms at the 270m shape on 2 cores, 1.1x on a 24-token prompt), but its last layer
+# runs its MLP at every position where the cache needs none of them: ~0.06 ms a token there, as much as
+# the second read at ~300 tokens.
+ONE_PASS_MAX = 256
+
+
 def token_steps(model, ids: list[int], sampler, processors, *, max_tokens: int, prompt_cache=None,
                 prefill_step_size: int = 2048) -> Iterator[int]:
     """Yields up to `max_tokens` new token ids after the prompt `ids`, as mlx-lm's ``generate_step`` does.
 
-    Differences from it, none in what is drawn from: the whole prompt goes through the model in one pass
-    (mlx-lm runs all but its last token, then that token on its own: every weight read twice), the LM head
-    runs at the last position only (:func:`last_logits`), the draw's log-softmax is fused
-    (:func:`log_softmax`), and no step is computed past the last token yielded.
+    Differences from it, none in what is drawn from: a prompt of up to :data:`ONE_PASS_MAX` tokens goes
+    through the model in one pass (mlx-lm runs all but its last token, then that token on its own: every
+    weight read twice), the LM head runs at the last position only (:func:`last_logits`), the draw's
+    log-softmax is fused (:func:`log_softmax`), and no step is computed past the last token yielded.
 
     Args:
         model: an mlx-lm model.
@@ -186,7 +194,7 @@ def token_steps(model, ids: list[int], sampler, processors, *, max_tokens: int, 
             each processor is called as ``processor(tokens so far, logits)``, the sampler with log-probabilities.
         max_tokens: how many tokens at most (>= 1).
         prompt_cache: an mlx-lm KV cache to extend (default: a new one).
-        prefill_step_size: prompts longer than this go through the model in chunks of it.
+        prefill_step_size: prompts longer than this go through the model in chunks of at most this many.
     """
     from mlx_lm.generate import generation_stream
     from mlx_lm.models.cache import make_prompt_cache
@@ -204,10 +212,11 @@ def token_steps(model, ids: list[int], sampler, processors, *, max_tokens: int, 
     with mx.stream(generation_stream):
         tokens = mx.array(ids)
         rest = tokens
-        while rest.size > prefill_step_size:  # the head of these chunks is never evaluated
-            model(rest[None, :prefill_step_size], cache=cache)
+        while rest.size > min(prefill_step_size, ONE_PASS_MAX):  # the head of these chunks is never evaluated
+            n = min(prefill_step_size, rest.size - 1)
+            model(rest[None, :n], cache=cache)
             mx.eval([c.state for c in cache])
-            rest = rest[prefill_step_size:]
+            rest = rest[n:]
             mx.clear_cache()
         y = step(rest, tokens)
         mx.async_eval(y)

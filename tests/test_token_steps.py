@@ -9,7 +9,13 @@ import pytest
 from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import make_prompt_cache
 
-from mlx_persona.generation import build_prompt, last_logits, log_softmax, token_steps
+from mlx_persona.generation import (
+    ONE_PASS_MAX,
+    build_prompt,
+    last_logits,
+    log_softmax,
+    token_steps,
+)
 from mlx_persona.models import load_model
 from mlx_persona.sampling import GenerationConfig, make_sampler_and_processors, preset
 
@@ -31,10 +37,14 @@ def _pair(cfg, ids):
     return make_sampler_and_processors(cfg, prompt_tokens=ids, eos_token_ids=ENDS)
 
 
+@pytest.mark.parametrize("repeat", [1, 12])
 @pytest.mark.parametrize("name", list(CASES))
-def test_the_tokens_are_mlx_lms_generate_steps(tiny, name):
-    """Greedy and seeded sampling, the prompt in one pass or in chunks: the tokens mlx-lm's loop gives."""
+def test_the_tokens_are_mlx_lms_generate_steps(tiny, name, repeat):
+    """Greedy and seeded sampling, the prompt in one pass, in chunks, or (over ONE_PASS_MAX tokens) all but
+    its last token first: the tokens mlx-lm's loop gives."""
     model, ids = tiny
+    ids = ids * repeat
+    assert (len(ids) > ONE_PASS_MAX) == (repeat > 1)
     cfg = CASES[name]
     sampler, processors = _pair(cfg, ids)
     theirs = [t for t, _ in generate_step(mx.array(ids), model, max_tokens=cfg.max_new_tokens, sampler=sampler,
