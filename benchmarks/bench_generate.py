@@ -49,7 +49,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from benchmarks.bench_train import bench_model  # noqa: E402
-from benchmarks.common import machine_info, write_results  # noqa: E402
+from benchmarks.common import cpu_model, machine_info, write_results  # noqa: E402
 
 PROMPT = ("Hi Bluey! My name is Sam and I am seven. Can you tell me all about the best game you ever played "
           "with Bingo in the backyard, and what Mum and Dad did when it started to rain?")
@@ -296,7 +296,7 @@ def ttft(a, model_path: Path, command: str, load: str) -> None:
     load = f"{load} before, {' '.join(f'{x:.1f}' for x in os.getloadavg())} after"
     result = {"benchmark": "time to first token", "command": command, "machine": machine, "preset": a.preset,
               "dtype": "float32", "trials": a.trials, "load_average": load, "milliseconds": res}
-    md = ttft_breakdown.markdown(res, a.trials, load, f"{machine.get('processor')}, {machine.get('cpu')}")
+    md = ttft_breakdown.markdown(res, a.trials, load, f"{cpu_model()}: {machine.get('cpu')}")
     write_results(Path(a.out), f"bench_generate_ttft_{a.preset}", result, md, append=not a.no_results)
 
 

@@ -93,3 +93,26 @@ def test_log_softmax_is_logits_minus_logsumexp():
     finite = mx.isfinite(want)
     assert mx.abs(mx.where(finite, got - want, 0.0)).max().item() < 1e-5
     assert mx.all(mx.isfinite(got) == finite).item()
+
+
+def test_ids_in_vocab_are_distinct_sorted_int32_ids_inside_the_vocabulary():
+    from mlx_persona.sampling.inputs import ids_in_vocab
+
+    got = ids_in_vocab([5, -1, 3, np.int64(5), 99, 0, 10, 9], 10)
+    assert got.dtype == mx.int32 and got.tolist() == [0, 3, 5, 9]
+    empty = ids_in_vocab([], 10)
+    assert empty.dtype == mx.int32 and empty.size == 0
+
+
+def test_a_first_generation_imports_no_numpy_ma(tiny_path):
+    """np.unique imports numpy.ma on its first call (60-380 ms of a process's first token here); the
+    processors' set-up does without it. In a fresh process, as a user's first `generate` runs."""
+    import subprocess
+    import sys
+
+    code = ("import sys, mlx_persona, mlx_persona.backend; mlx_persona.backend.setup(); "
+            f"r = mlx_persona.generate({str(tiny_path)!r}, 'Hi Bluey!', 'persona', seed=0, max_new_tokens=3); "
+            "print(len(r.tokens), 'numpy.ma' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-2:] == ["3", "False"]
