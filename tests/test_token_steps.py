@@ -113,6 +113,6 @@ def test_a_first_generation_imports_no_numpy_ma(tiny_path):
     code = ("import sys, mlx_persona, mlx_persona.backend; mlx_persona.backend.setup(); "
             f"r = mlx_persona.generate({str(tiny_path)!r}, 'Hi Bluey!', 'persona', seed=0, max_new_tokens=3); "
             "print(len(r.tokens), 'numpy.ma' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split()[-2:] == ["3", "False"]
