@@ -70,3 +70,17 @@ def test_batched_generation_bench_smoke(tmp_path):
     assert all(rate > 0 for rate in saved["tokens_per_sec"].values())
     assert next(iter(saved["eval_seconds"])) == "batch 1" and len(saved["eval_seconds"]) == 2
     assert saved["load_average"] and "| batch 2 |" in (tmp_path / "bench_generate_batch_tiny.md").read_text()
+
+
+def test_ttft_breakdown_bench_smoke(tmp_path):
+    from benchmarks import bench_generate as bench
+
+    bench.main(["--preset", "tiny", "--ttft-breakdown", "--ttft-prompts", "2", "--trials", "1", "--no-torch",
+                "--no-results", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "bench_generate_ttft_tiny.json").read_text())["milliseconds"]["mlx"]
+    for name in ("short", "long"):
+        parts = saved[name]
+        assert parts["_tokens"] > (200 if name == "long" else 5)
+        assert all(ms > 0 for key, ms in parts.items() if not key.startswith(("_", "  norms")))
+    md = (tmp_path / "bench_generate_ttft_tiny.md").read_text()
+    assert "| LM head, last position |" in md and "vs its loop before" in md
