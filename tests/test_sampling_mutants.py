@@ -253,6 +253,35 @@ def test_sample_top_k_draws_from_transformers_distribution(name, seeded):
     _check_distribution(np.bincount(np.array(out), minlength=len(logits)), probs, n)
 
 
+
+@pytest.mark.parametrize("k, blocks", [(1, 64), (2, 64), (3, 64), (5, 64), (8, 64), (16, 64),
+                                       (3, 1), (3, 2), (5, 3), (40, 3)])
+def test_top_k_indices_are_the_exact_top_k(k, blocks):
+    """Each row's k indices are its k largest entries: at a vocabulary the block path takes (a multiple of 64,
+    >= 4 * k * 64; a first pass that keeps k of the k + 1 blocks with the largest maxima misses one), and at
+    multiples of 64 with fewer than k blocks (only one argpartition can answer there)."""
+    from mlx_persona.sampling.warpers import BLOCK, _top_k_indices
+
+    vocab = blocks * BLOCK
+    rows = np.random.default_rng(k).normal(size=(64, vocab)).astype(np.float32)
+    got = np.sort(np.array(_top_k_indices(mx.array(rows), k)), axis=-1)
+    want = np.sort(np.argsort(-rows, axis=-1, kind="stable")[:, :k], axis=-1)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_sample_top_k_keeps_each_row_of_a_batch_to_its_own_candidates():
+    """Two rows whose top-k tokens lie at opposite ends of the vocabulary: every draw of a row is one of its
+    own candidates (candidates put in token-id order across the batch instead of along the row swap them)."""
+    x = np.full((2, 4096), -20.0, np.float32)
+    x[0, 4090:] = np.arange(6)  # row 0: its top 4 are ids 4092..4095
+    x[1, :6] = np.arange(6)[::-1]  # row 1: ids 0..3
+    xs = mx.broadcast_to(mx.array(x)[:, None], (2, 500, 4096)).reshape(1000, 4096)
+    out = np.array(sample_top_k(xs, mx.random.key(5), temperature=1.0, top_k=4, top_p=1.0, min_p=0.0))
+    rows = out.reshape(2, 500)
+    assert set(rows[0]) <= {4092, 4093, 4094, 4095} and set(rows[1]) <= {0, 1, 2, 3}
+    assert len(set(rows[0])) == 4 and len(set(rows[1])) == 4
+
+
 # --------------------------------------------------------------------------------------------------------------
 # sampler.py (`make mutate TARGETS=sampling-sampler`): which path draws, row shapes, the processor's history
 # --------------------------------------------------------------------------------------------------------------
