@@ -143,9 +143,7 @@ class Worker:
 
     def stop(self, timeout: float = 10.0) -> None:
         """Cancels every job, lets the thread finish the step it may be in, and joins it."""
-        self._stopping = True
-        for job, _ in list(self.batch.rows.values()) if self.batch is not None else []:
-            job.cancel()
+        self._stopping = True  # the worker thread drops every row after its step
         while True:
             try:
                 job = self._queue.get_nowait()
@@ -223,11 +221,12 @@ class Worker:
 
     def _drop_cancelled(self) -> None:
         for uid, (job, _) in list(self.batch.rows.items()):
-            if job.cancelled:
+            if job.cancelled or self._stopping:
                 pieces = self.batch.pieces(uid)
                 self.batch.leave(uid)
                 self.stats.add("cancelled")
-                self.log(f"{job.id}: the client went away; generation stopped after {pieces} pieces of text")
+                why = "the server is stopping" if self._stopping else "the client went away"
+                self.log(f"{job.id}: {why}; generation stopped after {pieces} pieces of text")
 
     def _error_event(self, job: Job, e: Exception) -> None:
         self.stats.add("errors")
