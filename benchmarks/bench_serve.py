@@ -11,7 +11,8 @@ prompt cache cannot skip a prefill that ours does; a failed request is counted, 
 round / its wall time; median over rounds) and time to first token (the first chunk with text; median
 over all requests). Both servers get the Linux speed layer (`mlx_persona.backend.setup()`: OpenBLAS, kernel JIT
 flags) unless `--mlx-lm-plain`; ours also its CPU rewrites of Gemma's GELU and attention, as always.
-Our server decodes one request at a time; mlx_lm.server batches concurrent ones (`--decode-concurrency`).
+Both servers decode concurrent requests as one batch (ours: `--max-batch`, its default; mlx_lm.server:
+`--decode-concurrency`).
 
     python benchmarks/bench_serve.py                                   # gemma-3-270m shape
     python benchmarks/bench_serve.py --preset tiny --clients 1,4 --requests 1 --max-tokens 8 --trials 1

@@ -109,7 +109,9 @@ def default_batch_size(model, tokens: int, *, available: int | None = None) -> i
 
 # ------------------------------------------------------------------------------------------- generation
 @dataclass
-class _Row:
+class Row:
+    """One prompt's reply while it decodes in a batch."""
+
     index: int
     config: GenerationConfig
     prompt_tokens: int
@@ -128,14 +130,31 @@ def _configs(configs: GenerationConfig | Sequence[GenerationConfig] | None, n: i
     return [c.validate() for c in configs]
 
 
-def _samplers(configs: list[GenerationConfig]) -> list[HFSampler]:
-    # One shared greedy sampler: mlx-lm then draws the whole batch with one argmax.
-    greedy = HFSampler(GenerationConfig(temperature=0.0))
-    return [HFSampler(c) if c.do_sample else greedy for c in configs]
+def greedy_sampler() -> HFSampler:
+    """A greedy sampler for :func:`insert_rows`; rows given the same one are drawn with one argmax."""
+    return HFSampler(GenerationConfig(temperature=0.0))
 
 
-def _result(row: _Row, stop_reason: str) -> GenerationResult:
-    row.reply.finish()
+def insert_rows(gen, tokenizer, ids: Sequence[list[int]], configs: Sequence[GenerationConfig], end_ids: list[int],
+                *, greedy: HFSampler, indexes: Sequence[int] | None = None) -> dict[int, Row]:
+    """Queues prompts (token ids) in an mlx-lm ``BatchGenerator`` `gen`, each row with its own processor,
+    sampler (`greedy` for every greedy row) and the end ids as its stop tokens; returns ``{uid: Row}``
+    (``Row.index``: `indexes`, default 0, 1, ...). Configs must be validated."""
+    from mlx_lm.generate import StopSequences
+
+    uids = gen.insert(
+        list(ids), [c.max_new_tokens for c in configs],
+        samplers=[HFSampler(c) if c.do_sample else greedy for c in configs],
+        logits_processors=[[HFLogitsProcessor(c, prompt_tokens=i, eos_token_ids=end_ids)]
+                           for c, i in zip(configs, ids)],
+        stop_sequences=[StopSequences([[e] for e in end_ids])] * len(ids))
+    indexes = range(len(ids)) if indexes is None else indexes
+    return {uid: Row(k, c, len(i), ReplyText(tokenizer, c.stop), [])
+            for uid, k, c, i in zip(uids, indexes, configs, ids)}
+
+
+def row_result(row: Row, stop_reason: str) -> GenerationResult:
+    row.reply.finish()  # the reply's text is complete; callers that stream send result.text past what they sent
     n = len(row.tokens)
     elapsed = (row.t_last or 0.0) - (row.t_first or 0.0)
     return GenerationResult(
@@ -171,7 +190,7 @@ def batch_stream(model, tokenizer, prompts: Sequence[str | list[dict] | list[int
     Yields:
         ``(prompt index, GenerationResult)`` in the order rows finish.
     """
-    from mlx_lm.generate import BatchGenerator, StopSequences
+    from mlx_lm.generate import BatchGenerator
 
     configs = _configs(configs, len(prompts))
     end_ids = list(end_ids if end_ids is not None else end_token_ids(tokenizer))
@@ -184,42 +203,36 @@ def batch_stream(model, tokenizer, prompts: Sequence[str | list[dict] | list[int
         batch_size = default_batch_size(model, max(map(len, ids)) + max(c.max_new_tokens for c in configs))
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    samplers = _samplers(configs)
     gen = BatchGenerator(model, completion_batch_size=batch_size, prefill_batch_size=batch_size)
     try:
-        uids = gen.insert(
-            ids, [c.max_new_tokens for c in configs], samplers=samplers,
-            logits_processors=[[HFLogitsProcessor(c, prompt_tokens=i, eos_token_ids=end_ids)]
-                               for c, i in zip(configs, ids)],
-            stop_sequences=[StopSequences([[e] for e in end_ids])] * len(ids))
-        rows = {uid: _Row(k, c, len(i), ReplyText(tokenizer, c.stop), [])
-                for k, (uid, c, i) in enumerate(zip(uids, configs, ids))}
+        rows = insert_rows(gen, tokenizer, ids, configs, end_ids, greedy=greedy_sampler())
         while responses := gen.next_generated():
             now = time.perf_counter()
             for r in responses:
                 row = rows[r.uid]
-                row.t_first, row.t_last = row.t_first or now, now
                 if on_logits is not None:
                     on_logits(row.index, len(row.tokens), r.logprobs)
-                done = _advance(row, r.token, r.finish_reason)
+                _, done = advance(row, r.token, r.finish_reason, now)
                 if done is not None:
                     if r.finish_reason is None:  # a stop string: mlx-lm still holds the row
                         gen.remove([r.uid])
                     del rows[r.uid]
-                    yield row.index, _result(row, done)
+                    yield row.index, row_result(row, done)
     finally:
         gen.close()
 
 
-def _advance(row: _Row, token: int, finish_reason: str | None) -> str | None:
-    """Adds mlx-lm's next token to a row; the row's stop reason when it is finished, else None."""
+def advance(row: Row, token: int, finish_reason: str | None, now: float) -> tuple[str, str | None]:
+    """Adds mlx-lm's next token (drawn at time `now`) to a row: (its new printable text, the row's stop
+    reason when it is finished, else None)."""
+    row.t_first, row.t_last = row.t_first or now, now
     if finish_reason == "stop":  # one of the end ids (our only stop sequences); not part of the reply
-        return "end_token"
+        return "", "end_token"
     row.tokens.append(token)
-    row.reply.add(token)
+    piece = row.reply.add(token)
     if row.reply.stopped:
-        return "stop_string"
-    return "length" if finish_reason == "length" else None
+        return piece, "stop_string"
+    return piece, "length" if finish_reason == "length" else None
 
 
 def batch_generate(model, tokenizer, prompts: Sequence[str | list[dict] | list[int]],

@@ -1,6 +1,7 @@
 """`mlx-persona serve` against its oracle, the official `openai` client: greedy replies (whole and streamed)
 equal `mlx_persona.generate`'s for the same settings, extra body fields reach the sampler, 50 concurrent
-clients get their own replies, and bad requests, a full queue, a vanished client, a foreign Host header,
+clients get their own replies, concurrent requests decode in one batch and each still gets its unbatched
+reply, and bad requests, a full queue, a vanished client, a foreign Host header,
 slow clients and a missing API key each get their clear answer while the server goes on serving.
 
 The server runs as a real subprocess on a free port (``--port 0``; it prints the port). Its model is the
@@ -405,10 +406,93 @@ def test_each_openai_field_is_mapped_or_refused_by_its_rule():
             parse_json(raw)
 
 
-def test_streamed_text_holds_back_what_may_begin_a_stop_string():
-    from mlx_persona.serve.worker import safe_length
+@pytest.fixture(scope="module")
+def batched(model_dir, tmp_path_factory):
+    """A server decoding at most 7 requests together, every generation held at its first piece."""
+    folder = tmp_path_factory.mktemp("batched")
+    s = Serve(["--model", f"{NAME}={model_dir}", "--persona", str(CARD), "--max-batch", "7", "--queue-size", "8"],
+              folder, env={"MLX_PERSONA_TEST_HOLD": HOLD, "MLX_PERSONA_TEST_HOLD_FILE": str(folder / "hold")})
+    yield s
+    s.stop()
 
-    assert safe_length("Hooray! Let's pl", ["play", "x"]) == len("Hooray! Let's ")
-    assert safe_length("Hooray! Let's p", ["Let's go"]) == len("Hooray! Let's p")
-    assert safe_length("Hooray! Le", ["ex", "Let's go"]) == len("Hooray! ")  # the longest such tail
-    assert safe_length("Hooray", []) == len("Hooray")
+
+LONG = "Tell me everything about Bingo, the long game of keepy uppy with the balloon and what Dad said"
+
+
+def test_concurrent_requests_share_a_batch_and_each_gets_its_unbatched_reply(batched, reference):
+    """Eight requests of different prompt lengths and settings arrive while a first one generates: seven
+    decode together (--max-batch 7), the eighth waits for a place; one client goes away mid-batch and its
+    row leaves. Every other reply equals `generate`'s alone: greedy ones token for token, and the seeded
+    sampled one too (the batch oracle's rule, tests/test_batch_generation.py: a seeded row draws with its
+    own key from the unbatched distribution; only a rounding near-tie could part them, and this one has
+    none)."""
+    c = openai.OpenAI(base_url=batched.url, api_key="unused", max_retries=0, timeout=300)
+    stop = reference(prompt(4), max_new_tokens=30).text[9:12]
+    cases = [  # (prompt, streamed, body); each body's max_tokens and min_new_tokens are passed to `reference`
+        (prompt(0), True, {"max_tokens": 30, "min_new_tokens": 10}),
+        (LONG, False, {"max_tokens": 12}),
+        (prompt(2), False, {"max_tokens": 60, "min_new_tokens": 40}),
+        ("Dad?", True, {"max_tokens": 20, "temperature": 0.9, "top_p": 0.9, "seed": 7}),
+        (prompt(4), True, {"max_tokens": 30, "stop": [stop]}),
+        ("Bingo and Bluey went to the", False, {"max_tokens": 5, "raw": True}),
+        (prompt(5), False, {"max_tokens": 8}),  # the eighth: it waits until a row has left
+    ]
+    replies: dict[int, tuple] = {}
+
+    def ask(k):
+        text, stream, body = cases[k]
+        body = {"temperature": 0, "min_new_tokens": 0, **body}
+        raw = body.pop("raw", False)
+        kw = {k: body.pop(k) for k in ("max_tokens", "temperature", "stop", "seed", "top_p") if k in body}
+        kw.update(stream=stream, extra_body=body)
+        if raw:
+            r = c.completions.create(model=NAME, prompt=text, **kw)
+            replies[k] = (r.choices[0].text, r.choices[0].finish_reason, r.usage.completion_tokens)
+        elif stream:
+            chunks = list(chat(c, text, stream_options={"include_usage": True}, **kw))
+            replies[k] = ("".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices),
+                          [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1], chunks[-1].usage.completion_tokens)
+        else:
+            r = chat(c, text, **kw)
+            replies[k] = (r.choices[0].message.content, r.choices[0].finish_reason, r.usage.completion_tokens)
+
+    before = batched.health()
+    threads = [threading.Thread(target=ask, args=(k,)) for k in range(len(cases))]
+    threads[0].start()
+    batched.until(batched.held)  # the first is generating, held after its first piece: the others queue
+    gone = http.client.HTTPConnection("127.0.0.1", batched.port, timeout=120)
+    for k in range(1, len(cases)):
+        if k == 6:  # the seventh request: a client that goes away once its row is decoding
+            gone.request("POST", "/v1/chat/completions", json.dumps({
+                "model": NAME, "messages": [{"role": "user", "content": prompt(6)}], "stream": True,
+                "max_tokens": 1000, "min_new_tokens": 1000}).encode(), {"Content-Type": "application/json"})
+            batched.until(lambda: batched.health()["waiting"] == 6)
+        threads[k].start()
+        batched.until(lambda k=k: batched.health()["waiting"] == k + (k >= 6))
+    batched.hold.unlink()
+    batched.until(batched.held)  # a row that joined hands out its first piece
+    health = batched.health()
+    assert (health["running"], health["waiting"], health["widest_batch"], health["max_batch"]) == (7, 1, 7, 7)
+    resp = gone.getresponse()
+    assert resp.status == 200 and resp.readline().startswith(b"data: ")
+    gone.sock.shutdown(socket.SHUT_RDWR)
+    gone.close()
+    batched.until(lambda: batched.health()["disconnects"] == before["disconnects"] + 1)
+    while any(t.is_alive() for t in threads):
+        if batched.held():
+            batched.hold.unlink()
+        time.sleep(0.02)
+    for t in threads:
+        t.join()
+    batched.until(lambda: batched.health()["cancelled"] == before["cancelled"] + 1)
+    health = batched.health()
+    assert health["completed"] == before["completed"] + 7 and health["errors"] == 0
+    assert re.search(r"the client went away; generation stopped after \d+ pieces of text", batched.output())
+    for k, (text, _, body) in enumerate(cases):
+        settings = {"temperature": 0.0, "min_new_tokens": 0, **body, "max_new_tokens": body["max_tokens"]}
+        del settings["max_tokens"]
+        ref = reference(text, **settings)
+        finish = {"end_token": "stop", "stop_string": "stop", "length": "length"}[ref.stop_reason]
+        assert replies[k] == (ref.text, finish, ref.generated_tokens), k
+    assert replies[3][0] != reference("Dad?", max_new_tokens=20).text  # the sampled one did sample
+    assert {r[1] for r in replies.values()} == {"stop", "length"}

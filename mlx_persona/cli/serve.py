@@ -22,12 +22,14 @@ from mlx_persona.cli.options import model_option
 @click.option("--api-key", envvar="MLX_PERSONA_API_KEY", show_envvar=True,
               help="Require `Authorization: Bearer KEY` (prefer the variable: a flag shows in `ps`).")
 @click.option("--queue-size", type=click.IntRange(1, 4096), default=64, show_default=True,
-              help="Requests that may wait while one is generated; one more gets 503.")
+              help="Requests that may wait while the batch is full; one more gets 503.")
+@click.option("--max-batch", type=click.IntRange(1, 256), default=None,
+              help="Requests decoded together  [default: as many as fit a quarter of the free memory, at most 16].")
 @click.option("--max-body", type=click.IntRange(1024), default=1_000_000, show_default=True,
               help="Largest request body in bytes (413 above).")
 @click.option("--request-timeout", type=click.FloatRange(0.1, 3600), default=10.0, show_default=True,
               help="Seconds for a request's headers, and for its body, to arrive.")
-def serve(model, adapter, persona, preset, host, port, api_key, queue_size, max_body, request_timeout):
+def serve(model, adapter, persona, preset, host, port, api_key, queue_size, max_batch, max_body, request_timeout):
     """Serve one model over the OpenAI API: /v1/chat/completions, /v1/completions, /v1/models, /health."""
     try:
         from mlx_persona.eval.options import EvalError
@@ -35,7 +37,7 @@ def serve(model, adapter, persona, preset, host, port, api_key, queue_size, max_
     except ImportError as e:
         fail(f"serve needs its extra: pip install 'mlx_persona[serve]' ({e.name} is missing)")
     options = ServeOptions(model, adapter, persona, preset, host, port, api_key or None, queue_size, max_body,
-                           request_timeout)
+                           request_timeout, max_batch)
     try:
         run(options, log_to_stderr)
     except (user_errors() + (EvalError, ServeError)) as e:

@@ -1,7 +1,8 @@
 """The routes of the OpenAI-compatible server, as a Starlette app, behind the guard every request passes.
 
 ``POST /v1/chat/completions``, ``POST /v1/completions`` (whole answers, or ``stream: true`` as server-sent
-events), ``GET /v1/models`` (and ``/v1/models/ID``), ``GET /health`` (status, queue and counters).
+events), ``GET /v1/models`` (and ``/v1/models/ID``), ``GET /health`` (status, queue, batch and counters;
+``widest_batch``: the most requests that have decoded together).
 
 The guard (:class:`Guard`), before any route: exactly one ``Host`` header (else ``400``), one of the bound
 address's names (else ``421``, so a DNS-rebinding page reads nothing); with an API key, ``Authorization:
@@ -235,7 +236,8 @@ def create_app(worker: Worker, settings: Settings):
 
     async def health(request):
         return JSONResponse({"status": "ok", "model": settings.model_id, "queue_size": worker.queue_size,
-                             "waiting": worker.waiting(), "running": int(worker.running is not None),
+                             "waiting": worker.waiting(), "running": worker.running(),
+                             "max_batch": worker.max_batch,
                              **worker.stats.snapshot()})
 
     routes = [Route("/v1/chat/completions", chat, methods=["POST"]),

@@ -1,7 +1,7 @@
 """`mlx-persona serve`'s process: load the model on the worker thread, listen, run uvicorn until stopped.
 
 uvicorn gives the HTTP/1.1 parsing (h11), the keep-alive timeout (5 s idle between requests) and a cap on
-connections at once (``queue_size + 32``: past it, uvicorn's own ``503``). It has no deadline for a
+connections at once (``queue_size + max_batch + 32``: past it, uvicorn's own ``503``). It has no deadline for a
 request's line and headers, so a client sending them a byte at a time could hold a connection forever:
 :func:`h11_with_deadline` adds one (``request_timeout`` seconds from the connection's start, or from the
 end of its last response, to a complete request head), after which the connection is closed.
@@ -48,6 +48,7 @@ class ServeOptions:
     queue_size: int = 64
     max_body: int = 1_000_000
     request_timeout: float = 10.0
+    max_batch: int | None = None  # requests decoded together (None: default_batch_size's choice)
 
 
 def h11_with_deadline(seconds: float) -> type[H11Protocol]:
@@ -147,7 +148,8 @@ def run(options: ServeOptions, log: Callable[[str], None]) -> None:
         system = load_persona(options.persona).system_prompt or None
     defaults = GenerationConfig() if options.preset == "default" else preset(options.preset)
     sock = bind(options.host, options.port)
-    worker = Worker(loader(spec, adapter, system), queue_size=options.queue_size, log=log)
+    worker = Worker(loader(spec, adapter, system), queue_size=options.queue_size, log=log,
+                    max_batch=options.max_batch)
     try:
         log(f"loading {spec}" + (f" + {adapter}" if adapter else ""))
         worker.start()
@@ -156,9 +158,11 @@ def run(options: ServeOptions, log: Callable[[str], None]) -> None:
                             options.max_body, options.request_timeout)
         config = uvicorn.Config(create_app(worker, settings), http=h11_with_deadline(options.request_timeout),
                                 lifespan="off", log_config=LOG_CONFIG, server_header=False, timeout_keep_alive=5,
-                                limit_concurrency=options.queue_size + EXTRA_CONNECTIONS, timeout_graceful_shutdown=5)
+                                limit_concurrency=options.queue_size + worker.max_batch + EXTRA_CONNECTIONS,
+                                timeout_graceful_shutdown=5)
         shown = f"[{options.host.strip('[]')}]" if ":" in options.host else options.host
-        log(f"serving {model_id!r} on http://{shown}:{port}/v1 (preset {options.preset}, queue {options.queue_size}"
+        log(f"serving {model_id!r} on http://{shown}:{port}/v1 (preset {options.preset}, queue {options.queue_size}, "
+            f"batch {worker.max_batch}"
             + (", API key required)" if options.api_key else ")"))
         if not (ipaddress.ip_address(sock.getsockname()[0]).is_loopback or options.api_key):
             log("warning: this address is reachable from other machines and no --api-key is set")

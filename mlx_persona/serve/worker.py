@@ -1,12 +1,17 @@
-"""The one thread that owns the model: requests wait in a bounded queue and are generated one at a time.
+"""The one thread that owns the model: requests wait in a bounded queue and are decoded together.
 
 MLX must not be driven from several threads at once, so the model is loaded, and every prompt rendered
 and generated, on this thread alone. The event loop hands a :class:`Job` in with :meth:`Worker.submit`
 (a full queue is a ``503`` at once) and reads what comes back from the job's ``asyncio.Queue``: a
 ``start`` event (the prompt's token count) once the prompt is rendered and fits the context, then
 ``text`` pieces, then ``done`` with the :class:`~mlx_persona.generation.GenerationResult`; or one
-``error`` (an :class:`~mlx_persona.serve.schema.APIError`) instead. A job cancelled by the event loop (its
-client went away) is skipped if it is still queued, and stopped at its next piece of text if it runs.
+``error`` (an :class:`~mlx_persona.serve.schema.APIError`) instead.
+
+Between two decoding steps the thread moves waiting jobs into the running batch
+(:class:`~mlx_persona.serve.batch.Batch`) while it has fewer than ``max_batch`` rows, so concurrent
+requests share every step; a request waits in the queue only while the batch is full. A job cancelled by
+the event loop (its client went away) is skipped if it is still queued, and its row leaves the batch
+after the step it is in.
 
 Test-only hold point (:mod:`mlx_persona.testing`): ``serve:token:N``, a generation has handed back its
 N-th piece of text (and not yet checked whether it was cancelled).
@@ -23,7 +28,6 @@ import uuid
 from collections.abc import Callable
 
 from mlx_persona.serve.schema import APIError, Request
-from mlx_persona.testing import hold
 
 
 @dataclasses.dataclass
@@ -70,6 +74,12 @@ class Stats:
     def __init__(self):
         self._lock = threading.Lock()
         self._counts = dict.fromkeys(self.NAMES, 0)
+        self._widest = 0
+
+    def widest(self, rows: int) -> None:
+        """Notes a batch of `rows` requests decoding together."""
+        with self._lock:
+            self._widest = max(self._widest, rows)
 
     def add(self, name: str) -> None:
         with self._lock:
@@ -77,16 +87,7 @@ class Stats:
 
     def snapshot(self) -> dict[str, int]:
         with self._lock:
-            return dict(self._counts)
-
-
-def safe_length(text: str, stops: list[str]) -> int:
-    """How much of `text` can go out: all but a tail that may be the start of a stop string, which a
-    later piece could complete (the reply then ends before it, and nothing of it may have been sent)."""
-    for start in range(max(0, len(text) - max(map(len, stops), default=0) + 1), len(text)):
-        if any(s.startswith(text[start:]) for s in stops):
-            return start
-    return len(text)
+            return {**self._counts, "widest_batch": self._widest}
 
 
 class Worker:
@@ -95,20 +96,23 @@ class Worker:
     Args:
         load: called on the worker thread; returns the :class:`Loaded` model (its errors reach
             :meth:`start`).
-        queue_size: requests that may wait while one runs; one more is refused with ``503``.
+        queue_size: requests that may wait while the batch is full; one more is refused with ``503``.
         log: a callable taking one line (from the worker thread too).
+        max_batch: rows decoded together (None: :func:`~mlx_persona.batch_generation.default_batch_size`
+            for a reply filling the model's context).
     """
 
-    def __init__(self, load: Callable[[], Loaded], *, queue_size: int, log: Callable[[str], None]):
+    def __init__(self, load: Callable[[], Loaded], *, queue_size: int, log: Callable[[str], None],
+                 max_batch: int | None = None):
         self._load, self.log = load, log
-        self.queue_size = queue_size
+        self.queue_size, self.max_batch = queue_size, max_batch
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self._stopping = False
         self._thread = threading.Thread(target=self._main, name="mlx-persona-generation", daemon=True)
         self.loaded: Loaded | None = None
-        self.running: Job | None = None
+        self.batch = None  # the running Batch, once the model is loaded
         self.stats = Stats()
 
     def start(self) -> Loaded:
@@ -122,6 +126,10 @@ class Worker:
     def waiting(self) -> int:
         return self._queue.qsize()
 
+    def running(self) -> int:
+        """Requests decoding now."""
+        return len(self.batch) if self.batch is not None else 0
+
     def submit(self, job: Job) -> None:
         """Queues `job`, or raises a ``503`` APIError when the queue is full or the server stops."""
         if self._stopping:
@@ -134,17 +142,16 @@ class Worker:
                                 "retry later", code="queue_full", headers={"Retry-After": "1"}) from None
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Cancels every job, lets the thread finish the one piece it may be on, and joins it."""
-        self._stopping = True
-        if self.running is not None:
-            self.running.cancel()
+        """Cancels every job, lets the thread finish the step it may be in, and joins it."""
+        self._stopping = True  # the worker thread drops every row after its step
         while True:
             try:
                 job = self._queue.get_nowait()
             except queue.Empty:
                 break
-            job.cancel()
-            job.emit("error", APIError(503, "the server is shutting down", code="shutting_down"))
+            if job is not None:
+                job.cancel()
+                job.emit("error", APIError(503, "the server is shutting down", code="shutting_down"))
         try:
             self._queue.put(None, timeout=timeout)
         except queue.Full:  # a submit raced the flag; the thread is a daemon and ends with the process
@@ -154,28 +161,85 @@ class Worker:
     def _main(self) -> None:
         try:
             self.loaded = self._load()
+            self.batch = self._new_batch()
         except BaseException as e:  # noqa: BLE001 - handed to start(), which re-raises it
             self._error = e
         self._ready.set()
         if self._error is not None:
             return
-        while True:
-            job = self._queue.get()
+        try:
+            while self._admit():
+                self._drop_cancelled()
+                if not len(self.batch):
+                    continue
+                try:
+                    self.batch.step(self._finished)
+                except Exception as e:  # noqa: BLE001 - one failing step must not stop the server
+                    self._failed(e)
+                self._drop_cancelled()
+        finally:
+            self.batch.close()
+
+    def _new_batch(self):
+        from mlx_persona.batch_generation import default_batch_size
+        from mlx_persona.serve.batch import Batch
+
+        m = self.loaded
+        if self.max_batch is None:
+            self.max_batch = default_batch_size(m.model, m.context or 4096)
+        return Batch(m.model, m.tokenizer, m.end_ids, self.max_batch)
+
+    def _admit(self) -> bool:
+        """Moves waiting jobs into the batch while it has room (waiting for one when it is empty);
+        False once :meth:`stop` was called."""
+        while len(self.batch) < self.max_batch:
+            try:
+                job = self._queue.get(block=not len(self.batch))
+            except queue.Empty:
+                return True
             if job is None:
-                return
+                return False
             if job.cancelled:
                 self.stats.add("cancelled")
                 continue
-            self.running = job
             try:
-                self._run(job)
+                ids, config = self._prompt(job)
+                self.batch.join(job, ids, config)
+            except APIError as e:
+                job.emit("error", e)
+                continue
             except Exception as e:  # noqa: BLE001 - one request failing must not stop the server
-                self.stats.add("errors")
-                self.log(f"{job.id}: generation failed:\n{traceback.format_exc().rstrip()}")
-                job.emit("error", APIError(500, f"generation failed ({type(e).__name__}); see the server's log",
-                                           code="generation_failed"))
-            finally:
-                self.running = None
+                self._error_event(job, e)
+                continue
+            job.emit("start", len(ids))
+            self.stats.widest(len(self.batch))
+        return True
+
+    def _finished(self, job: Job, result) -> None:
+        self.stats.add("completed")
+        job.emit("done", result)
+
+    def _drop_cancelled(self) -> None:
+        for uid, (job, _) in list(self.batch.rows.items()):
+            if job.cancelled or self._stopping:
+                pieces = self.batch.pieces(uid)
+                self.batch.leave(uid)
+                self.stats.add("cancelled")
+                why = "the server is stopping" if self._stopping else "the client went away"
+                self.log(f"{job.id}: {why}; generation stopped after {pieces} pieces of text")
+
+    def _error_event(self, job: Job, e: Exception) -> None:
+        self.stats.add("errors")
+        self.log(f"{job.id}: generation failed:\n{traceback.format_exc().rstrip()}")
+        job.emit("error", APIError(500, f"generation failed ({type(e).__name__}); see the server's log",
+                                   code="generation_failed"))
+
+    def _failed(self, e: Exception) -> None:
+        """A step raised: every row of the batch fails with a ``500`` and a fresh batch takes its place."""
+        for job, _ in self.batch.rows.values():
+            self._error_event(job, e)
+        self.batch.close()
+        self.batch = self._new_batch()
 
     def _prompt(self, job: Job) -> tuple[list[int], object]:
         """(prompt ids, settings for them), or an APIError for a prompt the template or context refuses."""
@@ -202,32 +266,3 @@ class Worker:
             if config.max_new_tokens > room:
                 config = dataclasses.replace(config, max_new_tokens=room)
         return ids, config
-
-    def _run(self, job: Job) -> None:
-        from mlx_persona.generation import stream_generate
-
-        try:
-            ids, config = self._prompt(job)
-        except APIError as e:
-            job.emit("error", e)
-            return
-        job.emit("start", len(ids))
-        m = self.loaded
-        seen, sent = "", 0  # the text so far, and how much of it went out
-        for pieces, chunk in enumerate(stream_generate(m.model, m.tokenizer, ids, config, end_ids=m.end_ids), 1):
-            if chunk.result is not None:  # the last chunk; its text is `seen` cut before any stop string
-                if chunk.result.text[sent:]:
-                    job.emit("text", chunk.result.text[sent:])
-                self.stats.add("completed")
-                job.emit("done", chunk.result)
-                return
-            seen += chunk.text
-            safe = safe_length(seen, config.stop)
-            if safe > sent:
-                job.emit("text", seen[sent:safe])
-                sent = safe
-            hold(f"serve:token:{pieces}")
-            if job.cancelled:
-                self.stats.add("cancelled")
-                self.log(f"{job.id}: the client went away; generation stopped after {pieces} pieces of text")
-                return
