@@ -269,7 +269,7 @@ def test_losses_of_given_log_probs_equal_the_formulas(method, kind):
     nc, nr = np.array([1.0, 3.0, 20.0, 2.0]), np.array([2.0, 1.0, 30.0, 1.0])
     c0, r0 = np.array([-0.1, -2.0, -41.0, -0.6]), np.array([-0.4, -1.5, -44.0, -0.9])
     loss = PreferenceLoss(method, beta=BETA, loss=kind, orpo_lambda=LAMBDA)
-    f32 = lambda x: mx.array(x.astype(np.float32))  # noqa: E731
+    f32 = lambda x: mx.array(x.astype(np.float32))
 
     def total(logps):
         return loss.pair_losses(logps, f32(np.concatenate([nc, nr])), f32(c0), f32(r0))[0].sum()
@@ -281,3 +281,137 @@ def test_losses_of_given_log_probs_equal_the_formulas(method, kind):
     want.backward()
     assert value.item() == pytest.approx(want.item(), rel=1e-5)
     np.testing.assert_allclose(np.array(grad), t.grad.numpy(), rtol=1e-4, atol=1e-6)
+
+
+# ---- runs: learning the preference, from an SFT run; exact resume; signals ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def pairs_data(small_data, tmp_path_factory):
+    from training_runs import pairs_folder
+
+    return pairs_folder(small_data, tmp_path_factory.mktemp("pairs"))
+
+
+@pytest.fixture(scope="module")
+def dpo_runs(tiny_path, small_data, pairs_data, tmp_path_factory):
+    """An SFT run, a DPO run started from it (uninterrupted), and the same DPO run stopped by SIGTERM."""
+    from training_runs import SIGTERM, SignalAtStep, config, reference_run
+
+    import mlx_persona.tuner.run as run_mod
+    from mlx_persona.tuner.run import run
+    from mlx_persona.tuner.trainer import Interrupted
+
+    root = tmp_path_factory.mktemp("dpo")
+    sft = reference_run(tiny_path, small_data, root)
+    dpo = {"method": "dpo", "preference.start_from": str(sft), "preference.beta": 0.5}
+    ref = reference_run(tiny_path, pairs_data, root, **dpo)
+    stopped = root / "stopped"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(run_mod, "Progress", SignalAtStep(SIGTERM, 3))
+        with pytest.raises(Interrupted):
+            run(config(tiny_path, pairs_data, stopped, **dpo), log=lambda *a: None)
+    return {"sft": sft, "ref": ref, "stopped": stopped, "changes": dpo,
+            "cfg": lambda out, **kw: config(tiny_path, pairs_data, out, **{**dpo, **kw})}
+
+
+def test_dpo_from_an_sft_run_learns_the_preference(dpo_runs, tiny_path, pairs_data, tmp_path):
+    """Without dropout, three epochs: the first epoch starts at the reference (rewards 0, loss log 2), the last
+    one ranks every pair right, by a margin, and the validation pairs (never trained on) moved too."""
+    from training_runs import metrics, reference_run
+
+    sft = dpo_runs["sft"]
+    ref = reference_run(tiny_path, pairs_data, tmp_path, **dpo_runs["changes"], steps=9, log_every=1,
+                        **{"lora.dropout": 0.0, "optim.learning_rate": 5e-3})
+    rows = [r for r in metrics(ref) if "loss" in r]
+    assert len(rows) == 9 and all(k in rows[0] for k in ("reward_chosen", "reward_rejected", "reward_margin",
+                                                         "reward_accuracy", "logp_chosen", "logp_rejected"))
+    assert abs(rows[0]["reward_margin"]) < 1e-4 and rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
+    first, last = rows[:3], rows[-3:]  # an epoch each: every training pair once
+    assert sum(r["reward_margin"] for r in last) / 3 > sum(r["reward_margin"] for r in first) / 3 + 0.3
+    assert all(r["reward_accuracy"] == 1.0 for r in last)
+    vals = [r["val_loss"] for r in metrics(ref) if "val_loss" in r]
+    assert vals[-1] < math.log(2) - 0.05
+    # The run trained the SFT run's own adapter on: same layout, same base, and it loads where SFT's does.
+    sft_cfg, cfg = (json.loads((d / "adapter_config.json").read_text()) for d in (sft, ref))
+    shape = lambda c: {k: v for k, v in c["lora_parameters"].items() if k != "dropout"}
+    assert shape(cfg) == shape(sft_cfg) and cfg["model"] == sft_cfg["model"] and cfg["num_layers"] == sft_cfg["num_layers"]
+    assert cfg["lora_parameters"]["dropout"] == 0.0  # this run's
+    start = mx.load(str(sft / "adapters.safetensors"))
+    end = mx.load(str(ref / "adapters.safetensors"))
+    assert sorted(start) == sorted(end) and any(not mx.array_equal(start[k], end[k]) for k in start)
+    summary = json.loads((ref / "summary.json").read_text())
+    assert summary["method"] == "dpo" and summary["fine_tune_type"] == "lora"
+
+
+def test_dpo_resume_is_exact(dpo_runs, tmp_path):
+    from training_runs import bitwise_equal, copy_run, metrics
+
+    from mlx_persona.tuner.run import run
+
+    resumed = copy_run(dpo_runs["stopped"], tmp_path / "resumed")
+    lines = []
+    run(dpo_runs["cfg"](resumed), resume=True, log=lines.append)
+    assert any("resuming at step 4" in line for line in lines), lines
+    assert bitwise_equal(dpo_runs["ref"] / "adapters.safetensors", resumed / "adapters.safetensors")
+    keys = ("step", "loss", "grad_norm", "reward_margin", "reward_accuracy", "val_loss")
+    assert [[r.get(k) for k in keys] for r in metrics(resumed)] == \
+        [[r.get(k) for k in keys] for r in metrics(dpo_runs["ref"])]
+
+
+def test_a_changed_reference_stops_a_resume(dpo_runs, tmp_path):
+    """Another start run (so another reference) is a config change; the same folder with other weights is
+    a change of the data's fingerprint, which covers the reference log-probabilities."""
+    from training_runs import copy_run
+
+    from mlx_persona.tuner.run import run
+    from mlx_persona.tuner.trainer import TrainingError
+
+    out = copy_run(dpo_runs["stopped"], tmp_path / "changed")
+    start = copy_run(dpo_runs["sft"], tmp_path / "sft-copy")
+    with pytest.raises(TrainingError, match="preference.start_from"):
+        run(dpo_runs["cfg"](out, **{"preference.start_from": str(start)}), resume=True, log=lambda *a: None)
+    weights = mx.load(str(dpo_runs["sft"] / "adapters.safetensors"))
+    mx.save_safetensors(str(dpo_runs["sft"] / "adapters.safetensors"), {k: v * 1.5 for k, v in weights.items()})
+    try:
+        with pytest.raises(TrainingError, match="training data .* differ"):
+            run(dpo_runs["cfg"](out), resume=True, log=lambda *a: None)
+    finally:
+        mx.save_safetensors(str(dpo_runs["sft"] / "adapters.safetensors"), weights)
+
+
+@pytest.mark.parametrize("method", ["orpo", "dpo"])
+def test_ctrl_c_stops_a_preference_run_at_the_next_step(method, dpo_runs, tiny_path, pairs_data, tmp_path,
+                                                        monkeypatch):
+    """ORPO from the base (--model), DPO from the SFT run (--from RUN_DIR), through the command line."""
+    from training_runs import SIGINT, SignalAtStep, cli_args, metrics
+
+    import mlx_persona.tuner.run as run_mod
+    from mlx_persona.tuner import checkpoint as ckpt
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(run_mod, "Progress", SignalAtStep(SIGINT, 2))
+    start = ["--from", str(dpo_runs["sft"])] if method == "dpo" else []
+    result = CliRunner().invoke(main, ["train", "--method", method, *start,
+                                       *cli_args(tiny_path, pairs_data, out, save_every=100)])
+    assert result.exit_code == 130, result.output
+    assert "SIGINT at step 3: checkpoint saved" in result.output and "Traceback" not in result.output
+    assert [p.name for p in ckpt.list_checkpoints(out / "checkpoints")] == ["step-00000003"]
+    rows = [r for r in metrics(out) if "loss" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3] and all("reward_accuracy" in r for r in rows)
+    if method == "orpo":
+        assert all(r["nll"] > 0 and "log_odds" in r for r in rows)
+    else:
+        assert f"from {dpo_runs['sft']}" in result.output  # its adapter, continued
+        import yaml
+
+        saved = yaml.safe_load((out / "config.yaml").read_text())
+        assert saved["preference"]["start_from"] == str(dpo_runs["sft"]) and saved["model"] == str(tiny_path)
+
+
+def test_sft_data_given_to_dpo_is_one_clear_line(tiny_path, small_data, tmp_path):
+    result = CliRunner().invoke(main, ["train", "--method", "orpo", "--model", str(tiny_path), "--data",
+                                       str(small_data), "-o", str(tmp_path / "out"), "--no-progress"])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith(f"error: {small_data / 'train.jsonl'}:1: not a preference pair: method orpo trains on")

@@ -55,16 +55,27 @@ def is_pair_object(obj) -> bool:
     return isinstance(obj, dict) and any(k in obj for k in PAIR_KEYS)
 
 
-def is_pairs_file(path) -> bool:
-    """Whether the first non-blank line of a JSONL file is a preference pair (how ``data validate`` tells
-    a pairs file from training data). Unreadable or malformed first lines count as not."""
+def first_object(path) -> dict | None:
+    """The first non-blank line of a JSONL file as a JSON object; None when it is unreadable, malformed or
+    missing."""
     try:
         data = lines.read_bytes(path)
     except DataError:
-        return False
+        return None
     for _, raw in lines.split_lines(data):
-        return is_pair_object(lines.json_object(raw)[0])
-    return False
+        return lines.json_object(raw)[0]
+    return None
+
+
+def is_pairs_file(path) -> bool:
+    """Whether the first line of a JSONL file is a preference pair (how ``data validate`` tells a pairs
+    file from training data)."""
+    return is_pair_object(first_object(path))
+
+
+def pairs_path(path):
+    """The training file a ``data`` setting names: the file, or a folder's ``train.jsonl``."""
+    return formats._resolve_split_paths(path, None)[0]
 
 
 def _parse_pair(raw: bytes, source: str, system_ok: bool) -> tuple[Pair | None, list[str]]:

@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
 from mlx_persona.data import template_supports_system
-from mlx_persona.data.pairs import encode_pairs, load_pair_splits
+from mlx_persona.data.lines import DataError
+from mlx_persona.data.pairs import encode_pairs, first_object, is_pairs_file, load_pair_splits, pairs_path
 from mlx_persona.runs import ADAPTER_CONFIG, is_adapter_folder
 from mlx_persona.tuner.adapters import (
     attach_adapters,
@@ -26,7 +28,15 @@ from mlx_persona.tuner.preference import (
 
 
 def load_pair_data(cfg: TrainConfig, tokenizer, log):
-    """The training and validation pairs, encoded (no reference yet)."""
+    """The training and validation pairs, encoded (no reference yet).
+
+    Raises:
+        DataError: as ``data.pairs.load_pair_splits``; SFT data (a first line of another format) as one line.
+    """
+    first = pairs_path(cfg.data)
+    if not is_pairs_file(first) and first_object(first) is not None:
+        raise DataError(f"{first}:1: not a preference pair: method {cfg.method} trains on lines of "
+                        "{\"prompt\" or \"messages\", \"chosen\", \"rejected\"} (see `mlx-persona data pairs`)")
     train_p, valid_p = load_pair_splits(Path(cfg.data), cfg.valid_data, system_ok=template_supports_system(tokenizer))
     train = encode_pairs(tokenizer, train_p, cfg.max_seq_len, cfg.on_long)
     valid = encode_pairs(tokenizer, valid_p, cfg.max_seq_len, cfg.on_long) if valid_p else None
@@ -46,8 +56,8 @@ def _start_adapter(cfg: TrainConfig) -> Path | None:
 def attach(model, cfg: TrainConfig, base: Path, log) -> tuple[dict, int]:
     """Makes `model` the policy training starts from; returns its adapter config and trainable count.
 
-    From a LoRA/DoRA run (``preference.start_from``): its adapter is applied; ``adapter: auto`` (or the run's
-    own kind) trains that adapter on, ``full`` fuses it into the weights and trains every weight. From a
+    From a LoRA/DoRA run (``preference.start_from``): its adapter is applied (its shape; ``lora.dropout`` is
+    this config's); ``adapter: auto`` (or the run's own kind) trains that adapter on, ``full`` fuses it into the weights and trains every weight. From a
     base: new adapters of ``preference.adapter`` (``auto``: lora) with the ``lora`` settings, or ``full``.
     """
     kind, start = cfg.preference.adapter, _start_adapter(cfg)
@@ -66,6 +76,12 @@ def attach(model, cfg: TrainConfig, base: Path, log) -> tuple[dict, int]:
                               "adapter on) or full (fuse it and train every weight)")
         model.freeze()
         load_adapters(model, start)
+        # The adapter's shape is the start run's; dropout, a training setting, is this run's.
+        for _, module in model.named_modules():
+            if hasattr(module, "lora_a"):
+                module.dropout = nn.Dropout(p=cfg.lora.dropout)
+        if "lora_parameters" in adapter_config:
+            adapter_config["lora_parameters"]["dropout"] = cfg.lora.dropout
         if kind == "full":
             fused = [(n, m.fuse()) for n, m in model.named_modules() if hasattr(m, "fuse")]
             model.update_modules(tree_unflatten(fused))
