@@ -56,19 +56,23 @@ def _rel(a: mx.array, b: mx.array) -> float:
 
 @pytest.mark.skipif(not LAUNCH.exists(), reason="mlx.launch is not installed next to this Python")
 def test_two_ring_processes_match_one_process(tiny_path, nine, tmp_path_factory):
-    _two_match_one(tiny_path, nine, tmp_path_factory.mktemp("dist"), DIST, ("loss", "val_loss", "grad_norm"))
+    _two_match_one(tiny_path, nine, tmp_path_factory.mktemp("dist"), DIST, ("loss", "val_loss", "grad_norm"), 1e-5)
 
 
 @pytest.mark.skipif(not LAUNCH.exists(), reason="mlx.launch is not installed next to this Python")
 def test_two_ring_processes_match_one_process_for_dpo(tiny_path, nine, tmp_path_factory):
     """DPO: the last global batch of 1 pair leaves rank 1 a stand-in pair with every weight 0; the loss is the
-    mean over the global batch's pairs, and the rewards (summed over ranks) are those of one process."""
+    mean over the global batch's pairs, and the rewards (summed over ranks) are those of one process.
+
+    Looser than SFT (1e-4 relative, rewards 2e-5 absolute): a pair's loss and rewards are beta times a
+    difference of log-probability sums in the hundreds, whose float32 rounding (~3e-5) moves with the
+    summation order; measured: rewards 2.7e-6 apart, the step-4 loss 1.2e-5 relative."""
     pairs = pairs_folder(nine, tmp_path_factory.mktemp("nine-pairs"))
     _two_match_one(tiny_path, pairs, tmp_path_factory.mktemp("dist-dpo"), {**DIST, "method": "dpo"},
-                   ("loss", "val_loss", "grad_norm", "reward_margin", "reward_chosen", "logp_rejected"))
+                   ("loss", "val_loss", "grad_norm", "reward_margin", "reward_chosen", "logp_rejected"), 1e-4)
 
 
-def _two_match_one(tiny_path, data, root, changes, keys):
+def _two_match_one(tiny_path, data, root, changes, keys, rel):
     ref = reference_run(tiny_path, data, root, **changes)
     out = root / "two"
     proc = _launch(cli_args(tiny_path, data, out, **changes), timeout=600)
@@ -82,8 +86,8 @@ def _two_match_one(tiny_path, data, root, changes, keys):
     for r1, r2 in zip(m1, m2):
         for key in keys:
             if key in r1:
-                # measured <= 4.4e-7; rewards start at 0 (the policy is the reference), hence abs
-                assert r2[key] == pytest.approx(r1[key], rel=1e-5, abs=1e-6), (key, r1, r2)
+                # SFT: measured <= 4.4e-7 relative
+                assert r2[key] == pytest.approx(r1[key], rel=rel, abs=2e-5 if "reward" in key else 0), (key, r1, r2)
     w1, w2 = mx.load(str(ref / "adapters.safetensors")), mx.load(str(out / "adapters.safetensors"))
     assert sorted(w1) == sorted(w2)
     worst = max(_rel(w2[k], w1[k]) for k in w1)
