@@ -208,7 +208,7 @@ def run(cfg: TrainConfig, *, resume: bool = False, force: bool = False, log=prin
     world = mx.distributed.init()
     rank, size = world.rank(), world.size()
     if rank != 0:
-        log = lambda *a, **k: None
+        log = lambda *a, **k: None  # noqa: E731
     if cfg.batch_size < size:
         raise ConfigError(f"batch_size: {cfg.batch_size} is smaller than the number of processes ({size})")
     cfg = absolute_paths(cfg)
