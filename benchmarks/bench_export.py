@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import shutil
 import statistics
@@ -30,7 +31,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from benchmarks.common import machine_info, write_results  # noqa: E402
+from benchmarks.common import cpu_model, load_line, machine_info, write_results  # noqa: E402
 
 Q4_LIMIT_MB = 300  # the 270M q4 folder must fit (DESIGN: the browser download)
 
@@ -43,7 +44,9 @@ def bench_model(preset: str) -> Path:
     from mlx_persona.paths import cache_dir
 
     path = cache_dir() / "bench" / f"{preset}-fp32"
-    if not (path / "config.json").exists():
+    # A folder cached before the built-in tokenizer became SentencePiece has no tokenizer.model, which
+    # the GGUF vocabulary is read from: rebuild it.
+    if not (path / "config.json").exists() or not (path / "tokenizer.model").exists():
         init_model(path, preset, dtype="float32", overwrite=True)
     return path
 
@@ -195,7 +198,7 @@ def main():
     presets = [a.preset] + (["gemma-3-1b"] if a.full and a.preset != "gemma-3-1b" else [])
     command = ("python benchmarks/bench_export.py " + " ".join(sys.argv[1:])).strip()
     result = {"benchmark": "export: fuse + ONNX (fp32, q4) + GGUF", "command": command, "machine": machine_info(),
-              "presets": {}}
+              "presets": {}, "load_before": os.getloadavg()}
     for preset in presets:
         model = bench_model(preset)
         result["presets"][preset] = summarise([run_trial(a, preset, model) for _ in range(a.trials)])
@@ -211,6 +214,9 @@ def main():
         for preset, s in result["presets"].items():
             cells = [f"{s['gguf'][d]['sec']:.1f} / {s['gguf'][d]['mb']:.1f}" if d in s["gguf"] else "-" for d in dtypes]
             table.append(f"| {preset} | {s['fuse_sec']:.1f} | " + " | ".join(cells) + " |")
+    result["load_after"] = os.getloadavg()
+    result["cpu_model"] = cpu_model()
+    table += ["", load_line(result["load_before"], result["load_after"])]
     md = "\n".join(table)
     write_results(Path(a.out), "bench_export_" + "_".join(presets), result, md, append=not a.no_results)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import platform
 import random
 import socket
@@ -27,6 +28,24 @@ def machine_info() -> dict:
     except ImportError:
         pass
     return info
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else platform's processor name."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def load_line(before: tuple[float, ...], after: tuple[float, ...]) -> str:
+    """One sentence naming the CPU and the load average (1/5/15 min) before and after a run."""
+    fmt = lambda xs: " ".join(f"{x:.1f}" for x in xs)
+    return (f"{cpu_model()}, {os.cpu_count()} CPUs; load average (1/5/15 min) {fmt(before)} before, "
+            f"{fmt(after)} after (the machine was shared with other jobs).")
 
 
 def write_json(path: Path, data: dict) -> None:

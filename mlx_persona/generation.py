@@ -149,7 +149,13 @@ class ReplyText:
     """
 
     def __init__(self, tokenizer, stops: list[str]):
+        from mlx_persona.data.tokenizer import unwrap_tokenizer
+
         self._detok = tokenizer.detokenizer
+        # Ids past the tokenizer's last piece (the padded embedding rows of a built-in Gemma-shape model,
+        # 262,144 rows for a 2,048-piece tokenizer) have no text, as in transformers' decode; mlx-lm's
+        # SentencePiece detokenizer would raise IndexError on them.
+        self._pieces = len(unwrap_tokenizer(tokenizer))
         self._detok.reset()
         self._stops = [s for s in stops if s]
         self._shown = 0  # characters of `text` already returned
@@ -168,6 +174,8 @@ class ReplyText:
 
     def add(self, token: int) -> str:
         """Adds a token; returns the new printable text (possibly empty)."""
+        if token >= self._pieces:
+            return ""
         self._detok.add_token(token)
         self.text += self._detok.last_segment
         if not self._stops:

@@ -175,3 +175,19 @@ def test_a_stream_never_shows_what_a_stop_string_trims(tiny, stops):
     full = tokenizer.decode(ids)
     cut = min((full.find(s) for s in stops if s in full), default=len(full))
     assert reply.text == full[:cut]
+
+
+def test_ids_past_the_tokenizers_pieces_have_no_text(tiny):
+    """A built-in Gemma-shape model has 262,144 embedding rows and a 2,048-piece tokenizer: a sampled id
+    past the pieces adds nothing to the reply, as in transformers' decode (mlx-lm's SentencePiece
+    detokenizer raised IndexError: `generate` and `serve` crashed on builtin:gemma-3-270m)."""
+    from mlx_persona.data.tokenizer import unwrap_tokenizer
+    from mlx_persona.generation import ReplyText
+
+    _, tokenizer = tiny
+    hf = unwrap_tokenizer(tokenizer)
+    ids = tokenizer.encode("hello world", add_special_tokens=False)
+    padded = [ids[0], len(hf), *ids[1:], 262143]
+    reply = ReplyText(tokenizer, [])
+    shown = "".join(reply.add(t) for t in padded) + reply.finish()
+    assert shown == reply.text == hf.decode(padded) == hf.decode(ids)

@@ -5,10 +5,10 @@ extra only breaks the command that needs it. Nothing in this package imports mlx
 so `mlx_persona.__main__` can set the backend up before mlx loads.
 
 One module per pipeline stage, each with plain click commands; this file is the one list of them:
-data (validate, stats), train, generate (generate, chat and the generation options), eval (eval,
-sweep, compare), export (fuse, export onnx, web; export gguf and ollama in export_gguf), doctor (doctor, init-model); errors holds the
-user-error handling they share, options the option spellings (mlx-lm's names, ``-o/--output``) and the
-messages that name the flag typed.
+data (validate, stats, pairs), train, generate (generate, chat and the generation options), eval (eval,
+sweep, compare), export (fuse, export onnx, web; export gguf and ollama in export_gguf), doctor (doctor,
+init-model), serve, rate (blind rating); errors holds the user-error handling they share, options the
+option spellings (mlx-lm's names, ``-o/--output``) and the messages that name the flag typed.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from __future__ import annotations
 import click
 
 from mlx_persona import __version__
-from mlx_persona.cli import data, doctor, eval, export, export_gguf, generate, serve, train
+from mlx_persona.cli import data, doctor, eval, export, export_gguf, generate, rate, serve, train
 from mlx_persona.cli.options import Group
 
 
@@ -27,7 +27,8 @@ def main():
 
 
 for _command in (doctor.doctor, doctor.init_model_cmd, data.data, train.train, generate.generate, generate.chat,
-                 eval.eval_cmd, eval.sweep, eval.compare, export.fuse, export.export_group, export.web, serve.serve):
+                 eval.eval_cmd, eval.sweep, eval.compare, export.fuse, export.export_group, export.web, serve.serve,
+                 rate.rate):
     main.add_command(_command)
 export.export_group.add_command(export_gguf.gguf_cmd)
 export.export_group.add_command(export_gguf.ollama_cmd)

@@ -98,9 +98,11 @@ def _make_eval_run(models, prompts, limit, seeds, seed, persona_card, persona_sy
 @click.command("eval")
 @eval_options
 @batch_size_option
+@click.option("--ratings", type=click.Path(dir_okay=False), metavar="DB",
+              help="Show the summary of an `mlx-persona rate` database in the report.")
 @generation_options
 def eval_cmd(models, prompts, limit, seeds, persona_card, persona_system, train_data, valid, no_valid, early_tokens,
-             out, overwrite, batch_size, preset, seed, **settings):
+             out, overwrite, batch_size, ratings, preset, seed, **settings):
     """Run a prompt set through one or more models and write a persona report (md, html, jsonl, plots)."""
     from mlx_persona.eval.evaluate import evaluate
 
@@ -108,6 +110,7 @@ def eval_cmd(models, prompts, limit, seeds, persona_card, persona_system, train_
     try:
         entries, options = _make_eval_run(models, prompts, limit, seeds, seed, persona_card, persona_system,
                                           train_data, valid, no_valid, early_tokens, batch_size)
+        options.ratings = ratings
         evaluate(entries, config, options, out, overwrite=overwrite, command=_command_line("eval"),
                  log=log_to_stderr)
     except _eval_errors() as e:

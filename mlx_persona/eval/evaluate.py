@@ -130,6 +130,19 @@ def _figures(result: dict, rows: list[dict], reference_texts: list[str]) -> dict
     return {name: plots.png(fig) for name, fig in plots.eval_figures(result, rows, ref_words).items()}
 
 
+def _ratings(path: str | None) -> dict | None:
+    """The summary of a ratings database for the report (:func:`mlx_persona.rate.summary.report_section`)."""
+    if path is None:
+        return None
+    from mlx_persona.rate.store import RateError
+    from mlx_persona.rate.summary import report_section
+
+    try:
+        return report_section(path)
+    except RateError as e:
+        raise EvalError(f"--ratings: {e}") from None
+
+
 # ------------------------------------------------------------------------------------------- eval
 def evaluate(models: list[ModelEntry], config: GenerationConfig, options: EvalOptions, out: str | Path, *,
              overwrite: bool = False, command: str | None = None, log: Callable = print) -> dict:
@@ -159,6 +172,7 @@ def evaluate(models: list[ModelEntry], config: GenerationConfig, options: EvalOp
     config.validate()
     with output_lock(out):  # one writer per folder, from before the check to the last file
         ctx = Context.load(options)
+        ratings = _ratings(options.ratings)
         resolve_all(models)
         out = prepare_output_dir(out, overwrite)
         bases = find_bases(models)
@@ -182,6 +196,8 @@ def evaluate(models: list[ModelEntry], config: GenerationConfig, options: EvalOp
             "reference": reference_summary(ctx, reference_texts),
         }
         result["verdict"] = verdict(result, all_rows)
+        if ratings is not None:
+            result["ratings"] = ratings
         write_results(out, all_rows, result)
         figures = _figures(result, all_rows, reference_texts)
         for name, png in figures.items():

@@ -39,6 +39,7 @@ class EvalOptions:
     early_tokens: int = DEFAULT_EARLY_TOKENS
     max_seq_len: int = 1024  # validation examples are truncated to this, as in training
     batch_size: int = 0  # replies decoded together; 0 = from memory (batch_generation.default_batch_size)
+    ratings: str | None = None  # a `mlx-persona rate` database whose summary the report shows
 
     def validate(self) -> "EvalOptions":
         if not self.seeds or not all(isinstance(s, int) and s >= 0 for s in self.seeds):

@@ -242,6 +242,27 @@ def _intro(result: dict, seeds: list[int]) -> list[tuple[str, str]]:
     ]
 
 
+def _ratings_md(ratings: dict | None) -> list[str]:
+    """The blind ratings' summary (``mlx-persona rate``), when the report was given the database."""
+    if not ratings:
+        return []
+    lines = ["", "## Blind ratings", "", f"From {md_code(ratings['db'])}.", ""]
+    for t in ratings["tables"]:
+        lines += [f"**{md_cell(t['title'])}**", ""] + md_table(t["header"], [[md_cell(c) for c in r] for r in t["rows"]])
+        lines += [x for n in t["notes"] for x in ("", md_cell(n))] + [""]
+    return lines + [f"- {md_cell(line)}" for line in ratings["lines"]]
+
+
+def _ratings_html(ratings: dict | None) -> list[str]:
+    if not ratings:
+        return []
+    parts = ["<h2>Blind ratings</h2>", f"<p>From <code>{h(ratings['db'])}</code>.</p>"]
+    for t in ratings["tables"]:
+        parts += [f"<h3>{h(t['title'])}</h3>", html_table(t["header"], t["rows"], "summary")]
+        parts += [f"<p>{h(n)}</p>" for n in t["notes"]]
+    return parts + [f"<p>{h(line)}</p>" for line in ratings["lines"]]
+
+
 def _eval_md(result, header, table, grouped, seeds, names, early_tokens, figures) -> str:
     lines = ["# Persona evaluation", ""] + _verdict_md(result)
     lines += [f"- **{k}**: {md_code(v) if k == 'command' else md_cell(v)}" for k, v in _intro(result, seeds)]
@@ -253,6 +274,7 @@ def _eval_md(result, header, table, grouped, seeds, names, early_tokens, figures
     lines += ["", "## Summary", ""] + md_table([md_cell(c) for c in header], table)
     for png in figures:
         lines += ["", f"![{FIGURE_ALT.get(png, png)}]({png})"]
+    lines += _ratings_md(result.get("ratings"))
     lines += ["", "## Definitions", ""]
     lines += [f"- {d}" for d in definitions(early_tokens)]
     lines += ["", "## Replies side by side", ""]
@@ -307,6 +329,7 @@ def _eval_html(result, header, table, grouped, seeds, names, early_tokens, figur
     for png, data in figures.items():
         b64 = base64.b64encode(data).decode("ascii")
         parts.append(f'<p><img alt="{h(FIGURE_ALT.get(png, png))}" src="data:image/png;base64,{b64}"></p>')
+    parts += _ratings_html(result.get("ratings"))
     parts += ["<h2>Definitions</h2>", "<ul>"] + [f"<li>{md_inline(d)}</li>" for d in definitions(early_tokens)]
     parts += ["</ul>", "<h2>Replies side by side</h2>"]
     for pid, g in sorted(grouped.items()):
