@@ -415,3 +415,30 @@ def test_sft_data_given_to_dpo_is_one_clear_line(tiny_path, small_data, tmp_path
     assert result.exit_code == 1 and "Traceback" not in result.output, result.output
     last = result.output.strip().splitlines()[-1]
     assert last.startswith(f"error: {small_data / 'train.jsonl'}:1: not a preference pair: method orpo trains on")
+
+
+def test_full_dpo_from_an_lora_run_fuses_its_adapter_first(dpo_runs, tiny_path, pairs_data, tmp_path):
+    """`preference.adapter: full` from a LoRA run: the run's adapter fused into the weights, every weight trained,
+    a whole model folder written; with the learning rate ~0 the result is the fused SFT model itself."""
+    from training_runs import config
+
+    from mlx_persona.models import load_model
+    from mlx_persona.tuner.adapters import load_adapters
+    from mlx_persona.tuner.run import run
+
+    out = tmp_path / "full"
+    cfg = config(tiny_path, pairs_data, out, **{**dpo_runs["changes"], "preference.adapter": "full", "steps": 1,
+                                                "optim.learning_rate": 1e-30, "eval_every": 0})
+    summary = run(cfg, log=lambda *a: None)
+    assert summary["fine_tune_type"] == "full" and (out / "model.safetensors").is_file()
+    assert not (out / "adapter_config.json").exists()
+    sft, _ = load_model(tiny_path)
+    load_adapters(sft, dpo_runs["sft"])
+    want = dict(tree_flatten(sft.parameters()))
+    got = mx.load(str(out / "model.safetensors"))
+    probe = "model.layers.0.self_attn.q_proj.weight"
+    scale = json.loads((dpo_runs["sft"] / "adapter_config.json").read_text())["lora_parameters"]["scale"]
+    fused = want[probe.replace(".weight", ".linear.weight")] + scale * (
+        want[probe.replace(".weight", ".lora_b")].T @ want[probe.replace(".weight", ".lora_a")].T)
+    assert mx.allclose(got[probe], fused, atol=1e-6).item()
+    assert not mx.allclose(got[probe], want[probe.replace(".weight", ".linear.weight")], atol=1e-6).item()
