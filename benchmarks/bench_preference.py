@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -172,6 +173,7 @@ def main():
         print(json.dumps(worker_mlx_lm_lora(a) if a.worker == "mlx_lm_lora" else worker(a)))
         return
 
+    load_before = os.getloadavg()
     tmp = Path(tempfile.mkdtemp(prefix="bench_preference."))
     try:
         a.model = bench_model(a.preset)
@@ -187,6 +189,7 @@ def main():
         results = {m: run_worker(m, a, tmp) for m in methods}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    load_after = os.getloadavg()
     summary = {m: summarise(r, timed) for m, r in results.items()}
     base = summary.get("sft")
     command = "python benchmarks/bench_preference.py " + " ".join(sys.argv[1:])
@@ -204,7 +207,26 @@ def main():
              f"{s['peak_memory_gb'] / base['peak_memory_gb']:.2f}x" if base else ""
         table.append(f"| {m} | {s['median_sec_per_step']:.3f} | {s['tokens_per_sec']:.0f} | "
                      f"{s['loss_tokens_per_step']:.0f} | {s['peak_memory_gb']:.2f} | {vs} |")
+    machine = result["machine"]
+    result["load_average"] = {"before": load_before, "after": load_after}
+    loads = [" ".join(f"{x:.1f}" for x in load) for load in (load_before, load_after)]
+    where = (f"{cpu_name()}, {machine.get('cpu_count')} CPUs ({machine.get('cpu')}); load average (1/5/15 min) "
+             f"{loads[0]} before, {loads[1]} after.")
+    table += ["", where]
     write_results(Path(a.out), f"bench_preference_{a.preset}", result, "\n".join(table), append=not a.no_results)
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux), else the platform's processor."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "unknown CPU"
 
 
 if __name__ == "__main__":
