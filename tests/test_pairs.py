@@ -16,6 +16,7 @@ from click.testing import CliRunner
 
 from mlx_persona.cli import main
 from mlx_persona.data.pair_rules import Rule, RuleError, parse_rule
+from mlx_persona.data.pairs import load_pairs
 from mlx_persona.eval.metrics import reply_metrics
 from mlx_persona.eval.options import DEFAULT_PERSONA
 from mlx_persona.eval.persona import load_persona
@@ -80,6 +81,8 @@ def check_contract(path: Path) -> list[dict]:
         assert row["chosen"] != row["rejected"], i
         assert all(isinstance(row[k], str) for k in ("source", "prompt_key") if k in row), i
         rows.append(row)
+    # The validator `train --method dpo` reads them with agrees (data.pairs: every line, duplicates included).
+    assert [(p.chosen, p.rejected) for p in load_pairs(path)] == [(r["chosen"], r["rejected"]) for r in rows]
     return rows
 
 

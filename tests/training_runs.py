@@ -162,7 +162,7 @@ class SignalAtStep:
             def start(self, step=0):
                 pass
 
-            def update(self, step, loss, tps):
+            def update(self, step, loss, tps, extra=""):
                 if step == outer.step:
                     for _ in range(outer.times):
                         os.kill(os.getpid(), outer.sig)
@@ -200,3 +200,19 @@ def two_process_script(script: Path, *args: str, timeout: int = 180) -> None:
                           check=False, cwd=REPO, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
                           timeout=timeout)
     assert proc.returncode == 0 and "exited with code" not in proc.stderr, proc.stderr[-3000:]
+
+
+def pairs_folder(src: Path, dst: Path, n: int | None = None) -> Path:
+    """Preference pairs made from a data folder's conversations (``train.jsonl`` and ``valid.jsonl``): the
+    first user turn as the prompt, its reply as ``chosen`` and the reply's first quarter as ``rejected`` (an
+    early end, the failure preference training is for)."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in ("train.jsonl", "valid.jsonl"):
+        rows = [json.loads(line) for line in (src / name).read_text().splitlines() if line.strip()][:n]
+        pairs = []
+        for row in rows:
+            user, reply = row["messages"][0]["content"], row["messages"][1]["content"]
+            words = reply.split()
+            pairs.append({"prompt": user, "chosen": reply, "rejected": " ".join(words[:max(3, len(words) // 4)])})
+        (dst / name).write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    return dst
