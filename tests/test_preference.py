@@ -442,3 +442,7 @@ def test_full_dpo_from_an_lora_run_fuses_its_adapter_first(dpo_runs, tiny_path, 
         want[probe.replace(".weight", ".lora_b")].T @ want[probe.replace(".weight", ".lora_a")].T)
     assert mx.allclose(got[probe], fused, atol=1e-6).item()
     assert not mx.allclose(got[probe], want[probe.replace(".weight", ".linear.weight")], atol=1e-6).item()
+    # eval's model entry finds the base of a full preference run (summary.json: method dpo, fine_tune_type full)
+    from mlx_persona.eval.entries import parse_model_arg
+
+    assert parse_model_arg(f"dpo={out}").base == summary["model"] == str(tiny_path)

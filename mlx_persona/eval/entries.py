@@ -39,12 +39,15 @@ def _default_name(spec: str, adapter: str | None) -> str:
 
 
 def _full_run_base(folder: Path) -> str | None:
-    """The model a ``method: full`` output folder of ``train`` was trained from (its ``summary.json``)."""
+    """The model a full fine-tune's output folder of ``train`` (SFT or preference) was trained from (its ``summary.json``)."""
     try:
         summary = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if not isinstance(summary, dict) or summary.get("method") != "full" or not isinstance(summary.get("model"), str):
+    if not isinstance(summary, dict) or not isinstance(summary.get("model"), str):
+        return None
+    # `method` is what was trained for (sft's "full", or "dpo"/"orpo"); `fine_tune_type`, what was trained
+    if summary.get("fine_tune_type", summary.get("method")) != "full":
         return None
     return summary["model"]
 
