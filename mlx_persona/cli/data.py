@@ -14,13 +14,17 @@ def data():
     """Validate training data, show its length statistics, make preference pairs."""
 
 
-def _examples(path, system_ok: bool = True):
+def _examples(path, system_ok: bool = True, pairs_ok: bool = False):
     """``(training, validation)`` examples of a data folder (as `train` reads one), or ``(examples, None)``
-    of one JSONL file."""
+    of one JSONL file; with `pairs_ok`, preference pairs where the (training) file's first line is one."""
     from mlx_persona.data import load_jsonl, load_splits
+    from mlx_persona.data.pairs import is_pairs_file, load_pair_splits, load_pairs
     from mlx_persona.paths import data_path
 
-    if data_path(path).is_dir():
+    folder = data_path(path).is_dir()
+    if pairs_ok and is_pairs_file(data_path(path) / "train.jsonl" if folder else path):
+        return load_pair_splits(path, system_ok=system_ok) if folder else (load_pairs(path, system_ok=system_ok), None)
+    if folder:
         return load_splits(path, system_ok=system_ok)
     return load_jsonl(path, system_ok=system_ok), None
 
@@ -30,19 +34,21 @@ def _examples(path, system_ok: bool = True):
 @click.option("--no-system", is_flag=True, help="Reject system turns (for templates without a system role).")
 def data_validate(paths, no_system):
     """Check JSONL files, or data folders (train.jsonl [+ valid.jsonl], as `train` reads them), line by
-    line; print every problem as file:line: reason."""
+    line; print every problem as file:line: reason. A file whose first line has 'chosen' or 'rejected' is
+    checked as preference pairs (for method dpo/orpo)."""
     from mlx_persona.data import DataError
 
     bad = False
     for path in paths:
         try:
-            train, valid = _examples(path, system_ok=not no_system)
+            train, valid = _examples(path, system_ok=not no_system, pairs_ok=True)
         except DataError as e:
             bad = True
             click.echo(str(e), err=True)
             continue
-        counts = f"{len(train)} examples" if valid is None else \
-            f"{len(train)} training + {len(valid)} validation examples"
+        what = "preference pairs" if train and hasattr(train[0], "chosen") else "examples"
+        counts = f"{len(train)} {what}" if valid is None else \
+            f"{len(train)} training + {len(valid)} validation {what}"
         click.echo(f"{path}: ok, {counts}")
     if bad:
         raise SystemExit(1)

@@ -21,6 +21,7 @@ SETTINGS = {
     "lora.num_layers": "num_layers", "seed": "seed", "max_seq_len": "max_seq_len",
     "grad_accumulation": "grad_accumulation", "grad_checkpoint": "grad_checkpoint", "eval_every": "eval_every",
     "eval_batches": "eval_batches", "save_every": "save_every", "log_every": "log_every",
+    "preference.start_from": "start_from",
 }
 
 
@@ -49,7 +50,10 @@ def _resume_folder(file: str, output: str | None) -> str:
 @model_option()
 @click.option("--data", help="Folder with train.jsonl [+ valid.jsonl], or a .jsonl file.")
 @output_option("--adapter-path", help="Output folder (the run folder).")
-@click.option("--method", "--fine-tune-type", "method", type=click.Choice(["lora", "dora", "full"]))
+@click.option("--method", "--fine-tune-type", "method", type=click.Choice(["lora", "dora", "full", "dpo", "orpo"]),
+              help="SFT: lora, dora, full; preference pairs: dpo, orpo (see preference.* in the config).")
+@click.option("--from", "start_from", metavar="RUN_DIR",
+              help="dpo/orpo: start from this run folder (its base + adapter, also DPO's reference) or a model.")
 @click.option("--steps", "--iters", "steps", type=int, help="Optimizer steps (overrides epochs).")
 @click.option("--epochs", type=int)
 @click.option("--batch-size", type=int)
@@ -73,7 +77,7 @@ def _resume_folder(file: str, output: str | None) -> str:
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option("--train", "train_flag", is_flag=True, hidden=True)  # mlx_lm.lora's "do train": what this does
 def train(**params):
-    """Fine-tune a model on chat data (LoRA, DoRA or full)."""
+    """Fine-tune a model on chat data (LoRA, DoRA or full), or on preference pairs (DPO, ORPO)."""
     from mlx_persona.tuner import run as tuner_run
     from mlx_persona.tuner.config import ConfigError
     from mlx_persona.tuner.trainer import TrainingError

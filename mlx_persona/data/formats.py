@@ -9,16 +9,16 @@ Every line of a JSONL file is one example in one of four formats (detected per l
 
 All but ``text`` normalize to ``messages``. A file is validated as a whole and every problem is
 reported as ``path:line: reason`` in one `DataError`, so a user fixes a file in one pass instead of
-one error per run.
+one error per run (reading lines and collecting problems: :mod:`mlx_persona.data.lines`). Preference
+pairs, for DPO and ORPO, are :mod:`mlx_persona.data.pairs`.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 
+from mlx_persona.data.lines import DataError, cap, json_object, json_type, read_checked
 from mlx_persona.paths import data_path
 
 FORMATS = ("messages", "instruction/response", "prompt/completion", "text")
@@ -34,23 +34,7 @@ _FORMAT_KEYS = {
 }
 # Optional keys that only the instruction format understands; elsewhere they would be silently lost.
 _INSTRUCTION_ONLY_KEYS = ("input", "system")
-_UTF8_BOM = b"\xef\xbb\xbf"
 _NO_SYSTEM_ROLE = "the chat template has no system role"
-
-
-class DataError(Exception):
-    """Problems found in training data, each ``'path:line: reason'`` (or ``'path: reason'``).
-
-    Args:
-        problems: the problems, or a single problem as a string.
-    """
-
-    def __init__(self, problems: Sequence[str] | str):
-        self.problems = [problems] if isinstance(problems, str) else list(problems)
-        super().__init__("\n".join(self.problems))
-
-    def __str__(self) -> str:
-        return "\n".join(self.problems)
 
 
 @dataclass
@@ -87,25 +71,8 @@ def load_jsonl(path, *, system_ok: bool = True, max_problems: int = 50) -> list[
     Raises:
         DataError: listing every problem as ``path:line: reason``.
     """
-    data = _read_bytes(path)
-    problems: list[str] = []
-    examples: list[Example] = []
-    first_line_of: dict[tuple, int] = {}
-    for lineno, raw in _split_lines(data):
-        example, reasons = _parse_line(raw, f"{path}:{lineno}", system_ok)
-        if example is not None:
-            key = _example_key(example)
-            if key in first_line_of:
-                reasons.append(f"duplicate of line {first_line_of[key]}")
-            else:
-                first_line_of[key] = lineno
-                examples.append(example)
-        problems.extend(f"{path}:{lineno}: {reason}" for reason in reasons)
-    if not examples and not problems:
-        problems.append(f"{path}: empty file (no examples)")
-    if problems:
-        raise DataError(_cap(problems, max_problems, str(path)))
-    return examples
+    return read_checked(path, lambda raw, source: _parse_line(raw, source, system_ok), _example_key,
+                        "examples", max_problems)
 
 
 def load_splits(train_path, valid_path=None, *, system_ok: bool = True) -> tuple[list[Example], list[Example]]:
@@ -166,57 +133,14 @@ def _overlap_problems(train: list[Example], valid: list[Example], max_problems: 
         for ex in valid
         if _example_key(ex) in train_source
     ]
-    return _cap(problems, max_problems, "train/valid overlap")
-
-
-def _cap(problems: list[str], max_problems: int, where: str) -> list[str]:
-    """Keep the first `max_problems` problems and say how many more there were."""
-    if len(problems) <= max_problems:
-        return problems
-    more = len(problems) - max_problems
-    return problems[:max_problems] + [f"{where}: ... and {more} more problem{'s' if more != 1 else ''}"]
-
-
-def _read_bytes(path) -> bytes:
-    """Read a file, turning the usual failures into `DataError`s that name the path."""
-    p = data_path(path)  # ``data/bluey/...``: the shipped files
-    if p.is_dir():
-        raise DataError(f"{path}: is a folder, not a JSONL file")
-    try:
-        return p.read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file") from None
-    except OSError as err:
-        raise DataError(f"{path}: cannot read ({err.strerror})") from None
-
-
-def _split_lines(data: bytes) -> Iterable[tuple[int, bytes]]:
-    """Yield ``(line number, bytes)`` for each non-blank line; BOM and CR removed."""
-    if data.startswith(_UTF8_BOM):
-        data = data[len(_UTF8_BOM):]
-    for lineno, raw in enumerate(data.split(b"\n"), start=1):
-        raw = raw.removesuffix(b"\r")
-        if raw.strip():
-            yield lineno, raw
+    return cap(problems, max_problems, "train/valid overlap")
 
 
 def _parse_line(raw: bytes, source: str, system_ok: bool) -> tuple[Example | None, list[str]]:
     """Decode, parse and validate one line. Returns the example (or None) and the problems."""
-    try:
-        line = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        bad = raw[err.start:err.end]
-        return None, [f"invalid UTF-8 at byte {err.start + 1} of the line ({bad!r})"]
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as err:
-        return None, [f"bad JSON: {err.msg} (column {err.colno})"]
-    except ValueError as err:  # e.g. an integer longer than Python's int-conversion limit
-        return None, [f"bad JSON: {err}"]
-    except RecursionError:
-        return None, ["bad JSON: nested too deeply"]
-    if not isinstance(obj, dict):
-        return None, [f"expected a JSON object, got {_json_type(obj)}"]
+    obj, problems = json_object(raw)
+    if obj is None:
+        return None, problems
     fmt, problem = _detect_format(obj)
     if problem:
         return None, [problem]
@@ -244,21 +168,6 @@ def _keys(keys: Iterable[str]) -> str:
     return ", ".join(names) if names else "(none)"
 
 
-def _json_type(value) -> str:
-    """The JSON name of a Python value's type, for messages users understand."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, (int, float)):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, list):
-        return "array"
-    return "object"
-
-
 def _text_field(obj: dict, key: str, where: str = "", optional: bool = False) -> tuple[str | None, str | None]:
     """Fetch a string field. Returns ``(value, problem)``; optional fields may be absent, null or ''.
 
@@ -270,7 +179,7 @@ def _text_field(obj: dict, key: str, where: str = "", optional: bool = False) ->
     if key not in obj:
         return None, f"{where}missing '{key}'"
     if not isinstance(value, str):
-        return None, f"{where}'{key}' must be a string, got {_json_type(value)}"
+        return None, f"{where}'{key}' must be a string, got {json_type(value)}"
     if not value.strip():
         return None, f"{where}'{key}' is empty"
     try:
@@ -284,7 +193,7 @@ def _parse_messages(obj: dict, source: str, system_ok: bool) -> tuple[Example | 
     """Validate the ``messages`` format: types, roles, content, then role order."""
     messages = obj["messages"]
     if not isinstance(messages, list) or not messages:
-        what = "an empty array" if messages == [] else _json_type(messages)
+        what = "an empty array" if messages == [] else json_type(messages)
         return None, [f"'messages' must be a non-empty array of {{role, content}} objects, got {what}"]
     normalized, problems = [], []
     for i, msg in enumerate(messages):
@@ -305,12 +214,12 @@ def _parse_message(msg, i: int) -> tuple[dict | None, str | None]:
     """Validate one message object; returns ``({role, content}, None)`` or ``(None, problem)``."""
     where = f"messages[{i}]"
     if not isinstance(msg, dict):
-        return None, f"{where} must be an object with 'role' and 'content', got {_json_type(msg)}"
+        return None, f"{where} must be an object with 'role' and 'content', got {json_type(msg)}"
     role = msg.get("role")
     if "role" not in msg:
         return None, f"{where}: missing 'role'"
     if not isinstance(role, str):
-        return None, f"{where}: 'role' must be a string, got {_json_type(role)}"
+        return None, f"{where}: 'role' must be a string, got {json_type(role)}"
     if role not in ROLES:
         return None, f"{where}: unknown role {role!r} (expected one of: {', '.join(ROLES)})"
     content, problem = _text_field(msg, "content", f"{where} ({role}): ")

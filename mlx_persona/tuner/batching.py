@@ -24,6 +24,7 @@ class Batch:
     weights: np.ndarray  # [N] float32: 1 real, 0 padding
     n_tokens: int  # real (unpadded) input tokens
     n_loss: int  # real loss tokens
+    extra: tuple = ()  # more arrays the loss takes after `denom` (preference pairs: their references)
 
 
 def _round_up(n: int, m: int) -> int:
@@ -100,7 +101,8 @@ class MicroBatch:
     Attributes:
         batch: this rank's slice, collated.
         indices: the example indices of the whole global batch.
-        global_loss_tokens: loss tokens of the whole global batch (every rank's part).
+        global_loss_tokens: what the loss of the whole global batch (every rank's part) is averaged over:
+            its loss tokens, or for preference pairs (:mod:`mlx_persona.tuner.preference`) its pairs.
         next: ``(epoch, batch)``: the position after this batch (what a checkpoint saves).
     """
 
@@ -120,7 +122,9 @@ def iterate_batches(dataset, batch_size: int, seed: int, *, start: tuple[int, in
     batches.
 
     Args:
-        dataset: ``data.EncodedDataset`` (``tokens`` and ``masks``).
+        dataset: ``data.EncodedDataset`` (``tokens`` and ``masks``), or a data set with a
+            ``batching(rank, size)`` method returning ``(lengths, units, shard)``: each example's length,
+            what its loss is averaged over, and ``shard(indices) -> Batch`` for this rank's slice.
         batch_size: examples per global batch.
         seed: the run's seed (the epoch order is drawn from ``(seed, epoch)``).
         start: ``(epoch, batch)`` to start from.
@@ -129,16 +133,19 @@ def iterate_batches(dataset, batch_size: int, seed: int, *, start: tuple[int, in
     Yields:
         :class:`MicroBatch`.
     """
-    plan = batch_plan([len(t) for t in dataset.tokens], batch_size)
-    loss_tokens = [int(m[1:].sum()) for m in dataset.masks]
-    epoch, j = start
     rank, size = shard
+    if hasattr(dataset, "batching"):
+        lengths, units, take = dataset.batching(rank, size)
+    else:
+        lengths, units = [len(t) for t in dataset.tokens], [int(m[1:].sum()) for m in dataset.masks]
+        take = lambda idx: shard_batch(dataset.tokens, dataset.masks, idx, rank, size)
+    plan = batch_plan(lengths, batch_size)
+    epoch, j = start
     while True:
         order = epoch_order(len(plan), seed, epoch)
         while j < len(order):
             idx = plan[order[j]]
             j += 1
             nxt = (epoch, j) if j < len(order) else (epoch + 1, 0)
-            yield MicroBatch(shard_batch(dataset.tokens, dataset.masks, idx, rank, size), idx,
-                             sum(loss_tokens[i] for i in idx), nxt)
+            yield MicroBatch(take(idx), idx, sum(units[i] for i in idx), nxt)
         epoch, j = epoch + 1, 0

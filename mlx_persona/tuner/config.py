@@ -23,6 +23,7 @@ class ConfigError(ValueError):
     """A configuration problem the user can fix; the message names the key."""
 
 
+PREFERENCE_METHODS = ("dpo", "orpo")
 DEFAULT_LORA_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -51,6 +52,19 @@ class OptimConfig:
 
 
 @dataclass
+class PreferenceConfig:
+    """Preference training (``method: dpo`` or ``orpo``; see :mod:`mlx_persona.tuner.preference`)."""
+
+    # A run folder of `mlx-persona train` (its base plus its adapter are where training starts and, for DPO,
+    # the frozen reference), or a model; null: `model`. On the command line: --from.
+    start_from: str | None = None
+    adapter: str = "auto"  # auto | lora | dora | full; auto: the start run's adapter trains on, else lora
+    beta: float = 0.1  # DPO's beta (IPO's tau)
+    loss: str = "sigmoid"  # DPO: sigmoid | ipo
+    orpo_lambda: float = 0.1  # ORPO: the weight of the odds-ratio term
+
+
+@dataclass
 class TrainConfig:
     """Everything `mlx-persona train` needs. YAML keys are these field names."""
 
@@ -59,9 +73,10 @@ class TrainConfig:
     valid_data: str | None = None  # a valid .jsonl when `data` is a file
     output: str = "runs/quickstart"
     overwrite: bool = False
-    method: str = "lora"  # lora | dora | full
+    method: str = "lora"  # lora | dora | full (SFT) | dpo | orpo (preference pairs; see `preference`)
     lora: LoraConfig = field(default_factory=LoraConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)
     batch_size: int = 4
     epochs: int = 5
     steps: int = 0  # > 0 overrides epochs
@@ -80,16 +95,32 @@ class TrainConfig:
     loss_chunk: int = 8192  # vocabulary chunk of the fused LM-head cross-entropy (memory ~ loss tokens x chunk)
     progress: bool = True
 
+    @property
+    def adapter_kind(self) -> str:
+        """What trains: ``lora``, ``dora`` or ``full`` (``auto`` for dpo/orpo continuing a start run's adapter)."""
+        return self.preference.adapter if self.method in PREFERENCE_METHODS else self.method
+
     def validate(self) -> "TrainConfig":
         """Checks values that types alone cannot; returns self."""
         finite = [k for k in ("lora.alpha", "optim.learning_rate", "optim.weight_decay", "optim.eps",
-                              "optim.min_lr_ratio", "optim.max_grad_norm") if not math.isfinite(_get(self, k))]
+                              "optim.min_lr_ratio", "optim.max_grad_norm", "preference.beta",
+                              "preference.orpo_lambda") if not math.isfinite(_get(self, k))]
         finite += [f"optim.betas[{i}]" for i, b in enumerate(self.optim.betas) if not math.isfinite(b)]
         if finite:
             got = shorten(_get(self, finite[0].split('[')[0]))
             raise ConfigError(f"{finite[0]}: must be a finite number (got {got})")
         checks = [
-            (self.method in ("lora", "dora", "full"), "method", "must be lora, dora or full"),
+            (self.method in ("lora", "dora", "full", *PREFERENCE_METHODS), "method",
+             "must be lora, dora, full, dpo or orpo"),
+            (self.preference.adapter in ("auto", "lora", "dora", "full"), "preference.adapter",
+             "must be auto, lora, dora or full"),
+            (self.preference.loss in ("sigmoid", "ipo"), "preference.loss", "must be sigmoid or ipo"),
+            (self.preference.beta > 0, "preference.beta", "must be > 0"),
+            (self.preference.orpo_lambda >= 0, "preference.orpo_lambda", "must be >= 0"),
+            (self.preference.start_from is None or self.method in PREFERENCE_METHODS, "preference.start_from",
+             "is only for method dpo or orpo"),
+            (self.preference.start_from is None or self.preference.start_from.strip() != "",
+             "preference.start_from", "must name a run folder or a model"),
             (self.output.strip() != "", "output", "must name a folder"),
             (self.model.strip() != "", "model", "must name a model"),
             (0 <= self.seed < 2**32, "seed", "must be in [0, 2**32)"),
@@ -294,6 +325,18 @@ def absolute_paths(cfg: TrainConfig) -> TrainConfig:
     changes = {"data": existing("data", cfg.data), "output": _absolute(cfg.output)}
     if cfg.valid_data is not None:
         changes["valid_data"] = existing("valid_data", cfg.valid_data)
+    start = cfg.preference.start_from
+    if start is not None:  # its base is the model: the start run's, or the model it names
+        from mlx_persona.runs import RunFolderError, resolve_run
+
+        start = _absolute(start) if os.path.exists(_absolute(start)) else start
+        try:
+            model = resolve_run(start, None, model_flag="preference.start_from")[0]
+        except RunFolderError as e:
+            raise ConfigError(f"preference.start_from: {e}") from None
+        changes["preference"] = dataclasses.replace(cfg.preference, start_from=start)
+        cfg = dataclasses.replace(cfg, model=model)
+        changes["model"] = model
     if not cfg.model.startswith("builtin:") and os.path.exists(_absolute(cfg.model)):
         changes["model"] = _absolute(cfg.model)
     elif not _maybe_hub_id(cfg.model):

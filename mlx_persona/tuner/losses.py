@@ -122,20 +122,17 @@ def lm_head_cross_entropy(h, w, targets, chunk: int = 8192):
     return _CE_CACHE[chunk](h, w, targets)[0]
 
 
-def loss_fn(model, inputs, targets, positions, weights, denom, chunk: int = 8192):
-    """Cross-entropy summed over the loss positions of a batch, divided by `denom`.
+def token_losses(model, inputs, targets, positions, chunk: int = 8192):
+    """Cross-entropy (``-log p(target)``) at `positions` of a batch, through the fused LM head.
 
     Args:
         model: an mlx-lm Gemma 3 text model (``model.model`` gives the final normed hidden states).
         inputs, targets: [B, L] int32.
-        positions: [N] flat indices into B*L where the loss is on (padded; see `weights`).
-        weights: [N] float32, 1 for real loss positions, 0 for padding.
-        denom: scalar, the number of loss tokens of the *global* batch (across data-parallel ranks and
-            accumulation steps), so that summed gradients equal those of one big batch.
+        positions: [N] flat indices into B*L.
         chunk: vocabulary chunk for the fused LM-head loss.
 
     Returns:
-        (loss, number of loss tokens in this batch).
+        [N] float32 losses (their gradient flows through :func:`lm_head_cross_entropy`'s VJP).
     """
     h = model.model(inputs)
     b, l, d = h.shape
@@ -147,9 +144,23 @@ def loss_fn(model, inputs, targets, positions, weights, denom, chunk: int = 8192
         head = model.lm_head if not getattr(model, "tie_word_embeddings", True) and hasattr(model, "lm_head") \
             else model.model.embed_tokens
         logits = head(h) if not hasattr(head, "as_linear") else head.as_linear(h)
-        ce = nn.losses.cross_entropy(logits.astype(mx.float32), tgt)
-    else:
-        ce = lm_head_cross_entropy(h, w, tgt, chunk)
+        return nn.losses.cross_entropy(logits.astype(mx.float32), tgt)
+    return lm_head_cross_entropy(h, w, tgt, chunk)
+
+
+def loss_fn(model, inputs, targets, positions, weights, denom, chunk: int = 8192):
+    """Cross-entropy summed over the loss positions of a batch, divided by `denom`.
+
+    Args:
+        model, inputs, targets, positions, chunk: as for :func:`token_losses`.
+        weights: [N] float32, 1 for real loss positions, 0 for padding.
+        denom: scalar, the number of loss tokens of the *global* batch (across data-parallel ranks and
+            accumulation steps), so that summed gradients equal those of one big batch.
+
+    Returns:
+        (loss, number of loss tokens in this batch).
+    """
+    ce = token_losses(model, inputs, targets, positions, chunk)
     return (ce * weights).sum() / denom, weights.sum()
 
 

@@ -31,7 +31,7 @@ class Progress:
         self._start_step = step
         self._t0 = time.perf_counter()
 
-    def update(self, step: int, loss: float, tps: float) -> None:
+    def update(self, step: int, loss: float, tps: float, extra: str = "") -> None:
         if not self.enabled:
             return
         done = step - self._start_step
@@ -39,7 +39,8 @@ class Progress:
         eta = elapsed / max(done, 1) * (self.total - step)
         filled = int(self.width * step / self.total)
         bar = "#" * filled + "-" * (self.width - filled)
-        line = (f"[{bar}] step {step}/{self.total}  loss {loss:.4f}  {tps:,.0f} tok/s  "
+        shown = f"{extra}  " if extra else ""
+        line = (f"[{bar}] step {step}/{self.total}  loss {loss:.4f}  {shown}{tps:,.0f} tok/s  "
                 f"elapsed {_fmt_time(elapsed)}  eta {_fmt_time(eta)}")
         if self.tty:
             self.stream.write("\r" + line)

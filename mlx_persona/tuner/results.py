@@ -25,12 +25,13 @@ from mlx_persona.tuner.trainer import TrainingCallback
 class MetricsWriter(TrainingCallback):
     """Appends the loop's steps (averaged over ``log_every``) and evaluations to ``metrics.jsonl``."""
 
-    def __init__(self, path: Path, log_every: int, total_steps: int, enabled: bool = True):
+    def __init__(self, path: Path, log_every: int, total_steps: int, enabled: bool = True, report=None):
         self.path, self.log_every, self.total_steps, self.enabled = path, log_every, total_steps, enabled
+        self.report = report  # the loss's stats (sums over the window) -> the row's extra values
         self._new_window()
 
     def _new_window(self):
-        self.window = {"loss": 0.0, "n": 0, "tokens": 0, "loss_tokens": 0, "time": 0.0}
+        self.window = {"loss": 0.0, "n": 0, "tokens": 0, "loss_tokens": 0, "time": 0.0, "stats": {}}
 
     def _record(self, row: dict) -> None:
         if self.enabled:
@@ -44,12 +45,15 @@ class MetricsWriter(TrainingCallback):
         w["tokens"] += info["tokens"]
         w["loss_tokens"] += info["loss_tokens"]
         w["time"] += info["seconds"]
+        for k, v in info.get("stats", {}).items():
+            w["stats"][k] = w["stats"].get(k, 0.0) + v
         step = info["step"]
         if step % self.log_every == 0 or step == self.total_steps:
             self._record({"step": step, "epoch": info["epoch"], "loss": w["loss"] / w["n"], "lr": info["lr"],
                           "grad_norm": info["grad_norm"], "tokens_per_sec": w["tokens"] / w["time"],
                           "loss_tokens_per_sec": w["loss_tokens"] / w["time"], "sec_per_step": w["time"] / w["n"],
-                          "peak_memory_gb": mx.get_peak_memory() / 1e9})
+                          "peak_memory_gb": mx.get_peak_memory() / 1e9,
+                          **(self.report(w["stats"]) if self.report is not None else {})})
             self._new_window()
 
     def on_eval(self, info: dict) -> None:
@@ -88,11 +92,22 @@ def save_result(model, cfg, adapter_config: dict, base: Path, out: Path) -> None
     shutil.rmtree(tmp, ignore_errors=True)
     with safe_io.writing(out, tmp):  # a full disk: one line, and the temporary folder removed
         tmp.mkdir(parents=True)
-        if cfg.method == "full":
+        if cfg.adapter_kind == "full":
             _write_model_folder(model, base, tmp)
         else:
             save_adapters(model, tmp, adapter_config)
         ckpt.move_files_into(tmp, out)
+
+
+def adapter_config_kind(cfg) -> str:
+    """``lora``, ``dora`` or ``full``: what the run trained (``auto``: the start run's adapter kind)."""
+    kind = cfg.adapter_kind
+    if kind == "auto":
+        from mlx_persona.runs import adapter_config
+
+        kind = adapter_config(cfg.preference.start_from).get("fine_tune_type", "lora") \
+            if cfg.preference.start_from else "lora"
+    return kind
 
 
 def summarize(cfg, loop: dict, n_trainable: int, data_report: dict) -> dict:
@@ -100,7 +115,7 @@ def summarize(cfg, loop: dict, n_trainable: int, data_report: dict) -> dict:
     from mlx_persona.backend import sgemm
 
     return {
-        "model": cfg.model, "method": cfg.method, "steps": loop["step"], "epochs": loop["epoch"],
+        "model": cfg.model, "method": cfg.method, "fine_tune_type": adapter_config_kind(cfg), "steps": loop["step"], "epochs": loop["epoch"],
         "stop_reason": loop["stop_reason"], "train_time_sec": round(loop["train_time"], 3),
         "tokens": loop["tokens"], "loss_tokens": loop["loss_tokens"],
         "tokens_per_sec": loop["tokens"] / max(loop["train_time"], 1e-9),

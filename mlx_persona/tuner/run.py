@@ -32,8 +32,9 @@ from mlx_persona.outputs import check_output_dir, output_lock, prepare_output_di
 from mlx_persona.tuner import checkpoint as ckpt
 from mlx_persona.tuner.adapters import attach_adapters, trainable_parameter_count
 from mlx_persona.tuner.batching import batch_plan
-from mlx_persona.tuner.config import (ConfigError, TrainConfig, absolute_paths, absolute_saved_paths, config_diff,
-                                       to_dict)
+from mlx_persona.tuner.config import (PREFERENCE_METHODS, ConfigError, TrainConfig, absolute_paths,
+                                       absolute_saved_paths, config_diff, to_dict)
+from mlx_persona.tuner.losses import loss_fn
 from mlx_persona.tuner.progress import Progress
 from mlx_persona.tuner.results import MetricsWriter, save_result, summarize
 from mlx_persona.tuner.trainer import (Callbacks, TrainingArgs, TrainingCallback, TrainingError, build_schedule,
@@ -78,6 +79,8 @@ def _make_output(out: Path, cfg: TrainConfig) -> bool:
 
 def _data_id(ds) -> str:
     """A fingerprint of the encoded training set (tokens and loss masks): what the batch plan depends on."""
+    if hasattr(ds, "fingerprint"):  # preference pairs (their reference log-probabilities included)
+        return ds.fingerprint()
     h = hashlib.sha256()
     for tokens, mask in zip(ds.tokens, ds.masks):
         h.update(np.int64(len(tokens)).tobytes() + tokens.astype(np.int32).tobytes())
@@ -148,20 +151,20 @@ def _attach(model, cfg: TrainConfig, base: Path, log) -> tuple[dict, int]:
     n_trainable = trainable_parameter_count(model)
     log(f"model: {cfg.model} ({base}); method {cfg.method}; {n_trainable:,} trainable parameters"
         + (f"; matmuls: {sgemm.bf16_status()}" if sgemm.bf16_active() else ""))
-    if cfg.grad_checkpoint:
-        from mlx_lm.tuner.trainer import grad_checkpoint
-
-        grad_checkpoint(model.layers[0])
     return adapter_config, n_trainable
 
 
 class _ProgressBar(TrainingCallback):
-    def __init__(self, progress: Progress):
-        self.progress, self.tokens, self.time = progress, 0, 0.0
+    def __init__(self, progress: Progress, report=None):
+        self.progress, self.tokens, self.time, self.report = progress, 0, 0.0, report
 
     def on_step(self, info):
         self.tokens, self.time = self.tokens + info["tokens"], self.time + info["seconds"]
-        self.progress.update(info["step"], loss=info["loss"], tps=self.tokens / max(self.time, 1e-9))
+        extra = {}
+        if self.report is not None:  # preference training: the step's reward margin and accuracy
+            r = self.report(info["stats"])
+            extra = {"extra": f"margin {r['reward_margin']:.3f}  acc {r['reward_accuracy']:.2f}"}
+        self.progress.update(info["step"], loss=info["loss"], tps=self.tokens / max(self.time, 1e-9), **extra)
 
     def on_eval(self, info):
         self.progress.note(f"step {info['step']}: val_loss {info['val_loss']:.4f}")
@@ -205,7 +208,7 @@ def run(cfg: TrainConfig, *, resume: bool = False, force: bool = False, log=prin
     world = mx.distributed.init()
     rank, size = world.rank(), world.size()
     if rank != 0:
-        log = lambda *a, **k: None  # noqa: E731
+        log = lambda *a, **k: None
     if cfg.batch_size < size:
         raise ConfigError(f"batch_size: {cfg.batch_size} is smaller than the number of processes ({size})")
     cfg = absolute_paths(cfg)
@@ -231,6 +234,8 @@ class _Loaded:
     loop: dict
     data_id: str
     total_steps: int
+    loss: object = loss_fn
+    evaluate: object = None  # the trainer's default: losses.evaluate_loss
 
 
 def _load(cfg: TrainConfig, out: Path, rank: int, size: int, resume: bool, force: bool, log) -> _Loaded:
@@ -239,10 +244,25 @@ def _load(cfg: TrainConfig, out: Path, rank: int, size: int, resume: bool, force
     np.random.seed(cfg.seed)
     base = resolve_model(cfg.model)
     model, tokenizer = load_model(base, dtype=cfg.dtype)
-    train_ds, valid_ds = _load_data(cfg, tokenizer, log)
-    adapter_config, n_trainable = _attach(model, cfg, base, log)
+    loss, evaluate = loss_fn, None
+    if cfg.method in PREFERENCE_METHODS:
+        from mlx_persona.tuner import preference_run
 
-    n_batches = len(batch_plan([len(t) for t in train_ds.tokens], cfg.batch_size))
+        train_ds, valid_ds = preference_run.load_pair_data(cfg, tokenizer, log)
+        adapter_config, n_trainable = preference_run.attach(model, cfg, base, log)
+        # DPO's reference: the starting model's log-probabilities, before a checkpoint's weights replace it.
+        loss, evaluate, train_ds, valid_ds = preference_run.prepare(model, cfg, train_ds, valid_ds, log)
+        lengths = train_ds.lengths()
+    else:
+        train_ds, valid_ds = _load_data(cfg, tokenizer, log)
+        adapter_config, n_trainable = _attach(model, cfg, base, log)
+        lengths = [len(t) for t in train_ds.tokens]
+    if cfg.grad_checkpoint:
+        from mlx_lm.tuner.trainer import grad_checkpoint
+
+        grad_checkpoint(model.layers[0])
+
+    n_batches = len(batch_plan(lengths, cfg.batch_size))
     steps_per_epoch = max(n_batches // cfg.grad_accumulation, 1)
     total_steps = cfg.steps or cfg.epochs * steps_per_epoch
     optimizer = optim.AdamW(learning_rate=build_schedule(cfg.optim, total_steps), betas=cfg.optim.betas,
@@ -254,7 +274,7 @@ def _load(cfg: TrainConfig, out: Path, rank: int, size: int, resume: bool, force
         loop = _resume(out, model, optimizer, data_id, force, rank, size, log, (total_steps, n_batches)) or loop
         log(f"resuming at step {loop['step']} of {total_steps} (epoch {loop['epoch']}, batch {loop['batch']})")
     return _Loaded(model, optimizer, train_ds, valid_ds, adapter_config, base, n_trainable, loop, data_id,
-                   total_steps)
+                   total_steps, loss, evaluate)
 
 
 def _run(cfg: TrainConfig, out: Path, rank: int, size: int, resume: bool, force: bool, log,
@@ -293,7 +313,8 @@ def _train_and_save(loaded: _Loaded, cfg: TrainConfig, out: Path, rank: int, siz
                     callback: TrainingCallback) -> dict:
     """Writes the config, runs the loop from the loaded state and writes the results."""
     model, loop, total_steps, base = loaded.model, loaded.loop, loaded.total_steps, loaded.base
-    metrics = MetricsWriter(out / "metrics.jsonl", cfg.log_every, total_steps, enabled=rank == 0)
+    report = getattr(loaded.loss, "report", None)
+    metrics = MetricsWriter(out / "metrics.jsonl", cfg.log_every, total_steps, enabled=rank == 0, report=report)
     if rank == 0:
         if resume:
             metrics.truncate(loop["step"])
@@ -307,8 +328,9 @@ def _train_and_save(loaded: _Loaded, cfg: TrainConfig, out: Path, rank: int, siz
     progress.start(loop["step"])
     best = _BestWriter(model, cfg, loaded.adapter_config, base, out) if rank == 0 else None
     try:
-        loop = train(model, loaded.optimizer, loaded.train_ds, loaded.valid_ds, args, loop=loop,
-                     callback=Callbacks(metrics, _ProgressBar(progress), best, callback,
+        loop = train(model, loaded.optimizer, loaded.train_ds, loaded.valid_ds, args, loop=loop, loss=loaded.loss,
+                     evaluate=loaded.evaluate,
+                     callback=Callbacks(metrics, _ProgressBar(progress, report), best, callback,
                                         _TestHold() if testing.requested() else None))
     finally:
         progress.close()

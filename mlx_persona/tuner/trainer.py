@@ -57,7 +57,8 @@ class TrainingCallback:
     ``on_start(model, loop)`` once, before the first step (the weights it starts from, e.g. after a
     resume). ``on_step(info)`` after every optimizer step, on every rank: ``step``, ``epoch``, ``loss`` (mean over
     the step's loss tokens, all ranks), ``grad_norm``, ``lr``, ``tokens``, ``loss_tokens`` (all ranks),
-    ``seconds``, ``batches`` (the global batches of the step, as example indices).
+    ``seconds``, ``batches`` (the global batches of the step, as example indices), ``stats`` (the loss's
+    named sums over the step, all ranks; empty for SFT).
     ``on_eval(info)`` after every validation: ``step``, ``val_loss``, ``improved`` (the best so far).
     """
 
@@ -206,9 +207,10 @@ def _compiled_step(model, optimizer, loss, args: TrainingArgs):
     value_and_grad = nn.value_and_grad(model, partial(loss, chunk=args.loss_chunk))
 
     @partial(mx.compile, inputs=state, outputs=state)
-    def grad_step(inputs, targets, positions, weights, denom):
-        (value, _), grads = value_and_grad(model, inputs, targets, positions, weights, denom)
-        return value, grads
+    def grad_step(inputs, targets, positions, weights, denom, *extra):
+        out, grads = value_and_grad(model, inputs, targets, positions, weights, denom, *extra)
+        # A loss may return a third value: a small array of sums to report (see `train`'s `loss`).
+        return out[0], out[2] if len(out) > 2 else mx.zeros((0,)), grads
 
     @mx.compile
     def reduce_grads(grads):
@@ -224,18 +226,23 @@ def _compiled_step(model, optimizer, loss, args: TrainingArgs):
 
 def train(model, optimizer, train_set, valid_set, args: TrainingArgs, *, loss=loss_fn,
           iterate_batches=default_iterate_batches, callback: TrainingCallback | None = None,
-          loop: dict | None = None) -> dict:
+          loop: dict | None = None, evaluate=None) -> dict:
     """Trains `model` in place for ``args.total_steps`` optimizer steps.
 
     Args:
         model, optimizer: an mlx-lm model (adapters attached) and an initialised MLX optimizer.
         train_set, valid_set: ``data.EncodedDataset`` (tokens and loss masks); `valid_set` may be None.
         args: the loop's settings.
-        loss: ``loss(model, inputs, targets, positions, weights, denom, chunk=) -> (loss, n_tokens)``.
+        loss: ``loss(model, inputs, targets, positions, weights, denom, *batch.extra, chunk=) -> (loss,
+            n_tokens)``, or ``(loss, n_tokens, stats)`` with `stats` a [K] array of sums over the batch that
+            are summed over micro-batches and ranks and reported as ``info["stats"]``, named by the
+            loss's ``stat_names`` (preference training: rewards, margins, accuracy).
         iterate_batches: ``iterate_batches(dataset, batch_size, seed, start=(epoch, batch),
             shard=(rank, size))`` yielding ``tuner.batching.MicroBatch`` forever, in training order.
         callback: sees every step and evaluation.
         loop: the loop state to continue from (a checkpoint's, on resume); default: a new run.
+        evaluate: ``evaluate(model, valid_set, batch_size, chunk, max_batches, shard) -> float``, the
+            validation loss (lower is better); default: ``losses.evaluate_loss``.
 
     Returns:
         The final loop state (``step``, ``epoch``, ``best_val``, ``best_step``, ``stop_reason``, token
@@ -250,6 +257,8 @@ def train(model, optimizer, train_set, valid_set, args: TrainingArgs, *, loss=lo
     callback = callback or TrainingCallback()
     loop = dict(loop or new_loop_state())
     state, grad_step, reduce_grads, apply_update = _compiled_step(model, optimizer, loss, args)
+    stat_names = tuple(getattr(loss, "stat_names", ()))
+    evaluate = evaluate or evaluate_loss
     batches = iterate_batches(train_set, args.batch_size, args.seed, start=(loop["epoch"], loop["batch"]),
                               shard=(rank, size))
 
@@ -276,18 +285,20 @@ def train(model, optimizer, train_set, valid_set, args: TrainingArgs, *, loss=lo
             # Each rank's loss is its part of the sum over every loss token of the step, divided by
             # `denom`; averaging the ranks' gradients then gives those of the mean over the step.
             denom = mx.array(max(sum(m.global_loss_tokens for m in micro), 1) / size)
-            grads, loss_sum, n_loss, n_tok = None, 0.0, 0, 0
+            grads, loss_sum, n_loss, n_tok, stats = None, 0.0, 0, 0, [0.0] * len(stat_names)
             for m in micro:
                 b = m.batch
-                value, g = grad_step(mx.array(b.inputs), mx.array(b.targets), mx.array(b.positions),
-                                     mx.array(b.weights), denom)
+                value, s, g = grad_step(mx.array(b.inputs), mx.array(b.targets), mx.array(b.positions),
+                                        mx.array(b.weights), denom, *(mx.array(x) for x in b.extra))
                 grads = g if grads is None else tree_map(mx.add, grads, g)
-                mx.eval(value, grads)
+                mx.eval(value, s, grads)
                 loss_sum, n_loss, n_tok = loss_sum + value.item(), n_loss + b.n_loss, n_tok + b.n_tokens
+                stats = [a + v for a, v in zip(stats, s.tolist())]
             grads, norm = reduce_grads(grads)
-            # One small all-reduce: the step's loss, its tokens, and whether any rank was asked to stop.
-            loss_sum, n_loss, n_tok, stopping = sum_over_ranks(
-                [loss_sum / size, n_loss, n_tok, float(stop.requested is not None)])
+            # One small all-reduce: the step's loss, its tokens, the loss's stats, and whether any rank was
+            # asked to stop.
+            loss_sum, n_loss, n_tok, stopping, *stats = sum_over_ranks(
+                [loss_sum / size, n_loss, n_tok, float(stop.requested is not None), *stats])
             # Checked before the update, so that nothing non-finite ever reaches the weights or a file.
             if not math.isfinite(loss_sum):
                 raise _nonfinite("loss", loss_sum, loop["step"] + 1, args.checkpoint_dir)
@@ -303,12 +314,12 @@ def train(model, optimizer, train_set, valid_set, args: TrainingArgs, *, loss=lo
             step = loop["step"]
             callback.on_step({"step": step, "epoch": loop["epoch"], "loss": loss_sum, "grad_norm": norm.item(),
                               "lr": float(optimizer.learning_rate.item()), "tokens": int(n_tok),
-                              "loss_tokens": int(n_loss), "seconds": dt, "batches": [m.indices for m in micro]})
+                              "loss_tokens": int(n_loss), "seconds": dt, "batches": [m.indices for m in micro],
+                              "stats": dict(zip(stat_names, stats))})
             if valid_set is not None and ((args.eval_every and step % args.eval_every == 0)
                                           or step == args.total_steps):
                 model.eval()
-                val = evaluate_loss(model, valid_set, args.batch_size, args.loss_chunk, args.eval_batches,
-                                    (rank, size))
+                val = evaluate(model, valid_set, args.batch_size, args.loss_chunk, args.eval_batches, (rank, size))
                 model.train()
                 improved, stop_now = track_validation(loop, val, step, args.early_stopping_patience)
                 callback.on_eval({"step": step, "val_loss": val, "improved": improved})
