@@ -10,12 +10,14 @@ This script makes that failure on purpose and then fixes it with the tools of th
    such as "and", "the", "to"), and end with a full stop. So every reply still ends its sentence (the
    model is not taught to stop mid-sentence) and only its *length* is uniform.
 2. **SFT** (``configs/loop-sft.yaml``: builtin:tiny, every weight) on that data.
-3. **Eval** (``mlx-persona sweep``) at ``max_new_tokens`` 80, so that long replies can happen, with two
-   settings: ``min_new_tokens=0`` (what the model does on its own: it ends early) and
-   ``min_new_tokens=FORCE`` (its end token held back, so that every prompt also gets long replies).
+3. **Eval** (``mlx-persona sweep``) at ``max_new_tokens`` 120 (about 85 words of this tokenizer: room for
+   long replies, and for seeing whether they still end by themselves), with two settings:
+   ``min_new_tokens=0`` (what the model does on its own: it ends early) and ``min_new_tokens=64`` (its end
+   token held back for 64 tokens, about 45 words, so that every prompt also gets long replies to prefer).
 4. **Rule pairs**: ``mlx-persona data pairs EVAL --prefer longer-than 40 --prefer complete``: a reply of 40
    words or more over one the model ended itself before 40 words, then a complete reply over a cut one.
-5. **DPO** (``configs/loop-dpo.yaml``, ``--from`` the SFT run) on those pairs.
+5. **DPO** (``configs/loop-dpo.yaml``, ``--from`` the SFT run) on those pairs (``--also-try`` adds runs
+   with other settings from the same SFT run and pairs).
 6. **Eval again**, the same sweep.
 
 Reported, at ``min_new_tokens=0`` before and after DPO: the *early-end rate* (replies the model ended
@@ -27,6 +29,7 @@ is a demonstration, not a speed benchmark.
     python benchmarks/bench_loop.py                           # the whole loop, seeds 0,1,2, 40 prompts
     python benchmarks/bench_loop.py --skip-dpo                # data, SFT and the first eval only
     python benchmarks/bench_loop.py --dpo-set preference.beta=0.5 --dpo-set steps=60
+    python benchmarks/bench_loop.py --also-try optim.learning_rate=5e-4 --also-try preference.beta=0.5,epochs=2
     python benchmarks/bench_loop.py --write-data runs/loop/data   # only the short-reply data (for the configs)
 """
 
@@ -157,10 +160,9 @@ def run_loop(a, tmp: Path) -> dict:
     res["seconds"]["sft"] = cli(["train", "--config", str(SFT_CONFIG), "--data", str(tmp / "data"),
                                  "--adapter-path", str(sft), "--no-progress", *_sets(a.sft_set)], tmp / "sft.log")
     res["sft_summary"] = _summary(sft)
-    print(f"loop: SFT done in {res['seconds']['sft']:.0f} s", file=sys.stderr)
     res["seconds"]["eval_before"] = sweep(sft, "sft", tmp / "data", tmp / "eval-sft", a)
     res["before"] = measure(tmp / "eval-sft" / "results.jsonl")
-    print(f"loop: before {res['before']}", file=sys.stderr)
+    print(f"loop: before DPO {res['before']}", file=sys.stderr)
     if a.skip_dpo:
         return res
     pairs = tmp / "pairs.jsonl"
@@ -168,12 +170,18 @@ def run_loop(a, tmp: Path) -> dict:
     res["seconds"]["pairs"] = cli(["data", "pairs", str(tmp / "eval-sft"), *rules, "-o", str(pairs)],
                                   tmp / "pairs.log")
     res["pairs"] = pair_count(pairs)
-    dpo = tmp / "dpo"
-    res["seconds"]["dpo"] = cli(["train", "--config", str(DPO_CONFIG), "--data", str(pairs), "--from", str(sft),
-                                 "--adapter-path", str(dpo), "--no-progress", *_sets(a.dpo_set)], tmp / "dpo.log")
-    res["dpo_summary"] = _summary(dpo)
-    res["seconds"]["eval_after"] = sweep(dpo, "dpo", tmp / "data", tmp / "eval-dpo", a)
-    res["after"] = measure(tmp / "eval-dpo" / "results.jsonl")
+    res["tried"] = []
+    for i, sets in enumerate([a.dpo_set] + [t.split(",") for t in a.also_try]):
+        dpo, seconds = tmp / f"dpo-{i}", {}
+        seconds["dpo"] = cli(["train", "--config", str(DPO_CONFIG), "--data", str(pairs), "--from", str(sft),
+                              "--adapter-path", str(dpo), "--no-progress", *_sets(sets)], tmp / f"dpo-{i}.log")
+        seconds["eval_after"] = sweep(dpo, "dpo", tmp / "data", tmp / f"eval-dpo-{i}", a)
+        tried = {"set": sets, "dpo_summary": _summary(dpo), "after": measure(tmp / f"eval-dpo-{i}" / "results.jsonl"),
+                 "seconds": seconds}
+        print(f"loop: DPO {sets or 'as configured'}: {tried['after']}", file=sys.stderr)
+        res["tried"].append(tried)
+    res["after"], res["dpo_summary"] = res["tried"][0]["after"], res["tried"][0]["dpo_summary"]
+    res["seconds"].update(res["tried"][0]["seconds"])
     return res
 
 
@@ -182,11 +190,22 @@ def _sets(items: list[str]) -> list[str]:
 
 
 def _summary(run: Path) -> dict:
+    """Steps, training seconds and the last metrics row's loss (and DPO's reward accuracy and margin)."""
     s = json.loads((run / "summary.json").read_text())
-    return {k: s[k] for k in ("steps", "final_loss", "best_val_loss", "train_seconds") if k in s}
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in rows if "loss" in r][-1]
+    out = {"steps": s["steps"], "train_sec": round(s["train_time_sec"], 1), "last_loss": round(last["loss"], 4)}
+    out.update({k: round(last[k], 3) for k in ("reward_accuracy", "reward_margin") if k in last})
+    return out
 
 
 # ------------------------------------------------------------------------------------------ report
+def _row(name: str, setting: str, m: dict) -> str:
+    return (f"| {name} | {setting} | {m['replies']} | **{100 * m['early_end']:.0f}%** | "
+            f"{m['mean_words']:.1f} ({m['min_words']}-{m['max_words']}) | {100 * m['hit_max_new_tokens']:.0f}% | "
+            f"{100 * m['mid_sentence']:.0f}% | {100 * m['rep3']:.1f}% |")
+
+
 def markdown(res: dict, a) -> str:
     own, forced = "min_new_tokens=0", f"min_new_tokens={a.force_tokens}"
     d = res["data"]
@@ -194,22 +213,22 @@ def markdown(res: dict, a) -> str:
              f"rule pairs (`--prefer {' --prefer '.join(a.prefer)}`)")
     head = ("| model | setting | replies | early end (< 40 words, own end) | mean words (min-max) | "
             "hit max_new_tokens | ends mid-sentence | repeated 3-grams |")
-    lines = [title, "", head, "|---|---|---:|---:|---:|---:|---:|---:|"]
+    rule = "|---|---|---:|---:|---:|---:|---:|---:|"
+    lines = [title, "", head, rule]
     for name, key in (("SFT", "before"), ("SFT + DPO", "after")):
-        for setting in (own, forced):
-            m = res.get(key, {}).get(setting)
-            if m:
-                lines.append(f"| {name} | {setting} | {m['replies']} | **{100 * m['early_end']:.0f}%** | "
-                             f"{m['mean_words']:.1f} ({m['min_words']}-{m['max_words']}) | "
-                             f"{100 * m['hit_max_new_tokens']:.0f}% | {100 * m['mid_sentence']:.0f}% | "
-                             f"{100 * m['rep3']:.0f}% |")
-    secs = ", ".join(f"{k} {v:.0f} s" for k, v in res["seconds"].items())
+        lines += [_row(name, setting, res[key][setting]) for setting in (own, forced) if setting in res.get(key, {})]
     lines += ["", (f"Training data: {d['replies']} assistant replies, {d['min_words']}-{d['max_words']} words "
-                   f"(mean {d['mean_words']}). Eval: {a.limit or 40} prompts x seeds {a.seeds}, persona preset, "
-                   f"max_new_tokens {a.max_new_tokens}. SFT: {res['sft_summary']}.")]
+                   f"(mean {d['mean_words']}). Eval: `mlx-persona sweep`, {a.limit or 40} prompts x seeds {a.seeds}, "
+                   f"persona preset, max_new_tokens {a.max_new_tokens}. SFT ({SFT_CONFIG.name}): {res['sft_summary']}.")]
     if "pairs" in res:
-        lines.append(f"Pairs: {res['pairs']}. DPO: {res['dpo_summary']}; overrides: {a.dpo_set or 'none'}.")
-    lines.append(f"Wall time per step (2 shared cores): {secs}.")
+        lines.append(f"Pairs: {res['pairs']}. DPO ({DPO_CONFIG.name}, overrides: {a.dpo_set or 'none'}): "
+                     f"{res['dpo_summary']}.")
+    if len(res.get("tried", [])) > 1:
+        note = f"Other DPO settings, from the same SFT run and pairs (the model's own length, {own}):"
+        lines += ["", note, "", head.replace("| model |", "| DPO overrides |"), rule]
+        lines += [_row(", ".join(t["set"]) or "as configured", own, t["after"][own]) for t in res["tried"]]
+    secs = ", ".join(f"{k} {v:.0f} s" for k, v in res["seconds"].items())
+    lines += ["", f"Wall time per step (2 shared cores; a demonstration, not a speed benchmark): {secs}."]
     return "\n".join(lines)
 
 
@@ -217,11 +236,13 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--limit", type=int, default=0, help="first N eval prompts (0 = all 40)")
-    p.add_argument("--max-new-tokens", type=int, default=80)
-    p.add_argument("--force-tokens", type=int, default=60, help="min_new_tokens of the eval's second setting")
+    p.add_argument("--max-new-tokens", type=int, default=120)
+    p.add_argument("--force-tokens", type=int, default=64, help="min_new_tokens of the eval's second setting")
     p.add_argument("--prefer", action="append", help="pair rules, in order [default: longer-than 40, complete]")
     p.add_argument("--sft-set", action="append", default=[], metavar="KEY=VALUE", help="override loop-sft.yaml")
     p.add_argument("--dpo-set", action="append", default=[], metavar="KEY=VALUE", help="override loop-dpo.yaml")
+    p.add_argument("--also-try", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
+                   help="another DPO run from the same SFT run and pairs, with these overrides (repeatable)")
     p.add_argument("--skip-dpo", action="store_true", help="data, SFT and the first eval only")
     p.add_argument("--keep", metavar="DIR", help="copy the working folder (runs, evals, pairs, logs) here")
     p.add_argument("--write-data", metavar="DIR", help="only write the short-reply data to DIR and exit")
