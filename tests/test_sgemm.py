@@ -210,3 +210,52 @@ def test_the_layer_can_be_turned_off():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env_off, timeout=300)
     active, reason, calls, value = json.loads(proc.stdout.strip().splitlines()[-1])
     assert not active and "MLX_PERSONA_SGEMM=0" in reason and calls == 0 and value == [[8.0] * 4]
+
+
+FEW_ROWS = """
+import json
+import mlx_persona.backend
+mlx_persona.backend.setup()
+from mlx_persona.backend import sgemm
+import mlx.core as mx, numpy as np
+rng = np.random.default_rng(0)
+def arr(*shape):
+    return mx.array(rng.normal(size=shape).astype(np.float32))
+wide = arr(8, 700)
+cases = {   # (rows, weight [n, k]) as batched decoding hands them: x @ W.T
+    "2 rows": (arr(2, 640), arr(2048, 640)), "4 rows": (arr(4, 640), arr(1024, 640)),
+    "8 rows": (arr(8, 2048), arr(640, 2048)), "odd k and n": (arr(5, 643), arr(1027, 643)),
+    "k under 16 after the blocks": (arr(3, 31), arr(9, 31)), "rows of a wider array": (wide[:6, 30:670], arr(700, 640)),
+    "small, one thread": (arr(3, 16), arr(5, 16)),
+    "9 rows: OpenBLAS": (arr(9, 640), arr(512, 640)),
+}
+out = {}
+for name, (x, w) in cases.items():
+    before = sgemm.counts()["few_rows"]
+    got = x @ w.T
+    mx.eval(got)
+    ref = np.array(x, np.float64) @ np.array(w, np.float64).T
+    out[name] = {"few_rows": sgemm.counts()["few_rows"] - before,
+                 "err": float(np.abs(np.array(got, np.float64) - ref).max() / np.abs(ref).max())}
+out["active"] = [sgemm.active(), sgemm.status()]
+print(json.dumps(out))
+"""
+
+
+@linux
+@pytest.mark.parametrize("switch", [None, "0"])
+def test_a_few_rows_times_a_weight_matrix_are_exact_in_our_kernel(switch, monkeypatch):
+    """2-8 rows x W^T (batched decoding) go to the few-rows kernel, which reads each weight once for all the
+    rows; float32 exact (only the order of the additions differs); 9 rows and MLX_PERSONA_FEW_ROWS=0 go to
+    the BLAS."""
+    if switch is None:
+        monkeypatch.delenv("MLX_PERSONA_FEW_ROWS", raising=False)
+    else:
+        monkeypatch.setenv("MLX_PERSONA_FEW_ROWS", switch)
+    r = _child(FEW_ROWS, mode=None)
+    active, status = r.pop("active")
+    if not active:
+        pytest.skip(f"the sgemm layer is not loaded here: {status}")
+    for name, case in r.items():
+        assert case["err"] < 2e-6, (name, case)
+        assert case["few_rows"] == (1 if switch is None and not name.startswith("9") else 0), (name, case)

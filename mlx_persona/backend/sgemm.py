@@ -149,7 +149,7 @@ def setup(blas: str, bf16: bool) -> bool:
     try:
         path, refused = native.cache_or_run_dir(
             lambda root: native.build("sgemm.c", cc, cflags(), folder="sgemm", name="libmlxp_sgemm.so",
-                                      libs=("-ldl",), root=root))
+                                      libs=("-ldl", "-lpthread"), root=root))
         lib = ctypes.CDLL(str(path), mode=os.RTLD_LOCAL)
     except UnsafeFolder as e:  # not even a private folder of this run
         warn(f"not loading the sgemm layer: {e}")
@@ -201,4 +201,4 @@ def bf16_status() -> str:
 def counts() -> dict:
     """Calls since start: exact sgemm, bf16 and sgemv (zeros when the layer is not loaded)."""
     lib = _state["lib"]
-    return {k: (lib.mlxp_count(i) if lib is not None else 0) for i, k in enumerate(("sgemm", "bf16", "sgemv"))}
+    return {k: (lib.mlxp_count(i) if lib is not None else 0) for i, k in enumerate(("sgemm", "bf16", "sgemv", "few_rows"))}
