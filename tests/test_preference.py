@@ -446,3 +446,24 @@ def test_full_dpo_from_an_lora_run_fuses_its_adapter_first(dpo_runs, tiny_path, 
     from mlx_persona.eval.entries import parse_model_arg
 
     assert parse_model_arg(f"dpo={out}").base == summary["model"] == str(tiny_path)
+
+
+@pytest.mark.parametrize("method", ["dpo", "orpo"])
+def test_dora_on_a_base_learns_the_preference(method, tiny_path, pairs_data, tmp_path):
+    """`preference.adapter: dora` from a base model (no SFT run; DPO's reference is the base itself): a DoRA
+    adapter is attached, trained and saved as DoRA, and the chosen replies pull ahead of the rejected ones."""
+    from training_runs import metrics, reference_run
+
+    out = reference_run(tiny_path, pairs_data, tmp_path, method=method, steps=9, log_every=1,
+                        **{"preference.start_from": str(tiny_path), "preference.adapter": "dora",
+                           "preference.beta": 0.5, "lora.dropout": 0.0, "optim.learning_rate": 5e-3})
+    rows = [r for r in metrics(out) if "loss" in r]
+    first, last = rows[:3], rows[-3:]
+    # ORPO's rewards are beta-scaled mean log-probs, and its odds move slowly next to its NLL term (measured:
+    # +0.012 over these 9 steps at this learning rate, where DPO's sums of margins gain +10.4)
+    key, gain = ("reward_margin", 0.3) if method == "dpo" else ("log_odds", 0.005)
+    assert sum(r[key] for r in last) > sum(r[key] for r in first) + gain, [r[key] for r in rows]
+    assert sum(r["loss"] for r in last) < sum(r["loss"] for r in first)
+    saved = json.loads((out / "adapter_config.json").read_text())
+    assert saved["fine_tune_type"] == "dora"
+    assert any(k.endswith(".m") for k in mx.load(str(out / "adapters.safetensors")))  # DoRA's magnitudes
