@@ -32,8 +32,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from benchmarks.bench_train import bench_model  # noqa: E402
-from benchmarks.common import machine_info, write_results  # noqa: E402
+from benchmarks.bench_train import bench_model
+from benchmarks.common import cpu_model, machine_info, write_results
 
 
 def make_data(n: int, dst: Path) -> tuple[Path, Path]:
@@ -210,23 +210,10 @@ def main():
     machine = result["machine"]
     result["load_average"] = {"before": load_before, "after": load_after}
     loads = [" ".join(f"{x:.1f}" for x in load) for load in (load_before, load_after)]
-    where = (f"{cpu_name()}, {machine.get('cpu_count')} CPUs ({machine.get('cpu')}); load average (1/5/15 min) "
+    where = (f"{cpu_model()}, {machine.get('cpu_count')} CPUs ({machine.get('cpu')}); load average (1/5/15 min) "
              f"{loads[0]} before, {loads[1]} after.")
     table += ["", where]
     write_results(Path(a.out), f"bench_preference_{a.preset}", result, "\n".join(table), append=not a.no_results)
-
-
-def cpu_name() -> str:
-    """The CPU's model name (Linux), else the platform's processor."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or "unknown CPU"
 
 
 if __name__ == "__main__":
