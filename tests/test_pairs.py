@@ -286,6 +286,31 @@ def test_parse_rule():
             parse_rule(text)
 
 
+
+def test_judgements_of_another_tool_with_odd_created_times_still_pair(tmp_path):
+    """`created` written by another tool (text beside a number) is not compared: the latest judgement is the highest id."""
+    db_path = tmp_path / "other.db"
+    conn = make_db(db_path, rows=[])
+    conn.executemany("INSERT INTO judgements (id, created, rater, prompt_key, prompt, messages, model_a, reply_a, "
+                     "model_b, reply_b, left_is, verdict) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                     [(1, "early", "human", "0", "Hi!", None, "a", "Hooray!", "b", "Hello.", "a", "b"),
+                      (2, 5.0, "human", "0", "Hi!", None, "a", "Hooray!", "b", "Hello.", "a", "a"),
+                      (3, "noon", "human", "1", "Play?", None, "a", "Yes!", "b", "No.", "a", "a")])
+    conn.commit()
+    out = tmp_path / "pairs.jsonl"
+    result = run("data", "pairs", db_path, "-o", out)
+    assert result.exit_code == 0, result.output
+    assert check_contract(out) == [pair("Hi!", "Hooray!", "Hello.", "human", "0"),
+                                   pair("Play?", "Yes!", "No.", "human", "1")]
+
+
+def test_a_deeply_nested_results_line_is_one_line(tmp_path):
+    results, out = tmp_path / "results.jsonl", tmp_path / "pairs.jsonl"
+    results.write_bytes(json.dumps(ROWS[0]).encode() + b"\n" + b"[" * 200000 + b"\n")
+    result = run("data", "pairs", results, "--prefer", "complete", "-o", out)
+    assert result.exit_code == 1 and not out.exists()
+    assert f"{results}:2: invalid JSON (nested too deep)" in result.output
+
 # ------------------------------------------------------------------------------------------- bad input
 def test_bad_results_are_path_line_reason(tmp_path):
     out = tmp_path / "pairs.jsonl"

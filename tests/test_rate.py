@@ -273,6 +273,24 @@ def test_bad_results_line_names_file_and_line(tmp_path):
     assert f"{path}:25: prompt:" in result.output and "Traceback" not in result.output
 
 
+
+@pytest.mark.parametrize("bad, why", [(b"\xff\xfe{}", "not valid UTF-8"), (b"[" * 200000, "nested too deep")])
+def test_hostile_results_lines_are_one_line(tmp_path, bad, why):
+    path = write_results(tmp_path)
+    path.write_bytes(path.read_bytes() + bad + b"\n")
+    result = CliRunner().invoke(main, ["rate", "--results", str(path), "--db", str(tmp_path / "r.db"), "--no-serve"])
+    assert result.exit_code == 1, result.output
+    assert f"{path}:25: " in result.output and why in result.output and "Traceback" not in result.output
+
+
+def test_a_rubric_that_is_not_utf8_is_one_line(tmp_path):
+    rubric = tmp_path / "rubric.txt"
+    rubric.write_bytes(b"Judge \xff it")
+    result = CliRunner().invoke(main, ["rate", "--results", str(write_results(tmp_path)), "--db", str(tmp_path / "r.db"),
+                                       "--judge", "http://127.0.0.1:9/v1", "--judge-model", "j", "--rubric", str(rubric)])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert f"{rubric}: not valid UTF-8" in result.output
+
 # ------------------------------------------------------------------------------ schedule
 def test_schedule_balances_models_and_prompts_and_is_seeded(tmp_path):
     conn = store.connect(tmp_path / "r.db")
@@ -481,12 +499,13 @@ def test_the_tiny_model_served_as_a_judge_then_stopped(tiny_path, tmp_path):
     kept = len(rows(db))
     assert kept == sum(e["outcome"] == "stored" for e in log)
     assert f"{kept} stored, {6 - kept} unparsable, 0 failed" in first.output
-    # The server is gone: every pair still to judge fails, is counted, and nothing is stored.
-    second = CliRunner().invoke(main, args)
+    # The server is gone: a judge of another name has every pair to judge, each fails, is counted, and
+    # nothing is stored (whatever the tiny model answered the first time).
+    second = CliRunner().invoke(main, [*args[:-1], "gone-judge"])
     assert second.exit_code == 0, second.output
-    assert f"judge:tiny-judge: 0 stored, 0 unparsable, {6 - kept} failed" in second.output
+    assert "judge:gone-judge: 0 stored, 0 unparsable, 6 failed" in second.output
     assert len(rows(db)) == kept
-    assert summarize(conn)["judge_answers"]["judge:tiny-judge"]["failed"] == 6 - kept
+    assert summarize(conn)["judge_answers"]["judge:gone-judge"]["failed"] == 6
 
 
 # ------------------------------------------------------------------------------ the eval report

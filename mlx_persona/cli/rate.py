@@ -72,8 +72,8 @@ def _fill(conn, models, prompts, limit, results, seed, batch_size):
 
 
 def _judge(conn, url, model, rubric_file, persona_card, seed, api_key, timeout):
-    from pathlib import Path
 
+    from mlx_persona import safe_io
     from mlx_persona.eval.options import DEFAULT_PERSONA
     from mlx_persona.eval.persona import load_persona
     from mlx_persona.rate.judge import default_rubric, run_judge
@@ -82,7 +82,7 @@ def _judge(conn, url, model, rubric_file, persona_card, seed, api_key, timeout):
     if not model:
         raise RateError("--judge needs --judge-model NAME (the model the endpoint serves)")
     if rubric_file:
-        rubric = Path(rubric_file).read_text(encoding="utf-8").strip()
+        rubric = safe_io.read_text(rubric_file, max_bytes=1 << 20).strip()  # InputError: one line
         if not rubric:
             raise RateError(f"{rubric_file}: the rubric is empty")
     else:

@@ -24,16 +24,17 @@ from pathlib import Path
 
 from mlx_persona.data.pair_rules import Reply, persona_counts
 from mlx_persona.outputs import OutputError, output_lock
+from mlx_persona.rate.store import _COLUMNS as _STORE_COLUMNS
+from mlx_persona.rate.store import SCHEMA_VERSION, VERDICTS
 from mlx_persona.safe_io import InputError, clip, writing
 
 SQLITE_HEADER = b"SQLite format 3\x00"
-USER_VERSION = 1
+USER_VERSION = SCHEMA_VERSION
 RATERS = ("human", "judge", "all")
 STOP_REASONS = ("end_token", "stop_string", "length")
-_COLUMNS = ("id", "created", "rater", "prompt_key", "prompt", "messages", "model_a", "reply_a", "model_b",
-            "reply_b", "left_is", "verdict", "note", "undone")
+_COLUMNS = tuple(_STORE_COLUMNS["judgements"])
 _ROLES = ("system", "user", "assistant")
-_VERDICTS = ("a", "b", "tie", "both_bad")
+_VERDICTS = VERDICTS
 MAX_PROBLEMS = 20
 
 
@@ -131,7 +132,7 @@ def judgement_pairs(path: str | Path, rater: str = "human") -> tuple[list[dict],
     counts: Counter = Counter(judgements=len(rows))
     best: dict[tuple, tuple] = {}  # the pair -> the judgement that decides it
     for row in rows:
-        row_id, created, who, key, prompt, messages, reply_a, reply_b, verdict, undone = row
+        row_id, _, who, key, prompt, messages, reply_a, reply_b, verdict, undone = row
         if undone:
             counts["undone"] += 1
             continue
@@ -139,7 +140,7 @@ def judgement_pairs(path: str | Path, rater: str = "human") -> tuple[list[dict],
             counts["other_raters"] += 1
             continue
         pair = (key, prompt, messages, frozenset((reply_a, reply_b)))
-        rank = (who == "human", created, row_id)
+        rank = (who == "human", row_id)  # the latest: ids only grow (another tool's `created` may not compare)
         if pair in best:
             counts["duplicates" if best[pair][0][0] == rank[0] else "overruled"] += 1
             if rank < best[pair][0]:
@@ -195,7 +196,7 @@ def _reply(obj, line: int, persona, markers: bool) -> tuple[Reply | None, str | 
     return Reply(str(key), obj["prompt"], obj["text"], obj["stop_reason"], line, obj["model"], breaking, found), None
 
 
-def _system(results: Path) -> str | None:
+def eval_system(results: Path) -> str | None:
     """The system prompt the replies were generated with, from the ``summary.json`` beside them."""
     summary = results.parent / "summary.json"
     if not summary.is_file():
@@ -233,8 +234,8 @@ def read_results(path: str | Path, *, persona=None, markers: bool = False) -> tu
             reply, why = _reply(json.loads(raw.decode("utf-8")), line, persona, markers)
         except UnicodeDecodeError as e:
             reply, why = None, f"not valid UTF-8 (byte {e.start} of the line)"
-        except ValueError as e:
-            reply, why = None, f"invalid JSON ({clip(str(e), 80)})"
+        except (ValueError, RecursionError) as e:
+            reply, why = None, f"invalid JSON ({clip(str(e), 80) if isinstance(e, ValueError) else 'nested too deep'})"
         if why:
             problems.append(f"{path}:{line}: {why}")
         else:
@@ -244,7 +245,7 @@ def read_results(path: str | Path, *, persona=None, markers: bool = False) -> tu
         raise InputError("\n".join(problems[:MAX_PROBLEMS]) + (f"\n... and {extra} more problems" if extra > 0 else ""))
     if not replies:
         raise InputError(f"{path}: no replies (an eval's results.jsonl has one row per reply)")
-    return replies, _system(path)
+    return replies, eval_system(path)
 
 
 # ------------------------------------------------------------------------------------------- the pairs file

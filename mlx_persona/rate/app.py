@@ -25,7 +25,7 @@ from starlette.responses import FileResponse, JSONResponse
 from starlette.routing import Route
 
 from mlx_persona.rate import schedule, store
-from mlx_persona.serve.app import Guard, _api_error, _http_error, read_json
+from mlx_persona.serve.app import Guard, _api_error, _error, _http_error, read_json
 from mlx_persona.serve.schema import APIError
 
 PAGE = Path(__file__).resolve().parent / "page"
@@ -135,5 +135,6 @@ def create_app(session: Session, hosts: frozenset[str], limits: Limits | None = 
     routes = [*(Route(path, page, methods=["GET"]) for path in FILES),
               Route("/api/next", next_pair, methods=["GET"]), Route("/api/judge", judge, methods=["POST"]),
               Route("/api/undo", undo, methods=["POST"])]
-    handlers = {APIError: _api_error, HTTPException: _http_error}
+    handlers = {APIError: _api_error, HTTPException: _http_error,
+                Exception: lambda request, exc: _error(500, f"internal error ({type(exc).__name__}); nothing was saved")}
     return Guard(Starlette(routes=routes, exception_handlers=handlers), hosts, None)

@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 from mlx_persona.rate.store import RateError, add_items, messages_json, stored_keys
+from mlx_persona.safe_io import InputError
 
 
 def _messages(system: str | None, prompt: str) -> str | None:
@@ -22,20 +23,15 @@ def _messages(system: str | None, prompt: str) -> str | None:
     return messages_json([{"role": "system", "content": system}, {"role": "user", "content": prompt}])
 
 
-def _eval_system(results: Path) -> str | None:
+def _result_row(path: Path, number: int, line: bytes) -> dict:
     try:
-        summary = json.loads((results.parent / "summary.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    system = summary.get("system") if isinstance(summary, dict) else None
-    return system if isinstance(system, str) and system.strip() else None
-
-
-def _result_row(path: Path, number: int, line: str) -> dict:
-    try:
-        row = json.loads(line)
+        row = json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise RateError(f"{path}:{number}: not valid UTF-8 (byte {e.start} of the line)") from None
     except ValueError as e:
         raise RateError(f"{path}:{number}: invalid JSON: {e}") from None
+    except RecursionError:
+        raise RateError(f"{path}:{number}: invalid JSON: nested too deep") from None
     if not isinstance(row, dict):
         raise RateError(f"{path}:{number}: expected an object, as `mlx-persona eval` writes")
     for key, kind in (("model", str), ("prompt", str), ("text", str), ("prompt_id", int)):
@@ -55,9 +51,15 @@ def read_results(path: str | Path) -> list[dict]:
         path = path / "results.jsonl"
     if not path.is_file():
         raise RateError(f"{path}: no such results file (an `mlx-persona eval` folder's results.jsonl)")
-    system = _eval_system(path)
+    from mlx_persona.data.pair_sources import eval_system
+
+    try:
+        system = eval_system(path)
+        data = path.read_bytes()
+    except (InputError, OSError) as e:
+        raise RateError(str(e) if isinstance(e, InputError) else f"{path}: cannot be read ({e.strerror})") from None
     best: dict[tuple[int, str], tuple[int, dict]] = {}
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(data.split(b"\n"), 1):
         if not line.strip():
             continue
         row = _result_row(path, number, line)
