@@ -206,6 +206,7 @@ static void *pool_main(void *arg) {
 /* A forked child has none of the parent's threads: it starts its own pool when it needs one. */
 static void pool_after_fork(void) {
   pool_started = pool_workers = pool_pending = 0;
+  pool_generation = 0; /* the new workers start from 0: no parent's job is run again */
   pthread_mutex_init(&pool_use, 0);
   pthread_mutex_init(&pool_lock, 0);
   pthread_cond_init(&pool_wake, 0);
@@ -256,7 +257,13 @@ static void few_rows(int m, int n, int k, float alpha, const float *a, int lda, 
   pthread_mutex_unlock(&pool_use);
 }
 
+/* Only where the 4 x 4 tile of 16-float accumulators fits the registers (AVX-512: 32 of them); built
+   without it the tile spills to the stack on every FMA, and OpenBLAS is left the product. */
 static int few_rows_fit(int order, int ta, int tb, int m, int n, int k) {
+#ifndef __AVX512F__
+  (void)order, (void)ta, (void)tb, (void)m, (void)n, (void)k;
+  return 0;
+#endif
   return order == ROW_MAJOR && ta == NO_TRANS && tb == TRANS && m >= 2 && m <= 8 && k >= 16 && n >= 4;
 }
 
