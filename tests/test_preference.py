@@ -283,6 +283,25 @@ def test_losses_of_given_log_probs_equal_the_formulas(method, kind):
     np.testing.assert_allclose(np.array(grad), t.grad.numpy(), rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("kind", ["sigmoid", "ipo"])
+@pytest.mark.parametrize("method", ["dpo", "orpo"])
+def test_gradients_stay_finite_for_a_sure_reply_and_an_empty_pair(method, kind):
+    """A chosen reply the model is sure of (mean log-prob -1e-9, where ORPO's log(1 - p) is steep) and a
+    zero-weight stand-in pair (log-probs 0, as a rank with no pair of the batch gets): finite loss and
+    gradients, and the stand-in adds nothing."""
+    loss = PreferenceLoss(method, beta=BETA, loss=kind, orpo_lambda=LAMBDA)
+    counts = mx.array([1.0, 0.0, 1.0, 0.0])  # chosen then rejected token counts: pair 2 is the stand-in
+    refs = mx.array([-0.1, 0.0]), mx.array([-0.4, 0.0])
+
+    def total(logps, weight):
+        return (loss.pair_losses(logps, counts, *refs)[0] * weight).sum()
+
+    logps = mx.array([-1e-9, 0.0, -0.7, 0.0])
+    value, grad = mx.value_and_grad(total)(logps, mx.array([1.0, 0.0]))
+    assert math.isfinite(value.item()) and bool(mx.all(mx.isfinite(grad)).item()), grad
+    assert grad[1].item() == 0.0 and grad[3].item() == 0.0
+
+
 # ---- runs: learning the preference, from an SFT run; exact resume; signals ---------------------------------
 
 

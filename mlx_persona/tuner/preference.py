@@ -54,7 +54,11 @@ def _log_sigmoid(x):
 def _log1mexp(x):
     """``log(1 - exp(x))`` for x < 0, accurate on both sides of -log 2 (Maechler 2012)."""
     x = mx.minimum(x, -1e-20)
-    return mx.where(x > -math.log(2), mx.log(-mx.expm1(x)), mx.log1p(-mx.exp(x)))
+    # Each branch sees only its own side of -log 2: `where` differentiates both, and log1p(-exp(x)) at x near
+    # 0 (a reply the model is sure of; a zero-weight stand-in pair) has an infinite slope, and inf * 0 = NaN.
+    near = mx.log(-mx.expm1(mx.maximum(x, -math.log(2))))
+    far = mx.log1p(-mx.exp(mx.minimum(x, -math.log(2))))
+    return mx.where(x > -math.log(2), near, far)
 
 
 class PreferenceLoss:
