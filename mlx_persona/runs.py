@@ -34,7 +34,19 @@ def adapter_config(folder: str | Path | None) -> dict:
     if folder is None:
         return {}
     path = Path(folder) / ADAPTER_CONFIG
-    return json.loads(path.read_text()) if path.exists() else {"fine_tune_type": "full"}
+    if not path.exists():
+        return {"fine_tune_type": "full"}
+    from mlx_persona import safe_io
+
+    try:
+        config = json.loads(safe_io.read_text(path, 1 << 16))
+    except safe_io.InputError as e:
+        raise RunFolderError(str(e)) from None
+    except (ValueError, RecursionError) as e:
+        raise RunFolderError(f"{path}: not valid JSON ({safe_io.clip(str(e), 120)})") from None
+    if not isinstance(config, dict):
+        raise RunFolderError(f"{path}: expected a JSON object (an adapter folder's adapter_config.json)")
+    return config
 
 
 def is_adapter_folder(folder: str | Path) -> bool:

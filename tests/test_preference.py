@@ -98,12 +98,12 @@ def test_a_bad_pair_is_reported_on_its_line(tmp_path, row, reason):
 
 def test_every_problem_of_a_pairs_file_is_listed_and_the_cli_exits_1(tmp_path):
     path = tmp_path / "pairs.jsonl"
-    path.write_text("\n".join([json.dumps(PAIRS[0]), "{not json", json.dumps(PAIRS[0]), b"\xff".decode("latin-1")]))
+    path.write_bytes("\n".join([json.dumps(PAIRS[0]), "{not json", json.dumps(PAIRS[0])]).encode() + b"\n\xff\n")
     result = CliRunner().invoke(main, ["data", "validate", str(path)])
     assert result.exit_code == 1 and "Traceback" not in result.output
     lines = result.output.strip().splitlines()
     assert lines[0].startswith(f"{path}:2: bad JSON") and lines[1] == f"{path}:3: duplicate of line 1"
-    assert lines[2].startswith(f"{path}:4: ")
+    assert lines[2].startswith(f"{path}:4: invalid UTF-8 at byte 1 of the line")
 
 
 def test_a_bad_pairs_file_stops_train_with_its_line(tiny_path, tmp_path):
@@ -428,6 +428,16 @@ def test_ctrl_c_stops_a_preference_run_at_the_next_step(method, dpo_runs, tiny_p
         assert saved["preference"]["start_from"] == str(dpo_runs["sft"]) and saved["model"] == str(tiny_path)
 
 
+def test_a_broken_start_run_is_one_clear_line(tiny_path, pairs_data, tmp_path):
+    start = tmp_path / "start"
+    start.mkdir()
+    (start / "adapter_config.json").write_text("[]")
+    result = CliRunner().invoke(main, ["train", "--method", "dpo", "--from", str(start), "--data", str(pairs_data),
+                                       "-o", str(tmp_path / "out"), "--no-progress"])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert f"{start / 'adapter_config.json'}: expected a JSON object" in result.output
+
+
 def test_sft_data_given_to_dpo_is_one_clear_line(tiny_path, small_data, tmp_path):
     result = CliRunner().invoke(main, ["train", "--method", "orpo", "--model", str(tiny_path), "--data",
                                        str(small_data), "-o", str(tmp_path / "out"), "--no-progress"])
@@ -486,3 +496,13 @@ def test_dora_on_a_base_learns_the_preference(method, tiny_path, pairs_data, tmp
     saved = json.loads((out / "adapter_config.json").read_text())
     assert saved["fine_tune_type"] == "dora"
     assert any(k.endswith(".m") for k in mx.load(str(out / "adapters.safetensors")))  # DoRA's magnitudes
+
+
+def test_auto_from_a_model_trains_and_records_lora(tiny_path, pairs_data, tmp_path):
+    """`adapter: auto` from a model (not an adapter run): new LoRA adapters, and summary.json says so."""
+    from training_runs import reference_run
+
+    out = reference_run(tiny_path, pairs_data, tmp_path, method="orpo", steps=1,
+                        **{"preference.start_from": str(tiny_path), "preference.adapter": "auto"})
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["fine_tune_type"] == "lora" == json.loads((out / "adapter_config.json").read_text())["fine_tune_type"]

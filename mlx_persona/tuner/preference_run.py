@@ -3,16 +3,22 @@ folder's adapter (or a base), and compute DPO's reference log-probabilities once
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import mlx.nn as nn
+from mlx import nn
 from mlx.utils import tree_unflatten
 
 from mlx_persona.data import template_supports_system
 from mlx_persona.data.lines import DataError
-from mlx_persona.data.pairs import encode_pairs, first_object, is_pairs_file, load_pair_splits, pairs_path
-from mlx_persona.runs import ADAPTER_CONFIG, is_adapter_folder
+from mlx_persona.data.pairs import (
+    encode_pairs,
+    first_object,
+    is_pairs_file,
+    load_pair_splits,
+    pairs_path,
+)
+from mlx_persona.runs import adapter_config as run_adapter_config
+from mlx_persona.runs import is_adapter_folder
 from mlx_persona.tuner.adapters import (
     attach_adapters,
     load_adapters,
@@ -69,7 +75,7 @@ def attach(model, cfg: TrainConfig, base: Path, log) -> tuple[dict, int]:
         except ValueError as e:
             raise ConfigError(str(e)) from None
     else:
-        adapter_config = json.loads((start / ADAPTER_CONFIG).read_text())
+        adapter_config = dict(run_adapter_config(start))  # read and checked once, in runs
         own = adapter_config.get("fine_tune_type", "lora")
         if kind not in ("auto", own, "full"):
             raise ConfigError(f"preference.adapter: {kind}, but {start} is a {own} run; use auto (train its "

@@ -102,11 +102,11 @@ def save_result(model, cfg, adapter_config: dict, base: Path, out: Path) -> None
 def adapter_config_kind(cfg) -> str:
     """``lora``, ``dora`` or ``full``: what the run trained (``auto``: the start run's adapter kind)."""
     kind = cfg.adapter_kind
-    if kind == "auto":
-        from mlx_persona.runs import adapter_config
+    if kind == "auto":  # the start run's adapter, trained on; new LoRA on a model (or a full run's weights)
+        from mlx_persona.runs import adapter_config, is_adapter_folder
 
-        kind = adapter_config(cfg.preference.start_from).get("fine_tune_type", "lora") \
-            if cfg.preference.start_from else "lora"
+        start = cfg.preference.start_from
+        kind = adapter_config(start).get("fine_tune_type", "lora") if start and is_adapter_folder(start) else "lora"
     return kind
 
 
