@@ -144,14 +144,7 @@ class Worker:
     def stop(self, timeout: float = 10.0) -> None:
         """Cancels every job, lets the thread finish the step it may be in, and joins it."""
         self._stopping = True  # the worker thread drops every row after its step
-        while True:
-            try:
-                job = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if job is not None:
-                job.cancel()
-                job.emit("error", APIError(503, "the server is shutting down", code="shutting_down"))
+        self._refuse_waiting()
         try:
             self._queue.put(None, timeout=timeout)
         except queue.Full:  # a submit raced the flag; the thread is a daemon and ends with the process
@@ -168,17 +161,31 @@ class Worker:
         if self._error is not None:
             return
         try:
-            while self._admit():
-                self._drop_cancelled()
-                if not len(self.batch):
-                    continue
+            while True:
                 try:
-                    self.batch.step(self._finished)
+                    if not self._admit():
+                        break
+                    self._drop_cancelled()
+                    if len(self.batch):
+                        self.batch.step(self._finished)
+                        self._drop_cancelled()
                 except Exception as e:  # noqa: BLE001 - one failing step must not stop the server
                     self._failed(e)
-                self._drop_cancelled()
-        finally:
+        finally:  # stopped (or a fresh batch could not be made): no client is left waiting
+            self._stopping = True
+            self._drop_cancelled()
+            self._refuse_waiting()
             self.batch.close()
+
+    def _refuse_waiting(self) -> None:
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if job is not None and not job.cancelled:
+                job.cancel()
+                job.emit("error", APIError(503, "the server is shutting down", code="shutting_down"))
 
     def _new_batch(self):
         from mlx_persona.batch_generation import default_batch_size
@@ -222,6 +229,8 @@ class Worker:
     def _drop_cancelled(self) -> None:
         for uid, (job, _) in list(self.batch.rows.items()):
             if job.cancelled or self._stopping:
+                if not job.cancelled:  # stopping: the client hears why its reply ends here
+                    job.emit("error", APIError(503, "the server is shutting down", code="shutting_down"))
                 pieces = self.batch.pieces(uid)
                 self.batch.leave(uid)
                 self.stats.add("cancelled")
@@ -236,10 +245,12 @@ class Worker:
 
     def _failed(self, e: Exception) -> None:
         """A step raised: every row of the batch fails with a ``500`` and a fresh batch takes its place."""
-        for job, _ in self.batch.rows.values():
+        old = self.batch
+        for job, _ in old.rows.values():
             self._error_event(job, e)
-        self.batch.close()
-        self.batch = self._new_batch()
+        old.rows.clear()
+        self.batch = self._new_batch()  # if this raises, _main's finally closes the old batch
+        old.close()
 
     def _prompt(self, job: Job) -> tuple[list[int], object]:
         """(prompt ids, settings for them), or an APIError for a prompt the template or context refuses."""
