@@ -499,8 +499,13 @@ def worker_generate_mlx(job: dict) -> dict:
     from mlx_persona.models import load_model
     from mlx_persona.sampling import GenerationConfig, make_sampler_and_processors
 
+    from mlx_persona.backend import pinned, sgemm
+
+    if job.get("env", {}).get(sgemm.ENV) == "bf16" and not sgemm.bf16_active():
+        raise RuntimeError(f"bf16 matmuls were asked for but are off: {sgemm.bf16_status()}")
     bw = read_bandwidth_mlx()
-    model, tok = load_model(job["model"], dtype=job["mlx_dtype"])
+    model, tok = load_model(job["model"], dtype=job["mlx_dtype"])  # bf16 on: every weight pinned
+    pinned_gb = pinned.pinned_bytes() / 1e9
     cfg = GenerationConfig(max_new_tokens=job["new_tokens"], seed=job["seed"], **PERSONA)
     mx.reset_peak_memory()
 
@@ -516,7 +521,7 @@ def worker_generate_mlx(job: dict) -> dict:
     return {"framework": "mlx_persona (mlx_lm generate_step + mlx_persona.sampling)",
             "dtype": str(next(iter(dict(tree_flatten(model.parameters())).values())).dtype).replace("mlx.core.", ""),
             "device": str(mx.default_device()), "runs": runs, "peak_memory_gb_mlx": mx.get_peak_memory() / 1e9,
-            "max_rss_gb": max_rss_gb(), "read_bandwidth_gbs": bw}
+            "max_rss_gb": max_rss_gb(), "read_bandwidth_gbs": bw, "pinned_bf16_gb": pinned_gb}
 
 
 def worker_generate_torch(job: dict) -> dict:
@@ -596,14 +601,17 @@ def summarise_train(r: dict, prep: dict, timed: range, shape: dict, rank: int, h
 
 
 def mlx_matmul_modes(a) -> list[str]:
-    """Which MLX runs: exact fp32 matmuls, bf16 matmul inputs (oneMKL), or both ('auto': both where possible)."""
+    """Which MLX runs: exact fp32 matmuls, bf16 matmul inputs (our kernel or oneMKL, per CPU), or both ('auto':
+    both where possible)."""
     if a.mlx_matmul != "auto":
         return ["fp32", "bf16"] if a.mlx_matmul == "both" else [a.mlx_matmul]
     from mlx_persona.backend import sgemm
 
     cpu_only = a.mlx_dtype in ("auto", "float32") and torch_device() == "cpu"
-    possible = (sys.platform == "linux" and platform.machine() == "x86_64" and sgemm.find_mkl() is not None
-                and sgemm.cpu_support() != "" and not sgemm._layer_off())  # MLX_PERSONA_SGEMM=0: no bf16
+    support = sgemm.cpu_support()
+    engine_ok = support != "" and (sgemm.choose_engine(support) == "own" or sgemm.find_mkl() is not None)
+    possible = (sys.platform == "linux" and platform.machine() == "x86_64" and engine_ok
+                and not sgemm._layer_off())  # MLX_PERSONA_SGEMM=0: no bf16
     return ["fp32", "bf16"] if cpu_only and possible else ["fp32"]
 
 
@@ -707,14 +715,17 @@ def run_generate(a, tmp: Path) -> dict:
     results = {}
     print(f"generate: {a.preset}, mlx_persona and torch ...", file=sys.stderr)
     dtypes = ["float32", "bfloat16"] if a.torch_dtype == "both" else [a.torch_dtype]
-    specs = [("generate_mlx", {**job, "tag": "mlx"})] + [("generate_torch", {**job, "torch_dtype": dt, "tag": dt})
-                                                           for dt in dtypes]
+    # MLX_PERSONA_MATMUL=bf16: every weight read from its bf16 copy (backend.pinned), as torch's bf16 weights.
+    mlx_specs = {"mlx_persona": ("generate_mlx", {**job, "tag": "mlx"}),
+                 "mlx_persona_bf16mm": ("generate_mlx", {**job, "tag": "mlx-bf16", "env": {"MLX_PERSONA_MATMUL": "bf16"}})}
+    mlx_specs = {k: mlx_specs[k] for k in (["mlx_persona"] + (["mlx_persona_bf16mm"] if "bf16" in mlx_matmul_modes(a) else []))}
+    specs = list(mlx_specs.values()) + [("generate_torch", {**job, "torch_dtype": dt, "tag": dt}) for dt in dtypes]
     done = run_workers(specs, tmp, parallel=a.quick)
-    runs = dict(zip(["mlx_persona"] + [f"torch_{dt}" for dt in dtypes], done))
+    runs = dict(zip(list(mlx_specs) + [f"torch_{dt}" for dt in dtypes], done))
     n_short = len(prompts)
     for k, r in runs.items():
         short, long_ = r["runs"][:n_short], r["runs"][n_short]
-        bytes_per = 2 if r["dtype"] == "bfloat16" else 4
+        bytes_per = 2 if r["dtype"] == "bfloat16" or k.endswith("bf16mm") else 4
         decode_tps = statistics.median(x["decode_tps"] for x in r["runs"])
         ctx = statistics.mean(x["prompt_tokens"] for x in r["runs"]) + a.new_tokens / 2
         per_token = decode_bytes(shape, bytes_per, int(ctx))
@@ -776,7 +787,7 @@ def _link(png: Path) -> str:
 def _name(k: str, v: dict) -> str:
     short = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
     if k == "mlx_persona_bf16mm":
-        return "mlx_persona fp32+bf16mm"
+        return "mlx_persona fp32+bf16mm" if "dtype" in v and "decode_tokens_per_sec" not in v else "mlx_persona bf16 pinned"
     return f"mlx_persona {short.get(v['dtype'], v['dtype'])}" if k == "mlx_persona" else f"torch {v['dtype'].split(' ')[0]}"
 
 

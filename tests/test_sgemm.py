@@ -1,5 +1,5 @@
 """MLX's cblas_sgemm layer (mlx_persona/backend/sgemm.py): matrix-vector products to sgemv, and
-MLX_PERSONA_MATMUL=bf16 (bfloat16 inputs through oneMKL, x86-64 Linux).
+MLX_PERSONA_MATMUL=bf16 (bfloat16 inputs through oneMKL or our AVX512-BF16 kernel, x86-64 Linux).
 
 Each check runs in a child process, because the BLAS is chosen by mlx_persona.backend.setup(), once,
 before mlx.core is imported.
@@ -28,10 +28,13 @@ needs_mkl = pytest.mark.skipif(
 needs_layer = pytest.mark.skipif(sgemm._layer_off(), reason="MLX_PERSONA_SGEMM=0: bf16 inputs need the sgemm layer")
 
 
-def _child(code: str, mode: str | None = "bf16") -> dict:
-    env = {k: v for k, v in os.environ.items() if k != sgemm.ENV}
+def _child(code: str, mode: str | None = "bf16", engine: str | None = None) -> dict:
+    """Runs `code` in a child with MLX_PERSONA_MATMUL=`mode` and MLX_PERSONA_BF16_GEMM=`engine` (unset: None)."""
+    env = {k: v for k, v in os.environ.items() if k not in (sgemm.ENV, sgemm.ENGINE_ENV)}
     if mode is not None:
         env[sgemm.ENV] = mode
+    if engine is not None:
+        env[sgemm.ENGINE_ENV] = engine
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -82,11 +85,17 @@ print(json.dumps(out))
 """
 
 
-@needs_mkl
+needs_avx512_bf16 = pytest.mark.skipif(
+    sys.platform != "linux" or "avx512_bf16" not in cpu_flags(), reason="our bf16 kernel needs AVX512-BF16")
+ENGINES = [pytest.param("mkl", marks=needs_mkl), pytest.param("own", marks=needs_avx512_bf16)]
+
+
 @needs_layer
-def test_large_products_round_inputs_to_bf16_and_accumulate_in_fp32():
-    r = _child(CHECK)
+@pytest.mark.parametrize("engine", ENGINES)
+def test_large_products_round_inputs_to_bf16_and_accumulate_in_fp32(engine):
+    r = _child(CHECK, engine=engine)
     assert r["active"], r["status"]
+    assert ("our AVX512-BF16 kernel" in r["status"]) == (engine == "own"), r["status"]
     for name in ("nt", "nn", "tn", "strided", "batched"):
         case = r[name]
         assert case["bf16_calls"] >= 1, (name, case)

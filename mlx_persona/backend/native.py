@@ -23,21 +23,24 @@ class BuildError(OSError):
     """The compiler failed; the message is its last line of output."""
 
 
-def build(source: str, compiler: str, flags: tuple[str, ...], *, folder: str, name: str,
+def build(source: str | tuple[str, ...], compiler: str, flags: tuple[str, ...], *, folder: str, name: str,
           libs: tuple[str, ...] = (), root: Path | None = None) -> Path:
-    """Compiles ``native/<source>`` into ``<root>/<folder>/<key>/<name>`` unless it is there already.
+    """Compiles ``native/<source>`` (one file or several) into ``<root>/<folder>/<key>/<name>`` unless it is
+    there already.
 
     `root` is ``cache_dir()`` unless given.
 
-    The key covers the source, the compiler, the flags and the CPU (the flags may say -march=native).
+    The key covers the sources and every header beside them, the compiler, the flags and the CPU (the flags
+    may say -march=native).
 
     Raises:
         UnsafeFolder: the folder (or a library in it) is not ours alone: nothing is built or loaded.
         BuildError: the compiler failed, or ran for two minutes.
         OSError: the cache cannot be written.
     """
-    src = SOURCES / source
-    key = hashlib.sha256(repr((src.read_bytes(), file_stamp(compiler), flags, libs, sorted(cpu_flags()),
+    srcs = [SOURCES / s for s in ((source,) if isinstance(source, str) else source)]
+    texts = [p.read_bytes() for p in srcs + sorted(SOURCES.glob("*.h"))]
+    key = hashlib.sha256(repr((texts, file_stamp(compiler), flags, libs, sorted(cpu_flags()),
                                platform.machine())).encode()).hexdigest()[:12]
     home = private_dir(root or cache_dir(), folder, key)
     lib = home / name
@@ -46,7 +49,7 @@ def build(source: str, compiler: str, flags: tuple[str, ...], *, folder: str, na
         return lib
     tmp = home / f"{name}.{os.getpid()}.tmp"
     try:
-        proc = subprocess.run([compiler, *flags, str(src), "-o", str(tmp), *libs], check=False,
+        proc = subprocess.run([compiler, *flags, *map(str, srcs), "-o", str(tmp), *libs], check=False,
                               capture_output=True, text=True, timeout=120)
     except subprocess.TimeoutExpired:
         proc = subprocess.CompletedProcess([], 1, "", f"{compiler} ran for 120 s")

@@ -12,13 +12,18 @@ BLAS:
   OpenBLAS 0.3.21 runs them through its full GEMM path, packing the whole weight matrix each call:
   10 GB/s for Gemma's 262144 x 640 head against 28 GB/s with ``sgemv``. Exact (only the order of the
   additions differs). ``MLX_PERSONA_SGEMM=0`` loads the BLAS without this layer.
-- **bf16 inputs, opt-in.** Recent Intel CPUs multiply bfloat16 with AMX tiles at several times their
-  float32 rate; PyTorch reaches them with ``torch.autocast("cpu", torch.bfloat16)``. MLX's own bf16
-  matmul on the CPU is a plain loop (~6 GFLOP/s here). With ``MLX_PERSONA_MATMUL=bf16`` the layer binds
-  to oneMKL instead of OpenBLAS and rounds the inputs of large products to bf16 for oneMKL's
-  ``cblas_gemm_bf16bf16f32`` (float32 accumulation and output). Weights, activations, gradients,
-  optimizer state and every non-matmul op stay float32; small and thin products (LoRA's rank-r
-  matmuls) stay exact. Relative error ~1e-3 per product, as with autocast. Off by default.
+- **bf16 inputs, opt-in.** CPUs with AMX or AVX512-BF16 multiply bfloat16 at several times their float32
+  rate; PyTorch reaches them with ``torch.autocast("cpu", torch.bfloat16)``. MLX's own bf16 matmul on the
+  CPU is a plain loop (~6 GFLOP/s here). With ``MLX_PERSONA_MATMUL=bf16`` the inputs of large products are
+  rounded to bf16 (float32 accumulation and output) and multiplied by the engine that is fast on this CPU
+  (:func:`choose_engine`): on AMX (Intel Sapphire Rapids and later), oneMKL's ``cblas_gemm_bf16bf16f32``,
+  bound in OpenBLAS's place; on AVX512-BF16 without AMX (AMD Zen 4 and later), ``native/bf16.c``, our own
+  kernel (measured on a 2-core Zen 4: ~800 GFLOP/s against oneMKL's ~150 and OpenBLAS float32's ~180),
+  OpenBLAS kept for the exact products. Weights pinned by :mod:`.pinned` are read from a bf16 copy made
+  once: frozen weights in training, every weight when generating (decoding reads half the bytes).
+  Activations, gradients, optimizer state and every non-matmul op stay float32; small and thin products
+  (LoRA's rank-r matmuls) stay exact unless a pinned weight is in them. Relative error ~1e-3 per
+  product, as with autocast. Off by default.
 
 Why not an MLX extension: a custom primitive needs MLX's C++ headers, nanobind and CMake at install
 time and a vjp of its own; a ``cblas_sgemm`` needs one C file and the compiler MLX's JIT already uses.
@@ -38,6 +43,8 @@ from mlx_persona.backend.cpu import cpu_flags, is_x86_64, march_flags, warn
 from mlx_persona.backend.folders import UnsafeFolder
 
 ENV = "MLX_PERSONA_MATMUL"
+ENGINE_ENV = "MLX_PERSONA_BF16_GEMM"
+SOURCES = ("sgemm.c", "bf16.c", "pool.c", "pinned.c")
 # Products with m*n*k below MIN_WORK, or any side below MIN_DIM, stay exact float32 in bf16 mode.
 MIN_WORK = 1 << 21
 MIN_DIM = 32
@@ -48,7 +55,7 @@ def cflags() -> tuple[str, ...]:
     rounds to bf16 sixteen floats at a time; elsewhere, a scalar loop with the same rounding."""
     return ("-O3", *march_flags(), "-fopenmp", "-fPIC", "-shared")
 
-_state = {"lib": None, "bf16": False, "reason": "not set up",
+_state = {"lib": None, "bf16": False, "reason": "not set up", "engine": None,
           "bf16_reason": "off (set MLX_PERSONA_MATMUL=bf16 to turn it on)"}
 
 
@@ -91,10 +98,28 @@ def cpu_support(flags: frozenset[str] | None = None) -> str:
     return ""
 
 
+def choose_engine(support: str, value: str | None = None) -> str:
+    """'own' (native/bf16.c) or 'mkl' for bf16 products on a CPU with `support` (:func:`cpu_support`).
+
+    $MLX_PERSONA_BF16_GEMM (`value`) = own | mkl | auto (the default): AMX -> oneMKL (its tiles; our
+    kernel has none), AVX512-BF16 alone -> ours, neither -> oneMKL (which emulates bf16, slowly).
+    """
+    value = (os.environ.get(ENGINE_ENV, "auto") if value is None else value).strip().lower() or "auto"
+    if value not in ("auto", "own", "mkl"):
+        raise ValueError(f"{ENGINE_ENV}={value!r}: use auto, own or mkl")
+    if value == "own" and support == "":
+        raise ValueError(f"{ENGINE_ENV}=own: this CPU has no AVX512-BF16")
+    if value != "auto":
+        return value
+    return "own" if support == "AVX512-BF16" else "mkl"
+
+
 def choose_blas(openblas: str | None) -> tuple[str | None, bool]:
-    """(the BLAS to bind, whether bf16 inputs can be on): oneMKL when bf16 is asked for and possible."""
+    """(the BLAS to bind, whether bf16 inputs can be on): oneMKL in OpenBLAS's place when bf16 is asked for
+    and oneMKL is its engine; OpenBLAS (exact products) beside our kernel otherwise."""
     try:
         want = requested_bf16()
+        engine = choose_engine(cpu_support()) if want and is_x86_64() else "mkl"
     except ValueError as e:
         _state["bf16_reason"] = str(e)
         return openblas, False
@@ -103,12 +128,15 @@ def choose_blas(openblas: str | None) -> tuple[str | None, bool]:
     if not is_x86_64():
         _state["bf16_reason"] = "not x86-64 (on a Mac, MLX runs bf16 on the GPU itself)"
         return openblas, False
+    if _layer_off():
+        _state["bf16_reason"] = "needs the sgemm layer, which MLX_PERSONA_SGEMM=0 turns off"
+        return openblas, False
+    _state["engine"] = engine
+    if engine == "own":
+        return openblas, True
     mkl = find_mkl()
     if mkl is None:
         _state["bf16_reason"] = "oneMKL not found: pip install mkl (or set MLX_PERSONA_MKL=/path/to/libmkl_rt.so)"
-        return openblas, False
-    if _layer_off():
-        _state["bf16_reason"] = "needs the sgemm layer, which MLX_PERSONA_SGEMM=0 turns off"
         return openblas, False
     return mkl, True
 
@@ -148,7 +176,7 @@ def setup(blas: str, bf16: bool) -> bool:
         return False
     try:
         path, refused = native.cache_or_run_dir(
-            lambda root: native.build("sgemm.c", cc, cflags(), folder="sgemm", name="libmlxp_sgemm.so",
+            lambda root: native.build(SOURCES, cc, cflags(), folder="sgemm", name="libmlxp_sgemm.so",
                                       libs=("-ldl", "-lpthread"), root=root))
         lib = ctypes.CDLL(str(path), mode=os.RTLD_LOCAL)
     except UnsafeFolder as e:  # not even a private folder of this run
@@ -160,24 +188,29 @@ def setup(blas: str, bf16: bool) -> bool:
         return False
     if refused is not None:
         warn(f"the sgemm layer is built in {path.parent}, for this run alone (not kept): {refused}")
-    if bf16:
+    own = _state["engine"] == "own"
+    if bf16 and not own:
         _mkl_gnu_threads(blas)
     lib.mlxp_bind.argtypes = [ctypes.c_char_p]
-    lib.mlxp_configure.argtypes = [ctypes.c_int, ctypes.c_double, ctypes.c_int]
+    lib.mlxp_configure.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_double, ctypes.c_int]
     lib.mlxp_count.restype = ctypes.c_long
     rc = lib.mlxp_bind(blas.encode())
     if rc != 0:
         _state["reason"] = f"{blas} {'cannot be loaded' if rc == 1 else 'has no cblas_sgemm or cblas_sgemv'}"
         return False
     ctypes.CDLL(str(path), mode=os.RTLD_GLOBAL | getattr(os, "RTLD_NOLOAD", 0))  # now global, before the BLAS
-    if bf16 and not lib.mlxp_has_bf16():
+    if bf16 and own and not lib.mlxp_bf16_kernel():
+        _state["bf16_reason"] = f"{cc} did not build the AVX512-BF16 kernel (too old for -mavx512bf16?)"
+        bf16 = False
+    elif bf16 and not own and not lib.mlxp_has_bf16():
         _state["bf16_reason"] = f"{blas} has no cblas_gemm_bf16bf16f32"
         bf16 = False
-    lib.mlxp_configure(int(bf16), float(MIN_WORK), MIN_DIM)
+    lib.mlxp_configure(int(bf16), int(own), float(MIN_WORK), MIN_DIM)
     where = f" (built for this run alone: {refused})" if refused is not None else ""
     _state.update(lib=lib, bf16=bf16, reason=f"matrix-vector products to sgemv{where}")
     if bf16:
-        _state["bf16_reason"] = f"bf16 inputs, fp32 accumulate: oneMKL ({cpu_support() or 'emulated'})"
+        engine = "our AVX512-BF16 kernel" if own else f"oneMKL ({cpu_support() or 'emulated'})"
+        _state["bf16_reason"] = f"bf16 inputs, fp32 accumulate: {engine}"
     return True
 
 
@@ -199,6 +232,8 @@ def bf16_status() -> str:
 
 
 def counts() -> dict:
-    """Calls since start: exact sgemm, bf16 and sgemv (zeros when the layer is not loaded)."""
+    """Calls since start (zeros when the layer is not loaded): exact sgemm, bf16, sgemv, few rows (float32),
+    bf16 rows (a few rows against a pinned weight), and those that read a pinned copy."""
     lib = _state["lib"]
-    return {k: (lib.mlxp_count(i) if lib is not None else 0) for i, k in enumerate(("sgemm", "bf16", "sgemv", "few_rows"))}
+    names = ("sgemm", "bf16", "sgemv", "few_rows", "bf16_rows", "pinned")
+    return {k: (lib.mlxp_count(i) if lib is not None else 0) for i, k in enumerate(names)}

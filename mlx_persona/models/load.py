@@ -101,6 +101,10 @@ def load_model(spec: str | Path, adapter_path: str | Path | None = None, dtype: 
         load_adapters(model, adapter_path)
     model.eval()
     mx.eval(model.parameters())
+    if cpu_rewrites_enabled():  # with MLX_PERSONA_MATMUL=bf16: every weight's bf16 copy, made once
+        from mlx_persona.backend.pinned import pin_model
+
+        pin_model(model)
     return model, tokenizer
 
 

@@ -27,6 +27,7 @@ from mlx.utils import tree_flatten
 from mlx_persona import data as data_mod
 from mlx_persona import testing
 from mlx_persona.backend import sgemm
+from mlx_persona.backend.pinned import pin_frozen
 from mlx_persona.models import load_model, resolve_model
 from mlx_persona.outputs import check_output_dir, output_lock, prepare_output_dir
 from mlx_persona.tuner import checkpoint as ckpt
@@ -257,6 +258,7 @@ def _load(cfg: TrainConfig, out: Path, rank: int, size: int, resume: bool, force
         train_ds, valid_ds = _load_data(cfg, tokenizer, log)
         adapter_config, n_trainable = _attach(model, cfg, base, log)
         lengths = [len(t) for t in train_ds.tokens]
+    pin_frozen(model)  # MLX_PERSONA_MATMUL=bf16: a bf16 copy of each frozen weight (none for full)
     if cfg.grad_checkpoint:
         from mlx_lm.tuner.trainer import grad_checkpoint
 

@@ -1,5 +1,5 @@
-/* The cblas_sgemm that MLX's CPU backend calls on Linux: matrix-vector products to sgemv, and opt-in
- * bfloat16 inputs for large products.
+/* The cblas_sgemm that MLX's CPU backend calls on Linux: matrix-vector products to sgemv, a few rows in
+ * our kernel, and opt-in bfloat16 inputs.
  *
  * MLX sends every float32 matmul on the CPU to cblas_sgemm. Loaded with RTLD_GLOBAL before the BLAS
  * and before mlx.core, this library's cblas_sgemm is the one MLX binds to (mlx_persona/sgemm.py); it
@@ -11,23 +11,25 @@
  * - A few rows times a weight matrix (2 <= m <= 8: batched decoding, x W^T; from 16 rows OpenBLAS is faster)
  *   goes to few_rows below. OpenBLAS packs the whole weight matrix for them too: 0.41 ms for 4 rows of a
  *   2048 x 640 layer against 0.05 ms here (2 cores, AVX-512); the same products, summed in another order.
- * - With bf16 on (MLX_PERSONA_MATMUL=bf16, oneMKL), large products have their inputs rounded to
- *   bfloat16 (round to nearest even) and go to oneMKL's cblas_gemm_bf16bf16f32, which runs on the
- *   CPU's AMX tiles (or AVX512-BF16) and accumulates and writes float32: the numerics of PyTorch's bf16
- *   autocast of a matmul, with a float32 result. Small or thin products (LoRA's rank-r matmuls) stay
- *   exact. Everything that is not a matmul is untouched and stays float32.
+ * - With bf16 on (MLX_PERSONA_MATMUL=bf16), large products have their inputs rounded to bfloat16 (round
+ *   to nearest even) and go to a bf16 GEMM that accumulates and writes float32 (the numerics of PyTorch's
+ *   bf16 autocast of a matmul): oneMKL's cblas_gemm_bf16bf16f32 (AMX tiles), or ours (bf16.c, AVX512-BF16).
+ *   A pinned weight (pinned.c: a bf16 copy made once) is read from its copy, at any size; 1-16 rows against
+ *   one go to bf16.c's rows kernel. Small or thin products without one (LoRA's rank-r matmuls) stay exact.
+ *   Everything that is not a matmul is untouched and stays float32.
  *
  * MLX can call this from several stream threads at once: the conversion buffers are per thread.
  */
 #include <dlfcn.h>
 #include <pthread.h>
-#include <unistd.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #ifdef __AVX512BF16__
 #include <immintrin.h>
 #endif
+
+#include "mlxp.h"
 
 typedef void (*sgemm_fn)(int, int, int, int, int, int, float, const float *, int, const float *, int,
                          float, float *, int);
@@ -42,10 +44,12 @@ static sgemm_fn exact_sgemm;
 static sgemv_fn exact_sgemv;
 static bf16gemm_fn bf16_gemm;
 static int enabled; /* bf16 inputs */
+static int own;     /* ... through bf16.c's kernel, not oneMKL's */
 static int few_rows_on = 1; /* MLX_PERSONA_FEW_ROWS=0 turns few_rows off (benchmarks, bisecting) */
 static double min_work = 4194304.0; /* m*n*k below this: exact */
 static int min_dim = 32;            /* any of m, n, k below this: exact */
-static long counts[4]; /* [exact sgemm, bf16, sgemv, few rows] calls; racy, for tests and doctor only */
+static long counts[6]; /* calls: exact sgemm, bf16, sgemv, few rows, bf16 rows, with a pinned copy; racy, for tests
+                          and doctor only */
 
 /* Binds to the BLAS at `path` (loaded locally here; mlx_persona/sgemm.py then makes this library and
    then the BLAS global, in that order). Returns 0, or 1 if it cannot be loaded, 2 if it has no
@@ -61,23 +65,17 @@ int mlxp_bind(const char *path) {
 
 int mlxp_has_bf16(void) { return bf16_gemm != 0; }
 
-void mlxp_configure(int bf16, double work, int dim) {
+/* bf16: inputs rounded to bf16 for large products; with_own: by our kernel (bf16.c) rather than oneMKL's. */
+void mlxp_configure(int bf16, int with_own, double work, int dim) {
   const char *few = getenv("MLX_PERSONA_FEW_ROWS");
   few_rows_on = !(few && few[0] == '0' && few[1] == 0);
-  enabled = bf16 && bf16_gemm;
+  own = with_own && mlxp_bf16_kernel();
+  enabled = bf16 && (own || bf16_gemm);
   min_work = work;
   min_dim = dim;
 }
 
-long mlxp_count(int which) { return which >= 0 && which < 4 ? counts[which] : -1; }
-
-static inline uint16_t to_bf16(float f) {
-  uint32_t u;
-  memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* quiet NaN */
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return (uint16_t)(u >> 16);
-}
+long mlxp_count(int which) { return which >= 0 && which < 6 ? counts[which] : -1; }
 
 static void convert_run(const float *s, uint16_t *d, long n) {
   long i = 0;
@@ -87,7 +85,7 @@ static void convert_run(const float *s, uint16_t *d, long n) {
     _mm512_storeu_si512((void *)(d + i), (__m512i)v);
   }
 #endif
-  for (; i < n; ++i) d[i] = to_bf16(s[i]);
+  for (; i < n; ++i) d[i] = mlxp_to_bf16(s[i]);
 }
 
 /* `outer` runs of `inner` floats, `ld` apart, into a packed bf16 matrix. */
@@ -162,99 +160,17 @@ static void few_rows_part(const struct few_job *q, int j_begin, int j_end) {
   }
 }
 
-/* The threads of few_rows: workers that sleep on a condition variable between products. Not OpenMP:
-   GOMP's idle threads spin for milliseconds after each parallel region, on the cores OpenBLAS's threads
-   need for the next product (measured: batch-4 decoding at 29 tok/s with an OpenMP loop here, 47 with
-   OMP_WAIT_POLICY=passive). One product at a time uses them (MLX may call from several threads: a caller
-   that finds them busy computes alone). */
-enum { MAX_WORKERS = 15 };
-static pthread_mutex_t pool_use = PTHREAD_MUTEX_INITIALIZER, pool_lock = PTHREAD_MUTEX_INITIALIZER;
-static pthread_cond_t pool_wake = PTHREAD_COND_INITIALIZER, pool_done = PTHREAD_COND_INITIALIZER;
-static int pool_started, pool_workers, pool_parts, pool_pending;
-static long pool_generation;
-static struct few_job pool_job;
-
-static void pool_range(int part, int parts, int n, int *begin, int *end) {
-  int blocks = (n + 3) / 4;
-  *begin = (int)((long)blocks * part / parts) * 4;
-  *end = (int)((long)blocks * (part + 1) / parts) * 4;
-  if (*end > n) *end = n;
-}
-
-static void *pool_main(void *arg) {
-  int part = (int)(long)arg;
-  long seen = 0;
-  for (;;) {
-    pthread_mutex_lock(&pool_lock);
-    while (pool_generation == seen) pthread_cond_wait(&pool_wake, &pool_lock);
-    seen = pool_generation;
-    struct few_job q = pool_job;
-    int parts = pool_parts;
-    pthread_mutex_unlock(&pool_lock);
-    if (part < parts) {
-      int begin, end;
-      pool_range(part, parts, q.n, &begin, &end);
-      if (begin < end) few_rows_part(&q, begin, end);
-    }
-    pthread_mutex_lock(&pool_lock);
-    if (--pool_pending == 0) pthread_cond_signal(&pool_done);
-    pthread_mutex_unlock(&pool_lock);
-  }
-  return 0;
-}
-
-/* A forked child has none of the parent's threads: it starts its own pool when it needs one. */
-static void pool_after_fork(void) {
-  pool_started = pool_workers = pool_pending = 0;
-  pool_generation = 0; /* the new workers start from 0: no parent's job is run again */
-  pthread_mutex_init(&pool_use, 0);
-  pthread_mutex_init(&pool_lock, 0);
-  pthread_cond_init(&pool_wake, 0);
-  pthread_cond_init(&pool_done, 0);
-}
-
-static void pool_start(void) {
-  if (pool_started) return;
-  pool_started = 1;
-  static int registered;
-  if (!registered && pthread_atfork(0, 0, pool_after_fork) == 0) registered = 1;
-  long cpus = sysconf(_SC_NPROCESSORS_ONLN);
-  int want = cpus > 1 ? (int)(cpus - 1) : 0;
-  if (want > MAX_WORKERS) want = MAX_WORKERS;
-  pthread_attr_t attr;
-  pthread_attr_init(&attr);
-  pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-  for (int i = 0; i < want; i++) {
-    pthread_t t;
-    if (pthread_create(&t, &attr, pool_main, (void *)(long)(i + 1)) != 0) break;
-    pool_workers++;
-  }
-  pthread_attr_destroy(&attr);
+static void few_rows_job(void *ctx, int part, int parts) {
+  const struct few_job *q = ctx;
+  int begin, end;
+  pool_range(part, parts, q->n, 4, &begin, &end);
+  if (begin < end) few_rows_part(q, begin, end);
 }
 
 static void few_rows(int m, int n, int k, float alpha, const float *a, int lda, const float *b, int ldb,
                      float beta, float *c, int ldc) {
   struct few_job q = {m, n, k, lda, ldb, ldc, alpha, beta, a, b, c};
-  if ((double)n * k * m < 262144.0 || pthread_mutex_trylock(&pool_use) != 0) {
-    few_rows_part(&q, 0, n);
-    return;
-  }
-  pool_start(); /* under pool_use */
-  int parts = pool_workers + 1;
-  pthread_mutex_lock(&pool_lock);
-  pool_job = q;
-  pool_parts = parts;
-  pool_pending = pool_workers;
-  pool_generation++;
-  pthread_cond_broadcast(&pool_wake);
-  pthread_mutex_unlock(&pool_lock);
-  int begin, end;
-  pool_range(0, parts, n, &begin, &end);
-  if (begin < end) few_rows_part(&q, begin, end);
-  pthread_mutex_lock(&pool_lock);
-  while (pool_pending > 0) pthread_cond_wait(&pool_done, &pool_lock);
-  pthread_mutex_unlock(&pool_lock);
-  pthread_mutex_unlock(&pool_use);
+  pool_run(few_rows_job, &q, (double)n * k * m < 262144.0 ? 1 : (n + 3) / 4);
 }
 
 /* Only where the 4 x 4 tile of 16-float accumulators fits the registers (AVX-512: 32 of them); built
@@ -270,54 +186,93 @@ static int few_rows_fit(int order, int ta, int tb, int m, int n, int k) {
 static __thread uint16_t *scratch;
 static __thread size_t scratch_len;
 
-void cblas_sgemm(int order, int ta, int tb, int m, int n, int k, float alpha, const float *a, int lda,
-                 const float *b, int ldb, float beta, float *c, int ldc) {
-  if (order == ROW_MAJOR && (m == 1 || n == 1) && k > 0) {
-    counts[2]++;
-    if (m == 1) { /* c (1 x n) = a (1 x k) op(B): c^T = op(B)^T a^T */
-      int incx = ta == NO_TRANS ? 1 : lda;
-      if (tb == NO_TRANS) /* B is k x n */
-        exact_sgemv(ROW_MAJOR, TRANS, k, n, alpha, b, ldb, a, incx, beta, c, 1);
-      else /* B is n x k */
-        exact_sgemv(ROW_MAJOR, NO_TRANS, n, k, alpha, b, ldb, a, incx, beta, c, 1);
-    } else { /* c (m x 1, ldc apart) = op(A) b (k x 1) */
-      int incx = tb == NO_TRANS ? ldb : 1;
-      if (ta == NO_TRANS) /* A is m x k */
-        exact_sgemv(ROW_MAJOR, NO_TRANS, m, k, alpha, a, lda, b, incx, beta, c, ldc);
-      else /* A is k x m */
-        exact_sgemv(ROW_MAJOR, TRANS, k, m, alpha, a, lda, b, incx, beta, c, ldc);
+/* bf16 inputs, a16/b16 the pinned copies or 0: our kernel, or oneMKL's after rounding what is not pinned.
+   0 when done; -1 when out of memory for the copies (nothing written). */
+static int bf16_product(int ta, int tb, int m, int n, int k, float alpha, const float *a, const uint16_t *a16,
+                        int lda, const float *b, const uint16_t *b16, int ldb, float beta, float *c, int ldc) {
+  if (own) return mlxp_bf16_gemm(ta, tb, m, n, k, alpha, a, a16, lda, b, b16, ldb, beta, c, ldc);
+  int a_rows = ta == NO_TRANS ? m : k, a_cols = ta == NO_TRANS ? k : m; /* as stored, row-major */
+  int b_rows = tb == NO_TRANS ? k : n, b_cols = tb == NO_TRANS ? n : k;
+  size_t need = (a16 ? 0 : (size_t)a_rows * a_cols) + (b16 ? 0 : (size_t)b_rows * b_cols);
+  if (need > scratch_len) {
+    uint16_t *grown = (uint16_t *)realloc(scratch, need * sizeof(uint16_t));
+    if (!grown) return -1;
+    scratch = grown;
+    scratch_len = need;
+  }
+  int a_ld = lda, b_ld = ldb;
+  if (!a16) {
+    convert(a, a_rows, a_cols, lda, scratch);
+    a16 = scratch, a_ld = a_cols;
+  }
+  if (!b16) {
+    uint16_t *to = scratch + (a16 == scratch ? (size_t)a_rows * a_cols : 0);
+    convert(b, b_rows, b_cols, ldb, to);
+    b16 = to, b_ld = b_cols;
+  }
+  bf16_gemm(ROW_MAJOR, ta, tb, m, n, k, alpha, a16, a_ld, b16, b_ld, beta, c, ldc);
+  return 0;
+}
+
+static void sgemv_product(int ta, int tb, int m, int n, int k, float alpha, const float *a, int lda,
+                          const float *b, int ldb, float beta, float *c, int ldc) {
+  if (m == 1) { /* c (1 x n) = a (1 x k) op(B): c^T = op(B)^T a^T */
+    int incx = ta == NO_TRANS ? 1 : lda;
+    if (tb == NO_TRANS) /* B is k x n */
+      exact_sgemv(ROW_MAJOR, TRANS, k, n, alpha, b, ldb, a, incx, beta, c, 1);
+    else /* B is n x k */
+      exact_sgemv(ROW_MAJOR, NO_TRANS, n, k, alpha, b, ldb, a, incx, beta, c, 1);
+  } else { /* c (m x 1, ldc apart) = op(A) b (k x 1) */
+    int incx = tb == NO_TRANS ? ldb : 1;
+    if (ta == NO_TRANS) /* A is m x k */
+      exact_sgemv(ROW_MAJOR, NO_TRANS, m, k, alpha, a, lda, b, incx, beta, c, ldc);
+    else /* A is k x m */
+      exact_sgemv(ROW_MAJOR, TRANS, k, m, alpha, a, lda, b, incx, beta, c, ldc);
+  }
+}
+
+/* Row-major. A pinned operand (a16/b16) means bf16 at any size: a few rows against a pinned weight in our
+   rows kernel, anything else as a bf16 product. */
+static void product(int ta, int tb, int m, int n, int k, float alpha, const float *a, const uint16_t *a16,
+                    int lda, const float *b, const uint16_t *b16, int ldb, float beta, float *c, int ldc) {
+  if (k > 0 && (a16 || b16)) {
+    counts[5]++;
+    if (own && b16 && !a16 && ta == NO_TRANS && tb == TRANS && m <= 16) {
+      counts[4]++;
+      if (mlxp_bf16_rows(m, n, k, alpha, a, lda, b16, ldb, beta, c, ldc) == 0) return;
+    } else if (bf16_product(ta, tb, m, n, k, alpha, a, a16, lda, b, b16, ldb, beta, c, ldc) == 0) {
+      counts[1]++;
+      return;
     }
+  }
+  if ((m == 1 || n == 1) && k > 0) {
+    counts[2]++;
+    sgemv_product(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
     return;
   }
-  if (few_rows_fit(order, ta, tb, m, n, k) && few_rows_on) {
+  if (few_rows_fit(ROW_MAJOR, ta, tb, m, n, k) && few_rows_on) {
     counts[3]++;
     few_rows(m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
     return;
   }
-  if (!enabled || (double)m * n * k < min_work || m < min_dim || n < min_dim || k < min_dim) {
-    counts[0]++;
-    exact_sgemm(order, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  if (enabled && (double)m * n * k >= min_work && m >= min_dim && n >= min_dim && k >= min_dim &&
+      bf16_product(ta, tb, m, n, k, alpha, a, 0, lda, b, 0, ldb, beta, c, ldc) == 0) {
+    counts[1]++;
     return;
   }
-  /* Stored shapes: op(A) is m x k, op(B) is k x n; "outer" counts rows (row-major) or columns. */
-  int a_rows = ta == NO_TRANS ? m : k, a_cols = ta == NO_TRANS ? k : m;
-  int b_rows = tb == NO_TRANS ? k : n, b_cols = tb == NO_TRANS ? n : k;
-  int a_outer = order == ROW_MAJOR ? a_rows : a_cols, a_inner = order == ROW_MAJOR ? a_cols : a_rows;
-  int b_outer = order == ROW_MAJOR ? b_rows : b_cols, b_inner = order == ROW_MAJOR ? b_cols : b_rows;
-  size_t need = (size_t)a_outer * a_inner + (size_t)b_outer * b_inner;
-  if (need > scratch_len) {
-    uint16_t *grown = (uint16_t *)realloc(scratch, need * sizeof(uint16_t));
-    if (!grown) { /* out of memory for the copies: do it exactly instead */
-      counts[0]++;
-      exact_sgemm(order, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
-      return;
-    }
-    scratch = grown;
-    scratch_len = need;
+  counts[0]++; /* exact; also a bf16 product out of memory for its copies */
+  exact_sgemm(ROW_MAJOR, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+
+void cblas_sgemm(int order, int ta, int tb, int m, int n, int k, float alpha, const float *a, int lda,
+                 const float *b, int ldb, float beta, float *c, int ldc) {
+  if (order != ROW_MAJOR) { /* column-major C is row-major C^T = op(B)^T op(A)^T */
+    cblas_sgemm(ROW_MAJOR, tb, ta, n, m, k, alpha, b, ldb, a, lda, beta, c, ldc);
+    return;
   }
-  counts[1]++;
-  uint16_t *a16 = scratch, *b16 = scratch + (size_t)a_outer * a_inner;
-  convert(a, a_outer, a_inner, lda, a16);
-  convert(b, b_outer, b_inner, ldb, b16);
-  bf16_gemm(order, ta, tb, m, n, k, alpha, a16, a_inner, b16, b_inner, beta, c, ldc);
+  int held = enabled ? mlxp_pins_hold() : 0;
+  const uint16_t *a16 = held ? mlxp_pinned_view(a, ta, m, k, lda) : 0;
+  const uint16_t *b16 = held ? mlxp_pinned_view(b, tb, k, n, ldb) : 0;
+  product(ta, tb, m, n, k, alpha, a, a16, lda, b, b16, ldb, beta, c, ldc);
+  mlxp_pins_release(held);
 }

@@ -1,0 +1,104 @@
+/* The threads of the native products (few_rows in sgemm.c, bf16.c): workers that sleep on a condition
+   variable between products. Not OpenMP: GOMP's idle threads spin for milliseconds after each parallel
+   region, on the cores OpenBLAS's threads need for the next product (measured: batch-4 decoding at 29 tok/s
+   with an OpenMP loop, 47 with OMP_WAIT_POLICY=passive). One product at a time uses them (MLX may call from
+   several threads: a caller that finds them busy computes alone). */
+#include <pthread.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "mlxp.h"
+
+enum { MAX_WORKERS = 15 };
+static pthread_mutex_t pool_use = PTHREAD_MUTEX_INITIALIZER, pool_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t pool_wake = PTHREAD_COND_INITIALIZER, pool_done = PTHREAD_COND_INITIALIZER;
+static int pool_started, pool_workers, pool_parts, pool_pending;
+static long pool_generation;
+static pool_fn pool_job;
+static void *pool_ctx;
+
+uint16_t mlxp_to_bf16(float f) {
+  uint32_t u;
+  memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* quiet NaN */
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return (uint16_t)(u >> 16);
+}
+
+void pool_range(int part, int parts, int n, int block, int *begin, int *end) {
+  int blocks = (n + block - 1) / block;
+  *begin = (int)((long)blocks * part / parts) * block;
+  *end = (int)((long)blocks * (part + 1) / parts) * block;
+  if (*end > n) *end = n;
+}
+
+static void *pool_main(void *arg) {
+  int part = (int)(long)arg;
+  long seen = 0;
+  for (;;) {
+    pthread_mutex_lock(&pool_lock);
+    while (pool_generation == seen) pthread_cond_wait(&pool_wake, &pool_lock);
+    seen = pool_generation;
+    pool_fn fn = pool_job;
+    void *ctx = pool_ctx;
+    int parts = pool_parts;
+    pthread_mutex_unlock(&pool_lock);
+    if (part < parts) fn(ctx, part, parts);
+    pthread_mutex_lock(&pool_lock);
+    if (--pool_pending == 0) pthread_cond_signal(&pool_done);
+    pthread_mutex_unlock(&pool_lock);
+  }
+  return 0;
+}
+
+/* A forked child has none of the parent's threads: it starts its own pool when it needs one. */
+static void pool_after_fork(void) {
+  pool_started = pool_workers = pool_pending = 0;
+  pool_generation = 0; /* the new workers start from 0: no parent's job is run again */
+  pthread_mutex_init(&pool_use, 0);
+  pthread_mutex_init(&pool_lock, 0);
+  pthread_cond_init(&pool_wake, 0);
+  pthread_cond_init(&pool_done, 0);
+}
+
+static void pool_start(void) {
+  if (pool_started) return;
+  pool_started = 1;
+  static int registered;
+  if (!registered && pthread_atfork(0, 0, pool_after_fork) == 0) registered = 1;
+  long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+  int want = cpus > 1 ? (int)(cpus - 1) : 0;
+  if (want > MAX_WORKERS) want = MAX_WORKERS;
+  pthread_attr_t attr;
+  pthread_attr_init(&attr);
+  pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+  for (int i = 0; i < want; i++) {
+    pthread_t t;
+    if (pthread_create(&t, &attr, pool_main, (void *)(long)(i + 1)) != 0) break;
+    pool_workers++;
+  }
+  pthread_attr_destroy(&attr);
+}
+
+int pool_run(pool_fn fn, void *ctx, int max_parts) {
+  if (max_parts <= 1 || pthread_mutex_trylock(&pool_use) != 0) {
+    fn(ctx, 0, 1);
+    return 1;
+  }
+  pool_start(); /* under pool_use */
+  int parts = pool_workers + 1 < max_parts ? pool_workers + 1 : max_parts;
+  pthread_mutex_lock(&pool_lock);
+  pool_job = fn;
+  pool_ctx = ctx;
+  pool_parts = parts;
+  pool_pending = pool_workers;
+  pool_generation++;
+  pthread_cond_broadcast(&pool_wake);
+  pthread_mutex_unlock(&pool_lock);
+  fn(ctx, 0, parts);
+  pthread_mutex_lock(&pool_lock);
+  while (pool_pending > 0) pthread_cond_wait(&pool_done, &pool_lock);
+  pthread_mutex_unlock(&pool_lock);
+  pthread_mutex_unlock(&pool_use);
+  return parts;
+}
