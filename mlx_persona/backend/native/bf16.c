@@ -6,7 +6,7 @@
  *   bf16 along the depth, the layout VDPBF16PS multiplies: a 12 x 32 tile of C is 24 accumulators, each
  *   step one broadcast pair of A per row against 2 x 16 pairs of B. Depth in blocks of KC (B's strip stays
  *   in L1). Threads take strips of columns.
- * - mlxp_bf16_rows: a few rows (decoding) times a weight matrix already in bf16: dot products along the
+ * - mlxp_bf16_rows: a few rows (decoding, short prompts) times a weight matrix already in bf16: dot products along the
  *   depth, 4 weight rows at a time against up to 4 rows of A, so each weight is read from memory once.
  *
  * Rounding to bf16: round to nearest even (the instruction's; denormal inputs count as zero).

@@ -21,7 +21,7 @@ uint16_t mlxp_to_bf16(float f);
 int mlxp_bf16_kernel(void);
 int mlxp_bf16_gemm(int ta, int tb, int m, int n, int k, float alpha, const float *a, const uint16_t *a16,
                     int lda, const float *b, const uint16_t *b16, int ldb, float beta, float *c, int ldc);
-/* A few rows (1 <= m <= 16) times a bf16 weight matrix: C = alpha A W^T + beta C, W n x k (ldw apart). */
+/* A few rows (decoding, short prompts: any m, best to ~48) times a bf16 weight matrix: C = alpha A W^T + beta C, W n x k (ldw apart). */
 int mlxp_bf16_rows(int m, int n, int k, float alpha, const float *a, int lda, const uint16_t *w, int ldw,
                     float beta, float *c, int ldc);
 
