@@ -190,7 +190,7 @@ def batch_stream(model, tokenizer, prompts: Sequence[str | list[dict] | list[int
     Yields:
         ``(prompt index, GenerationResult)`` in the order rows finish.
     """
-    from mlx_lm.generate import BatchGenerator
+    from mlx_persona.batch_step import batch_generator
 
     configs = _configs(configs, len(prompts))
     end_ids = list(end_ids if end_ids is not None else end_token_ids(tokenizer))
@@ -203,7 +203,7 @@ def batch_stream(model, tokenizer, prompts: Sequence[str | list[dict] | list[int
         batch_size = default_batch_size(model, max(map(len, ids)) + max(c.max_new_tokens for c in configs))
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    gen = BatchGenerator(model, completion_batch_size=batch_size, prefill_batch_size=batch_size)
+    gen = batch_generator(model, batch_size)
     try:
         rows = insert_rows(gen, tokenizer, ids, configs, end_ids, greedy=greedy_sampler())
         while responses := gen.next_generated():

@@ -187,3 +187,15 @@ def test_eval_results_do_not_depend_on_the_batch_size(tiny, tmp_path):
     assert [r["tokens"] for r in rows[4]] == [generate(model, tok, p, cfg, end_ids=ends).tokens for p in PROMPTS]
     bad = _eval(prompts, tmp_path / "bad", -1)
     assert bad.exit_code != 0 and "--batch-size" in bad.output
+
+
+def test_the_batch_steps_with_the_rows_spread_over_cpu_streams(tiny):
+    """batch_generator's long-lived GenerationBatch is ours (mlx_persona.batch_step): a new mlx-lm that
+    changes it makes this fail rather than silently fall back to the single-stream step."""
+    from mlx_persona.batch_step import StreamedStep, batch_generator
+
+    gen = batch_generator(tiny[0], 2)
+    try:
+        assert type(gen._generation_batch) is StreamedStep
+    finally:
+        gen.close()

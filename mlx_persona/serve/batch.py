@@ -29,10 +29,10 @@ class Batch:
     """The running batch of `model` (at most `width` rows; the worker sees to it)."""
 
     def __init__(self, model, tokenizer, end_ids: list[int], width: int):
-        from mlx_lm.generate import BatchGenerator
+        from mlx_persona.batch_step import batch_generator
 
         self.tokenizer, self.end_ids, self.width = tokenizer, list(end_ids), width
-        self._gen = BatchGenerator(model, completion_batch_size=width, prefill_batch_size=width)
+        self._gen = batch_generator(model, width)
         self._greedy = greedy_sampler()  # shared by every greedy row: one argmax over them all
         self.rows: dict[int, tuple[object, Row]] = {}  # uid -> (job, row)
         self._sent: dict[int, tuple[int, int]] = {}  # uid -> (characters sent, pieces sent)
