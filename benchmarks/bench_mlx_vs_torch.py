@@ -43,7 +43,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from benchmarks.common import machine_info, write_json, write_results  # noqa: E402
+from benchmarks.common import cpu_model, machine_info, write_json, write_results  # noqa: E402
 
 MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PERSONA = dict(min_new_tokens=50, temperature=0.8, top_k=50, top_p=0.95, repetition_penalty=1.1)
@@ -787,7 +787,7 @@ def _link(png: Path) -> str:
 def _name(k: str, v: dict) -> str:
     short = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
     if k == "mlx_persona_bf16mm":
-        return "mlx_persona fp32+bf16mm" if "dtype" in v and "decode_tokens_per_sec" not in v else "mlx_persona bf16 pinned"
+        return "mlx_persona bf16 pinned" if "decode_tokens_per_sec" in v else "mlx_persona fp32+bf16mm"
     return f"mlx_persona {short.get(v['dtype'], v['dtype'])}" if k == "mlx_persona" else f"torch {v['dtype'].split(' ')[0]}"
 
 
@@ -825,7 +825,7 @@ def train_markdown(t: dict, chart_rel: str | None) -> str:
               + "; MFU " + ", ".join(f"{_name(k, res[k])} **{100 * res[k]['mfu']:.1f}%**" for k in mlx_keys)
               + " (target >= 40% at gemma-3-270m). "
               f"Loss agreement: " + ", ".join(f"{k} {v:.2g}" for k, v in t["checks"].items()) + ".",
-              f"1-min load average before→after each run ({where}): {loads}.",
+              f"1-min load average before→after each run ({where}): {loads}. CPU: {_cpu()}.",
               f"FLOPs: {t['flops_formula']} MFU = model FLOP/s / peak matmul FLOP/s measured in the same process "
               "(same framework and dtype) just before training. Peak RSS = getrusage ru_maxrss of the worker process; "
               "MLX peak = mx.get_peak_memory() (MLX arrays only). LM-head exp s/step = the exp() calls of the softmax "
@@ -835,6 +835,12 @@ def train_markdown(t: dict, chart_rel: str | None) -> str:
     if chart_rel:
         lines += ["", f"![training chart]({chart_rel})"]
     return "\n".join(lines)
+
+
+def _cpu() -> str:
+    from mlx_persona.backend.cpu import describe_flags
+
+    return f"{cpu_model()} ({describe_flags()}), {os.cpu_count()} CPUs"
 
 
 def generate_markdown(g: dict, chart_rel: str | None) -> str:
@@ -853,7 +859,8 @@ def generate_markdown(g: dict, chart_rel: str | None) -> str:
                      f"{v['first_token_sec_short_median']:.3f} | {v['bytes_per_decoded_token'] / 1e6:.0f} MB | "
                      f"{v['decode_bandwidth_gbs']:.1f} | {v['read_bandwidth_gbs']:.1f} | {v['max_rss_gb']:.2f} |")
     loads = ", ".join(f"{_name(k, v)} {v['load_avg_before'][0]}→{v['load_avg_after'][0]}" for k, v in res.items())
-    lines += ["", f"{g['timing']}. {g['bytes_formula']} 1-min load average before→after: {loads}."]
+    lines += ["", f"{g['timing']}. {g['bytes_formula']} 1-min load average before→after: {loads}. "
+              f"CPU: {_cpu()}."]
     if chart_rel:
         lines += ["", f"![generation chart]({chart_rel})"]
     return "\n".join(lines)

@@ -43,8 +43,10 @@ def cpu_model() -> str:
 
 def load_line(before: tuple[float, ...], after: tuple[float, ...]) -> str:
     """One sentence naming the CPU and the load average (1/5/15 min) before and after a run."""
+    from mlx_persona.backend.cpu import describe_flags
+
     fmt = lambda xs: " ".join(f"{x:.1f}" for x in xs)
-    return (f"{cpu_model()}, {os.cpu_count()} CPUs; load average (1/5/15 min) {fmt(before)} before, "
+    return (f"{cpu_model()} ({describe_flags()}), {os.cpu_count()} CPUs; load average (1/5/15 min) {fmt(before)} before, "
             f"{fmt(after)} after (the machine was shared with other jobs).")
 
 
