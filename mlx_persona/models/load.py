@@ -105,6 +105,9 @@ def load_model(spec: str | Path, adapter_path: str | Path | None = None, dtype: 
         from mlx_persona.backend.pinned import pin_model
 
         pin_model(model)
+    # The buffers freed while loading (the file's arrays, casts, checks) stay in MLX's cache; with them there,
+    # every later op's allocation was slower (a 434 x 434 x 4 mx.where 0.45 -> 1.5 ms on the Linux CPU).
+    mx.clear_cache()
     return model, tokenizer
 
 
