@@ -192,10 +192,10 @@ def test_eval_results_do_not_depend_on_the_batch_size(tiny, tmp_path):
 def test_the_batch_steps_with_the_rows_spread_over_cpu_streams(tiny):
     """batch_generator's long-lived GenerationBatch is ours (mlx_persona.batch_step): a new mlx-lm that
     changes it makes this fail rather than silently fall back to the single-stream step."""
-    from mlx_persona.batch_step import StreamedStep, batch_generator
+    from mlx_persona.batch_step import batch_generator, streamed_step
 
     gen = batch_generator(tiny[0], 2)
     try:
-        assert type(gen._generation_batch) is StreamedStep
+        assert type(gen._generation_batch) is streamed_step()
     finally:
         gen.close()
