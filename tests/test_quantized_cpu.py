@@ -48,7 +48,7 @@ def _close(out, ref):
 @pytest.mark.parametrize("bits,gs", CLAIMED)
 def test_kernel_matches_mlx_for_every_claimed_format(ext, bits, gs):
     w, scales, biases = _weights(37, 384, bits, gs)
-    for rows in (1, 2, 5, 16):
+    for rows in (1, 2, 5, 16, 41):
         x = mx.random.normal((rows, 384))
         assert ext.refusal(x, w, scales, biases, gs, bits, quantized.MAX_ROWS) is None
         out = quantized.quantized_matmul(x, w, scales, biases, True, gs, bits)
@@ -71,16 +71,18 @@ def test_many_output_rows_split_over_threads(ext):
 
 
 @pytest.mark.parametrize("case,why", [
-    ("bits3", "bits other than 2, 4, 8"), ("bf16", "float32"), ("rows17", "more rows"),
+    ("bits3", "bits other than 2, 4, 8"), ("bits6", "bits other than 2, 4, 8"), ("bf16", "float32"),
+    ("rows", "more rows"),
 ])
 def test_what_the_kernel_does_not_take_is_mlx_s_product(ext, case, why):
-    bits = 3 if case == "bits3" else 4
+    bits = {"bits3": 3, "bits6": 6}.get(case, 4)
     w, scales, biases = _weights(33, 128, bits, 64)
-    x = mx.random.normal((17 if case == "rows17" else 2, 128))
+    x = mx.random.normal((17 if case == "rows" else 2, 128))
     if case == "bf16":
         x, scales, biases = x.astype(mx.bfloat16), scales.astype(mx.bfloat16), biases.astype(mx.bfloat16)
-    assert why in quantized.refusal(x, w, scales, biases, 64, bits)
-    out = quantized.quantized_matmul(x, w, scales, biases, True, 64, bits)
+    max_rows = 16 if case == "rows" else quantized.MAX_ROWS
+    assert why in ext.refusal(x, w, scales, biases, 64, bits, max_rows)
+    out = ext.quantized_matmul(x, w, scales, biases, 64, bits, max_rows)
     assert mx.array_equal(out, _mlx(x, w, scales, biases, 64, bits)).item()
 
 
