@@ -140,3 +140,33 @@ def test_quantized_tiny_model_same_greedy_tokens(ext, tmp_path, tiny_path, bits,
 
 def test_describe_says_whether_it_is_on(ext):
     assert describe()["quantized"].startswith("on: 2/4/8-bit")
+
+
+def test_switched_off_nothing_is_built_and_doctor_says_so(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    code = ("import mlx_persona.backend as b; b.setup(); from mlx_persona.backend import qmatmul; "
+            "print(qmatmul.load(), b.describe()['quantized'])")
+    env = {**os.environ, "MLX_PERSONA_QMATMUL": "0", "MLX_PERSONA_CACHE": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "None off (MLX_PERSONA_QMATMUL=0): MLX's quantized matmul"
+    assert not (tmp_path / "qmatmul").exists()
+
+
+def test_a_nanobind_of_another_abi_is_refused_before_building(ext, monkeypatch, tmp_path):
+    import mlx.core
+
+    assert qmatmul.mlx_abi(mlx.core.__file__) is not None  # MLX's module names its nanobind ABI
+    fake = tmp_path / "nanobind"
+    (fake / "src").mkdir(parents=True)
+    (fake / "include" / "nanobind").mkdir(parents=True)
+    (fake / "src" / "nb_internals.h").write_text("#  define NB_INTERNALS_VERSION 99\n")
+    (fake / "include" / "nanobind" / "nb_backend.h").write_text("#define NB_BACKEND_ABI_MAJOR 1\n")
+    assert qmatmul.nanobind_abi(fake) == ("1", "99")
+    monkeypatch.setattr(qmatmul, "nanobind_abi", lambda where: ("1", "99"))
+    with pytest.raises(OSError, match=r"cannot share arrays with MLX .* install the nanobind"):
+        qmatmul.build(tmp_path / "cache")
+    assert not (tmp_path / "cache" / "qmatmul").exists()

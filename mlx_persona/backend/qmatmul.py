@@ -30,6 +30,7 @@ from mlx_persona.backend.cpu import cpu_flags, file_stamp, march_flags, warn
 from mlx_persona.backend.folders import UnsafeFolder, check_file, private_dir
 
 MODULE = "mlx_persona_qmatmul"  # NB_MODULE's name in qmatmul.cpp
+ENV = "MLX_PERSONA_QMATMUL"  # 0: never built or used
 SOURCE = native.SOURCES / "qmatmul.cpp"
 _state: dict = {"module": None, "tried": False, "reason": "not loaded yet (it is built when a quantized model loads)"}
 
@@ -158,6 +159,9 @@ def load():
     if _state["tried"]:
         return _state["module"]
     _state["tried"] = True
+    if os.environ.get(ENV, "1").strip().lower() in ("0", "off", "no", "false"):
+        _state["reason"] = f"off ({ENV}=0): MLX's quantized matmul"
+        return None
     try:
         path, refused = native.cache_or_run_dir(build)
         spec = importlib.util.spec_from_file_location(MODULE, path)

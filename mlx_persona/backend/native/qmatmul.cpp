@@ -16,6 +16,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
@@ -57,10 +58,18 @@ inline vf loadf(const float* p) {
   return v;
 }
 
-// One output row's values, in order, as floats: Step<BITS>::values of them from w (a whole number of
-// steps into the row), as Step<BITS>::values / L vectors. A uint32 holds 32 / BITS values, lowest bits
-// first: each lane takes its word, shifts its value down and masks it. Each step reads 4 bytes (2 bits:
-// 16 values) or 16 bytes (4 bits: 32 values; 8 bits: 16), which a group of 32 or more always holds.
+// One output row's values as floats: Step<BITS>::values of them from w (a whole number of steps into
+// the row), as Step<BITS>::values / L vectors. A uint32 holds 32 / BITS values, lowest bits first. Each
+// step reads 4 bytes (2 bits: 16 values, each lane shifting its value down from one word) or 16 bytes
+// (8 bits: 16 values, one byte a lane; 4 bits: 32 values, in the order of :func:`nibble_order`: the
+// low nibbles of L bytes, then their high nibbles, so that a lane holds one byte and two masks split it),
+// which a group of 32 or more always holds.
+// Which of 32 consecutive 4-bit values (16 bytes) vector v = i / L, lane i % L of a step holds: byte
+// b = (v / 2) * L + lane, its low nibble (value 2b) for even v, its high one (2b + 1) for odd v.
+constexpr int nibble_order(int i) {
+  return 2 * ((i / L / 2) * L + i % L) + (i / L) % 2;
+}
+
 template <int BITS>
 struct Step {
   static constexpr int values = BITS == 4 ? 32 : 16;
@@ -71,13 +80,9 @@ struct Step {
       __m512i v = _mm512_srlv_epi32(_mm512_set1_epi32(int(*w)), shift);
       q[0] = (vf)_mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(3)));
     } else if constexpr (BITS == 4) {
-      const __m512i shift = _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 4, 8, 12, 16, 20, 24, 28);
-      const __m512i lo = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
-      const __m512i hi = _mm512_setr_epi32(2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
-      __m512i words = _mm512_castsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
-      const __m512i mask = _mm512_set1_epi32(15);
-      q[0] = (vf)_mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srlv_epi32(_mm512_permutexvar_epi32(lo, words), shift), mask));
-      q[1] = (vf)_mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srlv_epi32(_mm512_permutexvar_epi32(hi, words), shift), mask));
+      __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
+      q[0] = (vf)_mm512_cvtepi32_ps(_mm512_and_si512(bytes, _mm512_set1_epi32(15)));
+      q[1] = (vf)_mm512_cvtepi32_ps(_mm512_srli_epi32(bytes, 4));
     } else {
       q[0] = (vf)_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w))));
     }
@@ -89,17 +94,21 @@ struct Step {
       q[0] = (vf)_mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(word, shift), mask));
       q[1] = (vf)_mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(word, _mm256_add_epi32(shift, _mm256_set1_epi32(16))), mask));
     } else if constexpr (BITS == 4) {
-      const __m256i shift = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
-      for (int i = 0; i < 4; i++)
-        q[i] = (vf)_mm256_cvtepi32_ps(
-            _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(int(w[i])), shift), _mm256_set1_epi32(15)));
+      for (int j = 0; j < 2; j++) {
+        __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + 2 * j)));
+        q[2 * j] = (vf)_mm256_cvtepi32_ps(_mm256_and_si256(bytes, _mm256_set1_epi32(15)));
+        q[2 * j + 1] = (vf)_mm256_cvtepi32_ps(_mm256_srli_epi32(bytes, 4));
+      }
     } else {
       for (int i = 0; i < 2; i++)
         q[i] = (vf)_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + 2 * i))));
     }
 #else
     constexpr int per = 32 / BITS;
-    for (int i = 0; i < values; i++) q[i / L][i % L] = float((w[i / per] >> (i % per * BITS)) & ((1u << BITS) - 1));
+    for (int i = 0; i < values; i++) {
+      int at = BITS == 4 ? nibble_order(i) : i;  // the value lane i % L of vector i / L holds
+      q[i / L][i % L] = float((w[at / per] >> (at % per * BITS)) & ((1u << BITS) - 1));
+    }
 #endif
   }
 };
@@ -189,10 +198,12 @@ TileFn tile_for(int bits, int gs) {
 }
 
 // Threads of our own over tiles of output rows; the caller (MLX's CPU stream thread) takes tiles too.
-// A worker joins a job only while it is posted, and the caller waits only for workers that joined: on
-// a busy machine a worker that is not scheduled in time costs nothing (the caller does its tiles).
-// Workers spin briefly for the next job (a decoding step posts one every few microseconds), then sleep.
-// Rebuilt in a forked child (its threads are not there).
+// A worker joins a job only while it is posted, and the caller waits only for workers that joined: a
+// worker that is not scheduled in time costs nothing (the caller does its tiles). Workers sleep between
+// jobs rather than spin: on a machine with more threads than cores, a spinning worker was preempted
+// holding a tile and the caller waited out its time slice (4-bit gemma-3-270m, 2 busy cores: 21 ms a
+// token single-threaded, 29-52 with a spinning worker, 21-23 with a sleeping one). Rebuilt in a forked
+// child (its threads are not there). MLX_PERSONA_QMATMUL_THREADS caps the threads (the caller's included).
 class Pool {
  public:
   static Pool& get() {
@@ -229,7 +240,10 @@ class Pool {
       std::lock_guard<std::mutex> lock(mu_);
       posted_ = nullptr;  // no one joins from here on
     }
-    while (job.joined.load(std::memory_order_acquire) != 0) relax();
+    for (int spin = 0; job.joined.load(std::memory_order_acquire) != 0; spin++) {
+      if (spin < 4096) relax();
+      else std::this_thread::yield();  // the worker is not running: let it
+    }
   }
 
  private:
@@ -247,6 +261,8 @@ class Pool {
   Pool() {
     cpu_set_t set;
     int cpus = sched_getaffinity(0, sizeof set, &set) == 0 ? CPU_COUNT(&set) : 1;
+    if (const char* env = std::getenv("MLX_PERSONA_QMATMUL_THREADS"); env != nullptr && std::atoi(env) > 0)
+      cpus = std::min(cpus, std::atoi(env));
     workers_ = unsigned(std::max(cpus, 1) - 1);
     for (unsigned i = 0; i < workers_; i++) std::thread([this] { loop(); }).detach();
   }
@@ -262,7 +278,6 @@ class Pool {
   void loop() {
     uint64_t seen = 0;
     for (;;) {
-      for (int spin = 0; generation_.load(std::memory_order_acquire) == seen && spin < 20000; spin++) relax();
       Posted* job;
       {
         std::unique_lock<std::mutex> lock(mu_);
@@ -322,6 +337,12 @@ void compute(const mx::array& x, const mx::array& w, const mx::array& scales, co
   p.N = w.shape(0);
   p.G = p.K / group_size;
   p.x = rows_of(x, x_copy);
+  std::vector<float> in_order;
+  if (bits == 4) {  // x in the order the steps decode the weights in (nibble_order)
+    in_order.resize(size_t(p.M) * p.K);
+    for (size_t r = 0; r < size_t(p.M) * p.K; r += 32)
+      for (int i = 0; i < 32; i++) in_order[r + i] = p.x[r + nibble_order(i)];
+  }
   p.w = w.data<uint32_t>();
   p.scales = scales.data<float>();
   p.biases = biases.data<float>();
@@ -334,10 +355,11 @@ void compute(const mx::array& x, const mx::array& w, const mx::array& scales, co
       xsum[size_t(m) * p.G + g] = s;
     }
   p.xsum = xsum.data();
+  if (bits == 4) p.x = in_order.data();
   Pool& pool = Pool::get();
   // ~64K weights per task: enough to pay for handing it over, small enough to share a layer out.
   int per = std::max(1, (1 << 16) / std::max(p.K, 1));
-  if (int64_t(p.N) * p.K < (1 << 17)) per = p.N;  // one small product: no threads
+  if (int64_t(p.N) * p.K < (1 << 18)) per = p.N;  // a small product (~20 us): no threads
   per = std::min(per, (p.N + pool.size() - 1) / pool.size());
   Job job{p, tile_for(bits, group_size), std::max(per, 1)};
   pool.run((p.N + job.rows_per_task - 1) / job.rows_per_task, run_task, &job);
