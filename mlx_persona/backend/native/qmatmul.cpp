@@ -1,10 +1,10 @@
 // x @ dequantize(w).T for MLX's affine quantization on the CPU (mlx_persona.backend.qmatmul builds it).
 //
-// MLX's own CPU quantized matmul walks the weights one value at a time; decoding a 4-bit gemma-3-270m
-// runs ~5x slower than float32. This primitive computes the same product, for x of float32 and w
-// packed 2, 4 or 8 bits per value (group size 32, 64 or 128, float32 scales and biases), with vectors
-// of 16 lanes (GCC's vector extensions: AVX-512 or AVX2 under -march=native, whatever the target has
-// otherwise) on threads of its own over the output rows. Per group g of an output row n:
+// MLX's own CPU quantized matmul walks the weights one value at a time; a 4-bit gemma-3-270m decoded
+// ~5x slower than in float32. This primitive computes the same product, for x of float32 and w packed
+// 2, 4 or 8 bits per value (group size 32, 64 or 128, float32 scales and biases), with 16-lane AVX-512
+// or 8-lane AVX2 intrinsics (whichever -march=native allows; the compiler's own vectors elsewhere), on
+// threads of its own over the output rows. Per group g of an output row n:
 //
 //     out[m, n] += scale[n, g] * (q[n, g] . x[m, g]) + bias[n, g] * sum(x[m, g])
 //
@@ -15,11 +15,15 @@
 #include <sched.h>
 #include <unistd.h>
 
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
-#include <cstdlib>
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <mutex>
 #include <optional>
@@ -41,16 +45,14 @@ namespace nb = nanobind;
 namespace {
 
 #if defined(__AVX512F__)
-#include <immintrin.h>
 constexpr int L = 16;  // lanes of a vector of floats
 #elif defined(__AVX2__)
-#include <immintrin.h>
 constexpr int L = 8;
 #else
 constexpr int L = 8;  // the compiler's own vectors, whatever the target has
 #endif
 typedef float vf __attribute__((vector_size(4 * L)));
-constexpr int MAX_ROWS = 4;  // rows of x that share one decoding of a weight row
+constexpr int ROW_BLOCK = 4;  // rows of x that share one decoding of a weight row
 
 inline vf loadf(const float* p) {
   vf v;
@@ -167,7 +169,7 @@ void rows(const Problem& p, int m0, int n0, int n1) {
 template <int BITS, int GS>
 void tile(const Problem& p, int n0, int n1) {
   int m = 0;
-  for (; m + 4 <= p.M; m += 4) rows<BITS, GS, 4>(p, m, n0, n1);
+  for (; m + ROW_BLOCK <= p.M; m += ROW_BLOCK) rows<BITS, GS, ROW_BLOCK>(p, m, n0, n1);
   switch (p.M - m) {
     case 3: rows<BITS, GS, 3>(p, m, n0, n1); break;
     case 2: rows<BITS, GS, 2>(p, m, n0, n1); break;
