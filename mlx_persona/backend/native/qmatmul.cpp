@@ -53,6 +53,7 @@ constexpr int L = 8;  // the compiler's own vectors, whatever the target has
 #endif
 typedef float vf __attribute__((vector_size(4 * L)));
 constexpr int ROW_BLOCK = 4;  // rows of x that share one decoding of a weight row
+constexpr int PREFETCH_ROWS = 4;  // weight rows read ahead
 
 inline vf loadf(const float* p) {
   vf v;
@@ -144,6 +145,12 @@ void rows(const Problem& p, int m0, int n0, int n1) {
     const uint32_t* w = p.w + size_t(n) * words;
     const float* s = p.scales + size_t(n) * p.G;
     const float* b = p.biases + size_t(n) * p.G;
+    if (n + PREFETCH_ROWS < n1) {  // the hardware's prefetcher alone reached ~19 GB/s of the ~37 there are
+      const char* ahead = reinterpret_cast<const char*>(w + size_t(PREFETCH_ROWS) * words);
+      for (int at = 0; at < words * 4; at += 64) __builtin_prefetch(ahead + at);
+      __builtin_prefetch(s + size_t(PREFETCH_ROWS) * p.G);
+      __builtin_prefetch(b + size_t(PREFETCH_ROWS) * p.G);
+    }
     vf acc[MR] = {};
     float bias[MR] = {};
     for (int g = 0; g < p.G; g++) {
