@@ -35,6 +35,8 @@ BENCHMARKS = {
     "generate": ("bench_generate.py", ["--preset", "gemma-3-270m", "--new-tokens", "64", "--trials", "2"],
                  [["--preset", "gemma-3-270m"], ["--preset", "gemma-3-1b"]]),
     "export": ("bench_export.py", ["--preset", "gemma-3-270m"], [["--full"]]),
+    "quantized": ("bench_quantized.py", ["--preset", "gemma-3-270m", "--trials", "2"],
+                  [["--preset", "gemma-3-270m"], ["--preset", "gemma-3-1b"]]),
 }
 
 

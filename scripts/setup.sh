@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets up mlx_persona in ./.venv on a fresh machine. Usage: bash scripts/setup.sh [core|test]
-#   core: the package (mlx, mlx-lm, ...) and, on Linux, OpenBLAS (MLX's bundled BLAS is ~20x slower)
-#         and g++ (MLX compiles its fused CPU kernels with it).
+#   core: the package (mlx, mlx-lm, ...) and, on Linux, OpenBLAS (MLX's bundled BLAS is ~20x slower),
+#         g++ (MLX compiles its fused CPU kernels with it) and the cpu-quant extra (nanobind, CMake: the
+#         quantized-matmul extension is built with them on first use).
 #   test: also the test extras (torch CPU, onnx, onnxruntime, peft, gguf, llama-cpp-python, and oneMKL on
 #         x86-64 Linux for MLX_PERSONA_MATMUL=bf16), Chromium and transformers.js for the browser test,
 #         and Go (its text/template renders the Ollama Modelfile in the tests). llama-cpp-python has only
@@ -38,6 +39,8 @@ fi
 python -m pip install -q --upgrade pip >/dev/null
 if [ "$what" = test ]; then
   python -m pip install -q -e ".[test]" --find-links "$(bash scripts/llama_cpp_wheel.sh python)"
+elif [ "$(uname -s)" = Linux ]; then
+  python -m pip install -q -e ".[cpu-quant]"
 else
   python -m pip install -q -e .
 fi

@@ -36,7 +36,7 @@ def test_doctor_reports_backend_and_measured_gflops():
     result = run("doctor", "--size", "256")
     assert result.exit_code == 0
     out = result.output
-    for key in ("device:", "dtype:", "blas:", "matmul:"):
+    for key in ("device:", "dtype:", "blas:", "quantized:", "matmul:"):
         assert key in out
     gflops = float(out.split("matmul:")[1].split("GFLOP/s")[0])
     assert gflops > 0

@@ -11,7 +11,8 @@ MLX's Linux CPU wheel is slow in three places, and :func:`setup` (Linux only) me
 - :mod:`.jit` (``native/jit_hook.cpp``): MLX's fused kernels built for this CPU, in a private folder.
 
 :mod:`.cpu_ops` holds the Gemma 3 rewrites that :func:`mlx_persona.models.load_model` applies on the
-Linux CPU backend (:func:`cpu_rewrites_enabled`); :mod:`.device` the dtype per device and a matmul
+Linux CPU backend (:func:`cpu_rewrites_enabled`), :mod:`.quantized` (on :mod:`.qmatmul`'s MLX extension,
+built on first use) the faster product of quantized models there; :mod:`.device` the dtype per device and a matmul
 probe; :mod:`.cpu`, :mod:`.folders` and :mod:`.native` what the others share (CPU flags, the
 private-folder rule, building native code).
 
@@ -25,7 +26,7 @@ from __future__ import annotations
 import os
 import platform
 
-from mlx_persona.backend import blas, jit, sgemm
+from mlx_persona.backend import blas, jit, qmatmul, sgemm
 from mlx_persona.backend.blas import openblas_coretype
 from mlx_persona.backend.cpu import cpu_flags, describe_flags, file_stamp, is_linux
 from mlx_persona.backend.device import default_dtype, dtype_from_name, matmul_gflops
@@ -91,6 +92,7 @@ def describe() -> dict:
         "sgemm": sgemm.status() if linux else "the BLAS's own",
         "precision": sgemm.bf16_status() if linux else "the dtype's own",
         "jit": jit_status()[1],
+        "quantized": qmatmul.status() if linux else "MLX's own (Metal)",
         "cpu_count": os.cpu_count(),
         "cpu": describe_flags() if linux else "not read (not Linux)",
     }

@@ -17,10 +17,12 @@ def doctor(size):
     import mlx.core as mx
 
     from mlx_persona import backend as plat
-    from mlx_persona.backend import sgemm
+    from mlx_persona.backend import qmatmul, sgemm
 
+    if plat.cpu_rewrites_enabled():
+        qmatmul.load()  # 4/8-bit models' kernel: built on first use, so doctor can say whether it is on
     info = plat.describe()
-    for key in ("platform", "python", "mlx", "mlx_lm", "device", "metal", "dtype", "blas", "blas_core", "blas_note", "sgemm", "precision", "jit", "cpu_count", "cpu"):
+    for key in ("platform", "python", "mlx", "mlx_lm", "device", "metal", "dtype", "blas", "blas_core", "blas_note", "sgemm", "precision", "jit", "quantized", "cpu_count", "cpu"):
         click.echo(f"{key:>10}: {info.get(key)}")
     gflops = plat.matmul_gflops(size, mx.float32)
     inputs = ", bf16 inputs" if sgemm.bf16_active() else ""

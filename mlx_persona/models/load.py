@@ -76,8 +76,9 @@ def load_model(spec: str | Path, adapter_path: str | Path | None = None, dtype: 
 
     Returns:
         ``(model, tokenizer)``: an mlx-lm model in eval mode and mlx-lm's ``TokenizerWrapper``. On the
-        Linux CPU backend its MLP and attention are :mod:`mlx_persona.backend.cpu_ops`'s and its RoPE
-        :mod:`mlx_persona.backend.cpu_rope`'s (the same math).
+        Linux CPU backend its MLP and attention are :mod:`mlx_persona.backend.cpu_ops`'s, its RoPE
+        :mod:`mlx_persona.backend.cpu_rope`'s and its quantized layers' products
+        :mod:`mlx_persona.backend.quantized`'s (the same math).
     """
     import mlx.core as mx
     from mlx_lm.utils import load as mlx_load
@@ -85,6 +86,7 @@ def load_model(spec: str | Path, adapter_path: str | Path | None = None, dtype: 
     from mlx_persona.backend import cpu_rewrites_enabled, dtype_from_name
     from mlx_persona.backend.cpu_ops import use_cpu_attention, use_fast_gelu
     from mlx_persona.backend.cpu_rope import use_table_rope
+    from mlx_persona.backend.quantized import use_fast_quantized
 
     path = resolve_model(spec)
     try:
@@ -98,6 +100,7 @@ def load_model(spec: str | Path, adapter_path: str | Path | None = None, dtype: 
         use_fast_gelu(model)
         use_cpu_attention()
         use_table_rope(model)
+        use_fast_quantized(model)  # a quantized model's matmuls on our kernel (built on first use)
     if adapter_path is not None:
         from mlx_persona.tuner.adapters import load_adapters
 
