@@ -276,8 +276,14 @@ def main(argv: list[str] | None = None) -> None:
             seconds = bench_eval(model_path, a.eval_prompts, a.eval_seeds, a.eval_max_new_tokens)
             result.update(eval_prompts=a.eval_prompts, eval_seeds=a.eval_seeds, eval_seconds=seconds)
             lines += _eval_markdown(a.preset, a.eval_prompts, a.eval_seeds, seconds, load) + [""]
-        lines.append(f"Load average {load} on {os.cpu_count()} CPUs while this ran; the goals (>= 6x at batch 16, "
-                     ">= 5x for eval) are to be measured on a quiet machine.")
+        from mlx_persona.backend import sgemm
+        from mlx_persona.backend.cpu import describe_flags
+
+        mode = f"bf16 ({sgemm.bf16_status()})" if sgemm.bf16_active() else "exact fp32"
+        result["matmuls"] = mode
+        lines.append(f"Matmuls: {mode}. CPU: {cpu_model()} ({describe_flags()}). Load average {load} on "
+                     f"{os.cpu_count()} CPUs while this ran; the goals (>= 6x at batch 16, >= 5x for eval) are to be "
+                     "measured on a quiet machine.")
         write_results(Path(a.out), f"bench_generate_batch_{a.preset}", result, "\n".join(lines),
                       append=not a.no_results)
     if not batch_sizes and not a.eval_e2e:

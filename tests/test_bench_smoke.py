@@ -35,7 +35,7 @@ def test_mlx_vs_torch_smoke(tmp_path):
     for r in train.values():
         assert r["tokens_per_sec"] > 0 and r["mfu"] > 0 and r["max_rss_gb"] > 0
     gen = result["generate"]["results"]
-    assert set(gen) == {"mlx_persona", "torch_float32"}
+    assert set(gen) == {"mlx_persona", "torch_float32"} | ({"mlx_persona_bf16mm"} if with_bf16 else set())
     assert all(r["decode_tokens_per_sec"] > 0 and r["decode_bandwidth_gbs"] > 0 for r in gen.values())
     saved = json.loads((tmp_path / "bench_mlx_vs_torch_tiny.json").read_text())
     assert saved["command"].startswith("python benchmarks/bench_mlx_vs_torch.py")
