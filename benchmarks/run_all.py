@@ -37,6 +37,7 @@ BENCHMARKS = {
     "export": ("bench_export.py", ["--preset", "gemma-3-270m"], [["--full"]]),
     "quantized": ("bench_quantized.py", ["--preset", "gemma-3-270m", "--trials", "2"],
                   [["--preset", "gemma-3-270m"], ["--preset", "gemma-3-1b"]]),
+    "bf16_gemm": ("bench_bf16_gemm.py", ["--trials", "5"], [["--trials", "9"]]),
 }
 
 
