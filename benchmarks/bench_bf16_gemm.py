@@ -43,7 +43,8 @@ SHAPES = {  # name: (rows m, output n, depth k) of x (m x k) @ W.T (W: n x k)
 
 
 def _time(run, trials: int) -> float:
-    run()
+    for _ in range(3):  # warm-up: the pool's threads, the output buffers, the first packing
+        run()
     times = []
     for _ in range(trials):
         t0 = time.perf_counter()

@@ -18,7 +18,8 @@ BLAS:
   rounded to bf16 (float32 accumulation and output) and multiplied by the engine that is fast on this CPU
   (:func:`choose_engine`): on AMX (Intel Sapphire Rapids and later), oneMKL's ``cblas_gemm_bf16bf16f32``,
   bound in OpenBLAS's place; on AVX512-BF16 without AMX (AMD Zen 4 and later), ``native/bf16.c``, our own
-  kernel (measured on a 2-core Zen 4: ~800 GFLOP/s against oneMKL's ~150 and OpenBLAS float32's ~180),
+  kernel (a 2-core Zen 4, inside MLX: 320-630 GFLOP/s on a LoRA step's and a prompt's products against
+  oneMKL's ~160 and OpenBLAS float32's 100-200; PyTorch's oneDNN reaches 810-850 there: benchmarks/bench_bf16_gemm.py),
   OpenBLAS kept for the exact products. Weights pinned by :mod:`.pinned` are read from a bf16 copy made
   once: frozen weights in training, every weight when generating (decoding reads half the bytes).
   Activations, gradients, optimizer state and every non-matmul op stay float32; small and thin products
