@@ -12,10 +12,7 @@ from test_sgemm import _child, needs_avx512_bf16, needs_layer
 
 from mlx_persona.backend import sgemm
 
-pytestmark = [needs_avx512_bf16, needs_layer]
-
-
-def test_the_engine_is_chosen_per_cpu():
+def test_the_engine_is_chosen_per_cpu():  # pure: on every CPU
     assert sgemm.choose_engine("AMX", "auto") == "mkl"  # oneMKL's AMX tiles
     assert sgemm.choose_engine("AVX512-BF16", "auto") == "own"
     assert sgemm.choose_engine("", "auto") == "mkl"  # emulated: slow, but the user asked for bf16
@@ -71,6 +68,8 @@ print(json.dumps(out))
 """
 
 
+@needs_avx512_bf16
+@needs_layer
 def test_pinned_weights_are_read_from_their_bf16_copy_and_dropped_on_unpin():
     r = _child(PINNED, engine="own")
     assert "our AVX512-BF16 kernel" in r["status"], r["status"]
@@ -112,6 +111,8 @@ print(json.dumps(out))
 """
 
 
+@needs_avx512_bf16
+@needs_layer
 def test_a_loaded_model_reads_pinned_weights_and_training_pins_only_frozen_ones(tiny_path):
     import numpy as np
 

@@ -86,6 +86,19 @@ def check_contract(path: Path) -> list[dict]:
     return rows
 
 
+def test_the_contract_schema_is_the_one_rate_creates(tmp_path):
+    """SCHEMA above is the contract's own text, kept apart from rate.store so that the pairs tests do not follow
+    the store if it drifts; this is what keeps the two the same table."""
+    from mlx_persona.rate import store
+
+    def columns(conn):
+        return [tuple(r)[1:] for r in conn.execute("PRAGMA table_info(judgements)")]
+
+    ours = sqlite3.connect(":memory:")
+    ours.executescript(SCHEMA)
+    assert columns(store.connect(tmp_path / "ratings.db")) == columns(ours)
+
+
 def make_db(path: Path, rows=JUDGEMENTS, version: int = 1, schema: str = SCHEMA) -> sqlite3.Connection:
     """A ratings database as `rate` writes it; the connection is left open (a running rate server)."""
     db = sqlite3.connect(path)
