@@ -185,7 +185,9 @@ def token_steps(model, ids: list[int], sampler, processors, *, max_tokens: int, 
     Differences from it, none in what is drawn from: a prompt of up to :data:`ONE_PASS_MAX` tokens goes
     through the model in one pass (mlx-lm runs all but its last token, then that token on its own: every
     weight read twice), the LM head runs at the last position only (:func:`last_logits`), the draw's
-    log-softmax is fused (:func:`log_softmax`), and no step is computed past the last token yielded.
+    log-softmax is fused (:func:`log_softmax`; skipped where the sampler draws with the CPU kernel,
+    :meth:`~mlx_persona.sampling.HFSampler.cpu_draw`, which needs no normalised row), and no step is computed
+    past the last token yielded.
 
     Args:
         model: an mlx-lm model.
@@ -207,7 +209,8 @@ def token_steps(model, ids: list[int], sampler, processors, *, max_tokens: int, 
         logits = last_logits(model, inputs[None], cache)
         for processor in processors:
             logits = processor(tokens, logits)
-        return sampler(log_softmax()(logits))
+        cpu_draw = getattr(sampler, "cpu_draw", None)  # the CPU kernel needs no normalised row
+        return sampler(logits if cpu_draw is not None and cpu_draw(logits.shape[-1]) else log_softmax()(logits))
 
     with mx.stream(generation_stream):
         tokens = mx.array(ids)

@@ -93,3 +93,15 @@ def write_jsonl(tmp_path):
         return p
 
     return write
+
+
+@pytest.fixture(params=["mlx", "cpu"])
+def draw_path(request, monkeypatch):
+    """The sampler's two ways to draw: MLX ops, or the CPU kernel (mlx_persona.backend.draw) where it runs."""
+    from mlx_persona.backend import draw
+
+    if request.param == "mlx":
+        monkeypatch.setenv(draw.ENV, "0")
+    elif not draw.available():
+        pytest.skip("the CPU draw kernel is not loaded here")
+    return request.param

@@ -45,7 +45,7 @@ def same(got, want):
     return [(g.tokens, g.text, g.stop_reason) for g in got] == [(w.tokens, w.text, w.stop_reason) for w in want]
 
 
-def test_greedy_rows_equal_unbatched_generation(tiny):
+def test_greedy_rows_equal_unbatched_generation(tiny, draw_path):
     model, tok, ends = tiny
     end_ids = ends + [PRO]
     configs = [GenerationConfig(temperature=0.0, max_new_tokens=40, min_new_tokens=8, repetition_penalty=1.3),
@@ -97,7 +97,7 @@ def _draw(cfg: GenerationConfig, step: int, logprobs: np.ndarray) -> int:
     return int(sampler(mx.array(logprobs)[None]).item())
 
 
-def test_sampled_rows_draw_from_the_unbatched_distribution(tiny):
+def test_sampled_rows_draw_from_the_unbatched_distribution(tiny, draw_path):
     """At every step a sampled row's sampler is given what process_logits makes of the model's logits for that
     row's history alone (a fresh forward pass, no cache), and draws from it with the row's own key; so its
     seeded draws are the unbatched ones, except where a draw is a rounding near-tie.

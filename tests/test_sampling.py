@@ -541,7 +541,7 @@ def test_pair_manual_loop_counts_new_tokens_from_first_call():
 # --------------------------------------------------------------------------------------------
 
 
-def test_greedy_is_argmax_first_index_on_ties():
+def test_greedy_is_argmax_first_index_on_ties(draw_path):
     sampler = HFSampler(preset("greedy"))
     lp = mx.array([[0.1, 2.0, -1.0, 2.0, 0.5]])
     assert sampler(lp).tolist() == [1]
@@ -557,7 +557,7 @@ def _fixed_logprobs(vocab=30, seed=0):
     "kwargs",
     [dict(temperature=0.9), dict(temperature=0.9, top_k=8, top_p=0.9), dict(top_p=0.8, min_p=0.05)],
 )
-def test_seeded_sampling_is_reproducible_and_seed_dependent(kwargs):
+def test_seeded_sampling_is_reproducible_and_seed_dependent(kwargs, draw_path):
     lp = _fixed_logprobs()
 
     def draws(seed, disturb_global_rng=False):
@@ -603,7 +603,7 @@ DIST_CASES = {
 
 
 @pytest.mark.parametrize("name", list(DIST_CASES))
-def test_empirical_distribution_matches_processed_probabilities(name):
+def test_empirical_distribution_matches_processed_probabilities(name, draw_path):
     cfg, logits = DIST_CASES[name]
     cfg = dataclasses.replace(cfg, seed=123)
     if logits is None:
@@ -617,7 +617,7 @@ def test_empirical_distribution_matches_processed_probabilities(name):
     _check_distribution(np.bincount(draws, minlength=logits.size), probs, n)
 
 
-def test_sequential_seeded_draws_follow_the_distribution():
+def test_sequential_seeded_draws_follow_the_distribution(draw_path):
     # The per-call key chain (as mlx-lm drives it: one [1, vocab] row per call).
     cfg, logits = DIST_CASES["top_k_ties_top_p"]
     cfg = dataclasses.replace(cfg, seed=9)

@@ -194,6 +194,8 @@ class HFSampler:
     shape ``[1, vocab]``, and expects token ids of shape ``[1]``. A seeded sampler draws with its
     own key chain (one ``split`` per call), so its draws depend only on the seed and the number
     of calls, not on any other use of MLX's global RNG. Without a seed it uses the global RNG.
+    Where :meth:`cpu_draw` holds (MLX on the CPU), the draw is :mod:`mlx_persona.backend.draw`'s kernel,
+    evaluated at once, with a counter-based generator of its own in place of the key chain.
     """
 
     def __init__(self, config: GenerationConfig):
@@ -208,6 +210,39 @@ class HFSampler:
             min_p=float(config.min_p),
         )
         self._key = None if config.seed is None else mx.random.key(int(config.seed))
+        self._seed = config.seed
+        self._draws = 0  # the CPU draw's counter
+        self._cpu = None  # whether draws go to mlx_persona.backend.draw: decided on the first call
+
+    def cpu_draw(self, vocab: int) -> bool:
+        """Whether this sampler's draws over `vocab` logits go to the CPU kernel
+        (:mod:`mlx_persona.backend.draw`: the CPU is MLX's device and the native layer is loaded; greedy, or
+        sampling with 0 < top_k < vocab). Its input then need not be normalised (the draw is invariant to a
+        shift of the row), and a seeded sampler draws with the kernel's generator instead of MLX's keys."""
+        if self._cpu is None:
+            from mlx_persona.backend import draw
+
+            self._cpu = draw.available()
+        return self._cpu and (self.greedy or 0 < self._params["top_k"] < vocab)
+
+    def next_settings(self, rows: int = 1) -> list:
+        """The CPU draw's settings for the next call's `rows` rows (:class:`mlx_persona.backend.draw.Settings`),
+        counting the call. Seeded: (seed + row, calls so far); unseeded: fresh bits of MLX's global generator."""
+        from mlx_persona.backend.draw import Settings
+
+        p = self._params
+        temperature = 0.0 if self.greedy else p["temperature"]
+        if self.greedy:
+            seeds, counter = [0] * rows, 0
+        elif self._seed is None:
+            bits = mx.random.randint(0, 1 << 31, (rows, 2)).tolist()
+            seeds = [(hi << 31) | lo for hi, lo in bits]
+            counter = 0
+        else:
+            seeds = [(int(self._seed) + r) % (1 << 64) for r in range(rows)]
+            counter = self._draws
+        self._draws += 1
+        return [Settings(temperature, p["top_k"], p["top_p"], p["min_p"], seed, counter) for seed in seeds]
 
     def warp(self, logprobs: mx.array) -> mx.array:
         """The logits the draw is made from (-inf where excluded); the identity for greedy.
@@ -235,7 +270,12 @@ class HFSampler:
         squeeze = x.ndim == 1
         if squeeze:
             x = x[None]
-        if self.greedy:
+        if self.cpu_draw(x.shape[-1]):
+            from mlx_persona.backend import draw
+
+            tokens = draw.draw([x[i] for i in range(x.shape[0])], self.next_settings(x.shape[0]))
+            out = mx.array(tokens.astype(np.uint32))
+        elif self.greedy:
             # do_sample=False: torch.argmax of the processed scores (first index on ties).
             out = mx.argmax(x, axis=-1)
         else:
