@@ -45,7 +45,7 @@ from mlx_persona.backend.folders import UnsafeFolder
 
 ENV = "MLX_PERSONA_MATMUL"
 ENGINE_ENV = "MLX_PERSONA_BF16_GEMM"
-SOURCES = ("sgemm.c", "bf16.c", "pool.c", "pinned.c", "draw.c")
+SOURCES = ("sgemm.c", "bf16.c", "pool.c", "pinned.c", "draw.c", "check.c")
 # Products with m*n*k below MIN_WORK, or any side below MIN_DIM, stay exact float32 in bf16 mode.
 MIN_WORK = 1 << 21
 MIN_DIM = 32

@@ -224,18 +224,26 @@ static inline __attribute__((always_inline)) void rows_tile(const struct rows_jo
 #pragma GCC unroll 4
     for (int r = 0; r < R; r++) x[r] = (__m512bh)_mm512_loadu_si512((const void *)(xr[r] + p));
 #pragma GCC unroll 4
+    for (int t = 0; t < 4; t++) PIN(w[t]); /* each loaded once, not once per row (see PIN) */
+#pragma GCC unroll 4
+    for (int r = 0; r < R; r++) PIN(x[r]);
+#pragma GCC unroll 4
     for (int r = 0; r < R; r++)
 #pragma GCC unroll 4
       for (int t = 0; t < 4; t++) acc[r][t] = _mm512_dpbf16_ps(acc[r][t], x[r], w[t]);
   }
-  float sums[4][4];
+  float sums[16];
+  if (R == 1) {
 #pragma GCC unroll 4
-  for (int r = 0; r < R; r++)
-#pragma GCC unroll 4
-    for (int t = 0; t < 4; t++) sums[r][t] = _mm512_reduce_add_ps(acc[r][t]);
+    for (int t = 0; t < 4; t++) sums[t] = _mm512_reduce_add_ps(acc[0][t]);
+  } else {
+    for (int r = R; r < 4; r++)
+      for (int t = 0; t < 4; t++) acc[r][t] = _mm512_setzero_ps();
+    mlxp_sum_tile((const __m512(*)[4])acc, sums);
+  }
   for (int r = 0; r < R; r++)
     for (int t = 0; t < jn; t++) {
-      float s = q->alpha * sums[r][t];
+      float s = q->alpha * sums[r * 4 + t];
       float *out = q->c + (long)(i0 + r) * q->ldc + j0 + t;
       *out = q->beta == 0.0f ? s : s + q->beta * *out;
     }

@@ -47,13 +47,31 @@ const uint16_t *mlxp_pinned_view(const float *p, int trans, int rows, int cols, 
   return 0;
 }
 
+enum { CHUNK = 1 << 16 };
+
+struct copy_job {
+  const float *f;
+  uint16_t *h;
+  long n;
+};
+
+static void copy_part(void *ctx, int part, int parts) {
+  const struct copy_job *q = ctx;
+  int chunks = (int)((q->n + CHUNK - 1) / CHUNK), begin, end;
+  pool_range(part, parts, chunks, 1, &begin, &end);
+  for (long c = begin; c < end; c++) {
+    long lo = c * CHUNK, len = q->n - lo < CHUNK ? q->n - lo : CHUNK;
+    mlxp_convert_bf16(q->f + lo, q->h + lo, len);
+  }
+}
+
 /* 0: pinned; 1: pinned already; 2: overlaps a pinned matrix; -1: out of memory. */
 int mlxp_pin(const float *f, long rows, long cols) {
   long n = rows * cols;
   uint16_t *h = (uint16_t *)malloc((size_t)n * 2);
   if (!h) return -1;
-#pragma omp parallel for if (n > (1L << 20)) schedule(static)
-  for (long i = 0; i < n; i++) h[i] = mlxp_to_bf16(f[i]);
+  struct copy_job job = {f, h, n}; /* on the pool's threads (the pages of the copy are first touched there too) */
+  pool_run(copy_part, &job, (int)((n + CHUNK - 1) / CHUNK));
   pthread_rwlock_wrlock(&pins_lock);
   int rc = 0;
   for (int i = 0; i < npins && rc == 0; i++)

@@ -9,7 +9,7 @@
 
 #include "mlxp.h"
 
-enum { MAX_WORKERS = 15 };
+enum { MAX_WORKERS = MLXP_MAX_PARTS - 1 };
 static pthread_mutex_t pool_use = PTHREAD_MUTEX_INITIALIZER, pool_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t pool_wake = PTHREAD_COND_INITIALIZER, pool_done = PTHREAD_COND_INITIALIZER;
 static int pool_started, pool_workers, pool_parts, pool_pending;
@@ -23,6 +23,17 @@ uint16_t mlxp_to_bf16(float f) {
   if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* quiet NaN */
   u += 0x7fffu + ((u >> 16) & 1u);
   return (uint16_t)(u >> 16);
+}
+
+void mlxp_convert_bf16(const float *s, uint16_t *d, long n) {
+  long i = 0;
+#ifdef __AVX512BF16__
+  for (; i + 32 <= n; i += 32) {
+    __m512bh v = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(s + i + 16), _mm512_loadu_ps(s + i));
+    _mm512_storeu_si512((void *)(d + i), (__m512i)v);
+  }
+#endif
+  for (; i < n; ++i) d[i] = mlxp_to_bf16(s[i]);
 }
 
 void pool_range(int part, int parts, int n, int block, int *begin, int *end) {

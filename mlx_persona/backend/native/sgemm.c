@@ -8,8 +8,8 @@
  * - m == 1 or n == 1 (decoding one token: every linear layer and the LM head) goes to cblas_sgemv.
  *   OpenBLAS 0.3.21 (Debian 12) runs such an sgemm through its full GEMM path, packing the whole weight
  *   matrix: 10 GB/s against sgemv's 28 GB/s for Gemma's 262144 x 640 head. Same products, exact.
- * - A few rows times a weight matrix (2 <= m <= 8: batched decoding, x W^T; from 16 rows OpenBLAS is faster)
- *   goes to few_rows below. OpenBLAS packs the whole weight matrix for them too: 0.41 ms for 4 rows of a
+ * - A few rows times a weight matrix (2 <= m <= 32: batched decoding, short prompts, x W^T) goes to
+ *   few_rows below. OpenBLAS packs the whole weight matrix for them too: 0.41 ms for 4 rows of a
  *   2048 x 640 layer against 0.05 ms here (2 cores, AVX-512); the same products, summed in another order.
  * - With bf16 on (MLX_PERSONA_MATMUL=bf16), large products have their inputs rounded to bfloat16 (round
  *   to nearest even) and go to a bf16 GEMM that accumulates and writes float32 (the numerics of PyTorch's
@@ -42,6 +42,9 @@ enum { ROW_MAJOR = 101, NO_TRANS = 111, TRANS = 112 };
 /* Up to this many rows against a pinned weight, bf16.c's rows kernel beats its packed GEMM (which packs the
    whole weight for each call): 290-360 GFLOP/s against 130-300 at 16-48 rows of 640 x 2048 (2 cores). */
 enum { ROWS_MAX = 48 };
+/* Up to this many rows, few_rows beats OpenBLAS 0.3.21's sgemm (which packs the whole weight each call): at
+   16 rows Gemma's 262144 x 640 LM head 42-54 ms against 63, at 12 rows 37-47 against 111 (2-core AMD EPYC). */
+enum { FEW_MAX = 32 };
 
 static sgemm_fn exact_sgemm;
 static sgemv_fn exact_sgemv;
@@ -86,16 +89,7 @@ void mlxp_configure(int bf16, int with_own, double work, int dim) {
 
 long mlxp_count(int which) { return which >= 0 && which < 6 ? counts[which] : -1; }
 
-static void convert_run(const float *s, uint16_t *d, long n) {
-  long i = 0;
-#ifdef __AVX512BF16__
-  for (; i + 32 <= n; i += 32) {
-    __m512bh v = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(s + i + 16), _mm512_loadu_ps(s + i));
-    _mm512_storeu_si512((void *)(d + i), (__m512i)v);
-  }
-#endif
-  for (; i < n; ++i) d[i] = mlxp_to_bf16(s[i]);
-}
+static void convert_run(const float *s, uint16_t *d, long n) { mlxp_convert_bf16(s, d, n); }
 
 /* `outer` runs of `inner` floats, `ld` apart, into a packed bf16 matrix. */
 static void convert(const float *src, int outer, int inner, int ld, uint16_t *dst) {
@@ -149,18 +143,29 @@ static void few_rows_part(const struct few_job *q, int j_begin, int j_end) {
       memset(acc, 0, sizeof acc);
       for (int p = 0; p < k16; p += 16) {
         v16 x0 = load16(ai[0] + p), x1 = load16(ai[1] + p), x2 = load16(ai[2] + p), x3 = load16(ai[3] + p);
+        v16 w[4] = {load16(bj[0] + p), load16(bj[1] + p), load16(bj[2] + p), load16(bj[3] + p)};
+        /* In registers, each loaded once: GCC otherwise folds a load into every FMA (32 loads for 16 FMAs,
+           which made the loop load-bound: 54 -> 40 ms for 8 rows of Gemma's LM head). */
+        PIN(x0); PIN(x1); PIN(x2); PIN(x3); PIN(w[0]); PIN(w[1]); PIN(w[2]); PIN(w[3]);
         for (int t = 0; t < 4; t++) {
-          v16 w = load16(bj[t] + p);
-          acc[0][t] += x0 * w;
-          acc[1][t] += x1 * w;
-          acc[2][t] += x2 * w;
-          acc[3][t] += x3 * w;
+          acc[0][t] += x0 * w[t];
+          acc[1][t] += x1 * w[t];
+          acc[2][t] += x2 * w[t];
+          acc[3][t] += x3 * w[t];
         }
       }
+      float sums[16];
+#ifdef __AVX512F__
+      mlxp_sum_tile((const __m512(*)[4])acc, sums);
+#else
+      for (int r = 0; r < 16; r++) {
+        sums[r] = 0.0f;
+        for (int l = 0; l < 16; l++) sums[r] += acc[r / 4][r % 4][l];
+      }
+#endif
       for (int r = 0; r < in; r++)
         for (int t = 0; t < jn; t++) {
-          float s = 0.0f;
-          for (int l = 0; l < 16; l++) s += acc[r][t][l];
+          float s = sums[r * 4 + t];
           for (int p = k16; p < k; p++) s += ai[r][p] * bj[t][p];
           float *out = c + (long)(i0 + r) * ldc + j0 + t;
           *out = beta == 0.0f ? alpha * s : alpha * s + beta * *out; /* beta 0: C is not read (BLAS) */
@@ -189,7 +194,7 @@ static int few_rows_fit(int order, int ta, int tb, int m, int n, int k) {
   (void)order, (void)ta, (void)tb, (void)m, (void)n, (void)k;
   return 0;
 #endif
-  return order == ROW_MAJOR && ta == NO_TRANS && tb == TRANS && m >= 2 && m <= 8 && k >= 16 && n >= 4;
+  return order == ROW_MAJOR && ta == NO_TRANS && tb == TRANS && m >= 2 && m <= FEW_MAX && k >= 16 && n >= 4;
 }
 
 static __thread uint16_t *scratch;
