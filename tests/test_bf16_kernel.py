@@ -103,6 +103,12 @@ before = sgemm.counts()["pinned"]
 logits = model(ids)
 mx.eval(logits)
 out = {"loaded": pinned.pinned_bytes(), "used": sgemm.counts()["pinned"] - before, "logits": np.array(logits).tolist()}
+import gc
+second, _ = load_model(sys.argv[1])
+out["two models"] = pinned.pinned_bytes()
+del second
+gc.collect()
+out["one again"] = pinned.pinned_bytes()
 attach_adapters(model, "lora", 4, 8.0, 0.0, ["q_proj", "v_proj"], -1)
 out["lora"] = pinned.pin_frozen(model)
 model.unfreeze()
@@ -123,3 +129,5 @@ def test_a_loaded_model_reads_pinned_weights_and_training_pins_only_frozen_ones(
     a, b = np.array(fast["logits"]), np.array(exact["logits"])
     assert 0 < np.abs(a - b).max() / np.abs(b).max() < 2e-2
     assert fast["lora"] >= 1 and fast["full"] == 0  # a full fine-tune trains every weight: nothing pinned
+    # A loaded model's copies live as long as the model: loading models one after another holds one set.
+    assert fast["two models"] == 2 * fast["loaded"] and fast["one again"] == fast["loaded"]

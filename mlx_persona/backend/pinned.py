@@ -73,11 +73,28 @@ def unpin_all() -> None:
     _pinned.clear()
 
 
+def _unpin_addresses(addresses: list[int]) -> None:
+    lib = sgemm._state["lib"]
+    for address in addresses:
+        if _pinned.pop(address, None) is not None:
+            lib.mlxp_unpin(address)
+
+
 def pin_model(model) -> int:
-    """Pins every large 2-D weight of `model` (generation: none changes)."""
+    """Pins every large 2-D weight of `model` (generation: none changes), for as long as `model` lives: when
+    it is garbage, its copies go, and with them the references that kept its weights' memory (a process that
+    loads one model after another, as ``compare`` and ``sweep`` do, would otherwise hold every one)."""
+    import weakref
+
     from mlx.utils import tree_flatten
 
-    return pin(a for _, a in tree_flatten(model.parameters()))
+    arrays = [a for _, a in tree_flatten(model.parameters())]
+    before = set(_pinned)
+    n = pin(arrays)
+    mine = [address for address in _pinned if address not in before]
+    if mine:
+        weakref.finalize(model, _unpin_addresses, mine)
+    return n
 
 
 def pin_frozen(model) -> int:
