@@ -16,8 +16,9 @@ token sequences. What it lacks is added here:
   ``stop_string``, ``length``), the end id left out of the tokens as there;
 * a default batch size from the memory a row's KV cache needs (:func:`default_batch_size`).
 
-Seeds, per row: a seeded row's sampler draws with its own key chain, split once per token it draws, so
-its tokens depend on its seed, prompt and settings only -- never on which rows share its batch, on the
+Seeds, per row: a seeded row's sampler draws with its own generator (its key chain, split once per token
+it draws; on the CPU, the draw kernel's counter: :mod:`mlx_persona.backend.draw`), so its tokens depend on
+its seed, prompt and settings only -- never on which rows share its batch, on the
 batch size, or on the order rows finish -- and equal the unbatched generation's. A row with ``seed=None``
 draws from MLX's global generator, like the unbatched path; its draws then depend on everything else
 that uses that generator, including the other rows.

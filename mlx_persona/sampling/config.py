@@ -36,7 +36,8 @@ class GenerationConfig:
         repetition_penalty: Sign-aware penalty over every token of prompt + generated; 1 = off.
         no_repeat_ngram_size: Ban tokens that would repeat an n-gram of this size; 0 = off.
         stop: Stop strings; used by the generation loop, not by the logits processing.
-        seed: Seed of the sampler's private PRNG key chain; None uses MLX's global RNG.
+        seed: Seed of the sampler's private generator (an MLX key chain; on the CPU the draw kernel's
+            counter-based one); None draws from MLX's global RNG.
     """
 
     max_new_tokens: int = 256
