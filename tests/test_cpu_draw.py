@@ -156,3 +156,26 @@ def test_generation_uses_it_and_the_switch_turns_it_off(tiny_path, monkeypatch):
     assert HFSampler(cfg).cpu_draw(1000) is False
     generate(model, tok, "Hi!", cfg, end_ids=ends)
     assert draw.calls() == before
+
+
+def test_unseeded_draws_come_from_mlx_global_generator():
+    x = mx.array(_logits(5000, 1, False))[None]
+    cfg = GenerationConfig(temperature=1.0, top_k=200)
+
+    def draws():
+        sampler = HFSampler(cfg)
+        assert sampler.cpu_draw(5000)
+        return [int(sampler(x).item()) for _ in range(30)]
+
+    mx.random.seed(5)
+    a = draws()
+    mx.random.seed(5)
+    assert draws() == a  # reproducible under mx.random.seed, as the MLX path is
+    assert len(set(a)) > 5 and draws() != a  # and random otherwise
+
+
+def test_nan_logits_do_not_break_the_kernel():
+    x = np.full(4096, np.nan, np.float32)
+    x[[3, 70, 900]] = [1.0, 2.0, 3.0]  # fewer finite logits than top_k
+    token = draw.draw([mx.array(x)], [draw.Settings(1.0, 50, 1.0, 0.0, 0, 0)])[0]
+    assert token in (3, 70, 900)

@@ -235,7 +235,7 @@ class HFSampler:
         if self.greedy:
             seeds, counter = [0] * rows, 0
         elif self._seed is None:
-            bits = mx.random.randint(0, 1 << 31, (rows, 2)).tolist()
+            bits = mx.random.randint(0, (1 << 31) - 1, (rows, 2)).tolist()
             seeds = [(hi << 31) | lo for hi, lo in bits]
             counter = 0
         else:

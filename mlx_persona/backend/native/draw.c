@@ -105,7 +105,8 @@ static int by_value(const void *p, const void *q) {
 /* One sampled row. `blk` holds (vocab / BLOCK) floats, `val`/`ids` room for the gathered entries. */
 static void sample_row(const struct draw_job *q, int r, float *blk) {
   const float *x = q->x[r];
-  const int vocab = q->vocab, k = q->top_k[r], blocks = (vocab + BLOCK - 1) / BLOCK;
+  const int vocab = q->vocab, blocks = (vocab + BLOCK - 1) / BLOCK;
+  int k = q->top_k[r];
   const float t = q->temperature[r];
   block_max(x, vocab, t, blk);
   /* The k-th largest block maximum (all blocks when there are no more than k). */
@@ -138,7 +139,9 @@ static void sample_row(const struct draw_job *q, int r, float *blk) {
       if (y >= floor_) { val[n] = y; ids[n] = i; n++; }
     }
   }
-  /* n >= k: each block kept holds its maximum, which is >= floor_; and n may exceed k. */
+  /* n >= k: each block kept holds its maximum, which is >= floor_ (only NaN logits, never kept, make fewer). */
+  if (n < k) k = n;
+  if (k == 0) { q->token[r] = 0; free(heap); return; }
   float *sel = (float *)malloc(sizeof(float) * (size_t)n);
   if (!sel) { free(heap); q->token[r] = -1; return; }
   memcpy(sel, val, sizeof(float) * (size_t)n);
