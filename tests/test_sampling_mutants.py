@@ -294,14 +294,20 @@ def _draws(cfg, x, calls=40):
     return [np.array(sampler(x)).tolist() for _ in range(calls)]
 
 
-def test_sampler_draws_top_k_with_the_fast_path_exactly_when_it_cuts_the_vocabulary():
-    """HFSampler's key chain is documented (one split per call): for 0 < top_k < vocab its draws are
-    sample_top_k's with those keys; top_k >= vocab is off, i.e. the very draws of top_k = 0."""
+def test_sampler_draws_top_k_with_the_fast_path_exactly_when_it_cuts_the_vocabulary(draw_path):
+    """HFSampler's generators are documented: with MLX ops one key split per call, and for 0 < top_k < vocab
+    its draws are sample_top_k's with those keys; with the CPU kernel the kernel's draws with (seed, number
+    of the call). top_k >= vocab is off, i.e. the very draws of top_k = 0 (MLX ops on either path)."""
+    from mlx_persona.backend import draw
+
     x = mx.array(ROW)[None]
     for top_k in (1, 2, 11):
         settings = {"temperature": 0.9, "top_k": top_k, "top_p": 1.0, "min_p": 0.0}
         key, want = mx.random.key(7), []
-        for _ in range(40):
+        for call in range(40):
+            if draw_path == "cpu":
+                want.append(draw.draw([x[0]], [draw.Settings(0.9, top_k, 1.0, 0.0, 7, call)]).tolist())
+                continue
             key, sub = mx.random.split(key)
             want.append(np.array(sample_top_k(x, sub, **settings)).tolist())
         assert _draws(GenerationConfig(seed=7, **settings), x) == want, top_k
