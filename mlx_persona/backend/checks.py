@@ -25,5 +25,6 @@ def has_nonfinite(array) -> bool | None:
     if not view.flags.c_contiguous:
         return None
     f = lib.mlxp_has_nonfinite
-    f.argtypes = [ctypes.c_void_p, ctypes.c_long]
+    if f.argtypes is None:
+        f.argtypes = [ctypes.c_void_p, ctypes.c_long]
     return bool(f(view.ctypes.data, view.size))

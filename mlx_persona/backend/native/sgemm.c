@@ -89,8 +89,6 @@ void mlxp_configure(int bf16, int with_own, double work, int dim) {
 
 long mlxp_count(int which) { return which >= 0 && which < 6 ? counts[which] : -1; }
 
-static void convert_run(const float *s, uint16_t *d, long n) { mlxp_convert_bf16(s, d, n); }
-
 /* `outer` runs of `inner` floats, `ld` apart, into a packed bf16 matrix. */
 static void convert(const float *src, int outer, int inner, int ld, uint16_t *dst) {
   long n = (long)outer * inner;
@@ -99,12 +97,12 @@ static void convert(const float *src, int outer, int inner, int ld, uint16_t *ds
 #pragma omp parallel for if (n > (1L << 18)) schedule(static)
     for (long b = 0; b < blocks; ++b) {
       long lo = b * 65536, hi = lo + 65536 < n ? lo + 65536 : n;
-      convert_run(src + lo, dst + lo, hi - lo);
+      mlxp_convert_bf16(src + lo, dst + lo, hi - lo);
     }
     return;
   }
 #pragma omp parallel for if (n > (1L << 18)) schedule(static)
-  for (int o = 0; o < outer; ++o) convert_run(src + (long)o * ld, dst + (long)o * inner, inner);
+  for (int o = 0; o < outer; ++o) mlxp_convert_bf16(src + (long)o * ld, dst + (long)o * inner, inner);
 }
 
 /* Few rows: C (m x n) = alpha A (m x k) B^T (B: n x k, row-major) + beta C, for small m. Each thread
