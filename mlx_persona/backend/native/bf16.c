@@ -206,7 +206,8 @@ struct rows_job {
 };
 
 /* R rows of x (bf16, kp wide, zero-padded) against 4 weight rows: C[i0.., j0..j0+jn). */
-static inline __attribute__((always_inline)) void rows_tile(const struct rows_job *q, int R, int i0, int j0, int jn) {
+static inline __attribute__((always_inline)) void rows_tile(const struct rows_job *q, int R, int i0, int j0, int jn,
+                                                            const uint16_t *next) {
   const uint16_t *wt[4], *xr[4];
   for (int t = 0; t < 4; t++) wt[t] = q->w + (long)(j0 + (t < jn ? t : 0)) * q->ldw;
   for (int r = 0; r < R; r++) xr[r] = q->x + (long)(i0 + r) * q->kp;
@@ -221,6 +222,9 @@ static inline __attribute__((always_inline)) void rows_tile(const struct rows_jo
     __m512bh w[4], x[4];
 #pragma GCC unroll 4
     for (int t = 0; t < 4; t++) w[t] = (__m512bh)_mm512_maskz_loadu_epi16(mask, wt[t] + p);
+    if (next)
+#pragma GCC unroll 4
+      for (int t = 0; t < 4; t++) _mm_prefetch((const char *)(next + t * q->ldw + p), _MM_HINT_T0);
 #pragma GCC unroll 4
     for (int r = 0; r < R; r++) x[r] = (__m512bh)_mm512_loadu_si512((const void *)(xr[r] + p));
 #pragma GCC unroll 4
@@ -255,12 +259,17 @@ static void rows_part(void *ctx, int part, int parts) {
   pool_range(part, parts, q->n, 4, &begin, &end);
   for (int j0 = begin; j0 < end; j0 += 4) {
     int jn = end - j0 < 4 ? end - j0 : 4;
+    /* The first group of rows also prefetches the weight rows PREFETCH_ROWS ahead: without it the loads of
+       each short weight row wait on memory (16 rows of gemma-3-1b's LM head, 262,144 x 1152: 35-42 ms ->
+       28-32 on the 2-core EPYC; its 6912 x 1152 MLP 1.0-1.15 -> 0.89-0.98 ms). */
+    const uint16_t *next = j0 + PREFETCH_ROWS + 4 <= end ? q->w + (long)(j0 + PREFETCH_ROWS) * q->ldw : 0;
     for (int i0 = 0; i0 < q->m; i0 += 4) {
+      const uint16_t *pf = i0 == 0 ? next : 0;
       switch (q->m - i0 < 4 ? q->m - i0 : 4) {
-        case 1: rows_tile(q, 1, i0, j0, jn); break;
-        case 2: rows_tile(q, 2, i0, j0, jn); break;
-        case 3: rows_tile(q, 3, i0, j0, jn); break;
-        default: rows_tile(q, 4, i0, j0, jn); break;
+        case 1: rows_tile(q, 1, i0, j0, jn, pf); break;
+        case 2: rows_tile(q, 2, i0, j0, jn, pf); break;
+        case 3: rows_tile(q, 3, i0, j0, jn, pf); break;
+        default: rows_tile(q, 4, i0, j0, jn, pf); break;
       }
     }
   }

@@ -18,6 +18,10 @@ uint16_t mlxp_to_bf16(float f);
 /* d[0..n) = s[0..n) rounded to bf16 (round to nearest even, NaN kept quiet), 32 at a time with AVX512-BF16. */
 void mlxp_convert_bf16(const float *s, uint16_t *d, long n);
 
+/* How far ahead (in weight rows) the few-rows kernels of sgemm.c and bf16.c prefetch the weight matrix
+   they stream. */
+enum { PREFETCH_ROWS = 8 };
+
 /* Keeps a vector variable in a register from here on: the compiler may no longer fold its load into each
    instruction that uses it (an empty asm that claims to change it). */
 #if defined(__GNUC__) && defined(__x86_64__)
