@@ -205,12 +205,16 @@ def token_steps(model, ids: list[int], sampler, processors, *, max_tokens: int, 
         raise ValueError(f"a prompt of {len(ids)} tokens and max_tokens={max_tokens}: both must be >= 1")
     cache = make_prompt_cache(model) if prompt_cache is None else prompt_cache
 
+    eager = False  # the sampler draws with the CPU kernel: it evaluates the step when called
+
     def step(inputs: mx.array, tokens: mx.array) -> mx.array:
+        nonlocal eager
         logits = last_logits(model, inputs[None], cache)
         for processor in processors:
             logits = processor(tokens, logits)
         cpu_draw = getattr(sampler, "cpu_draw", None)  # the CPU kernel needs no normalised row
-        return sampler(logits if cpu_draw is not None and cpu_draw(logits.shape[-1]) else log_softmax()(logits))
+        eager = cpu_draw is not None and cpu_draw(logits.shape[-1])
+        return sampler(logits if eager else log_softmax()(logits))
 
     with mx.stream(generation_stream):
         tokens = mx.array(ids)
@@ -223,13 +227,19 @@ def token_steps(model, ids: list[int], sampler, processors, *, max_tokens: int, 
             mx.clear_cache()
         y = step(rest, tokens)
         mx.async_eval(y)
+        # The next token is computed while this one is handed out; not where the step is eager (the CPU
+        # draw evaluates it as it is made), which would hold this token back by one step: there it comes after.
+        pipelined = not eager
         for n in range(max_tokens):
+            if not pipelined:
+                yield y.item()
             next_y = None
-            if n + 1 < max_tokens:  # the next token is computed while this one is handed out
+            if n + 1 < max_tokens:
                 tokens = mx.concatenate([tokens, y])
                 next_y = step(y, tokens)
                 mx.async_eval(next_y)
-            yield y.item()
+            if pipelined:
+                yield y.item()
             if n % 256 == 0:
                 mx.clear_cache()
             y = next_y

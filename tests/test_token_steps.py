@@ -69,6 +69,22 @@ def test_a_cache_holds_only_what_was_yielded(tiny):
     assert tail == whole
 
 
+@pytest.mark.parametrize("draw_path", ["mlx", "cpu"], indirect=True)
+def test_the_first_token_waits_for_no_second_step(tiny, draw_path):
+    """With MLX-op draws the next step is made (lazily) while a token is handed out; the CPU draw evaluates
+    a step as it is made, so there the next one is made only after the token is out: the first token of a
+    prompt costs one forward pass, not two."""
+    model, ids = tiny
+    cfg = CASES["greedy"]
+    cache = make_prompt_cache(model)
+    steps = token_steps(model, ids, *_pair(cfg, ids), max_tokens=cfg.max_new_tokens, prompt_cache=cache)
+    first = next(steps)
+    assert cache[0].offset == len(ids) + (draw_path == "mlx")
+    rest = list(steps)
+    assert [first, *rest] == list(token_steps(model, ids, *_pair(cfg, ids), max_tokens=cfg.max_new_tokens))
+    assert cache[0].offset == len(ids) + cfg.max_new_tokens - 1
+
+
 def test_last_logits_are_the_models_at_the_last_position(tiny):
     model, ids = tiny
     inputs = mx.array(ids)[None]
