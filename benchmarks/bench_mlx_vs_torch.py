@@ -12,7 +12,8 @@ final losses show they keep doing it.
 
 Generation: the same prompts (chat template, eval prompts plus one long multi-turn context) and the
 persona preset (min_new_tokens=50, temperature=0.8, top_k=50, top_p=0.95, repetition_penalty=1.1):
-``mlx_lm.stream_generate`` with ``mlx_persona.sampling`` against ``transformers`` ``generate``.
+``generate``'s decode loop (``mlx_persona.generation.token_steps``, on mlx-lm's model and KV cache) with
+``mlx_persona.sampling`` against ``transformers`` ``generate``.
 
 Each framework runs in its own process, so its peak memory is its own. Peak memory is the process's
 maximum resident set (``getrusage(RUSAGE_SELF).ru_maxrss``) for both -- weights, activations,
@@ -488,7 +489,7 @@ def worker_train_torch(job: dict) -> dict:
 
 
 def worker_generate_mlx(job: dict) -> dict:
-    """mlx-lm's decode loop with mlx_persona's sampler, timed exactly as benchmarks/bench_generate.py does."""
+    """mlx_persona's decode loop and sampler, timed exactly as benchmarks/bench_generate.py does."""
     import mlx_persona.backend
 
     mlx_persona.backend.setup()  # the Linux speed layer, before mlx loads
@@ -518,7 +519,7 @@ def worker_generate_mlx(job: dict) -> dict:
         prompt_tps, decode_tps = _time_mlx(model, prompt, job["new_tokens"], *pair(prompt))
         runs.append({"prompt_tokens": len(prompt), "first_token_sec": len(prompt) / prompt_tps,
                      "decode_tps": decode_tps})
-    return {"framework": "mlx_persona (mlx_lm generate_step + mlx_persona.sampling)",
+    return {"framework": "mlx_persona (token_steps + mlx_persona.sampling)",
             "dtype": str(next(iter(dict(tree_flatten(model.parameters())).values())).dtype).replace("mlx.core.", ""),
             "device": str(mx.default_device()), "runs": runs, "peak_memory_gb_mlx": mx.get_peak_memory() / 1e9,
             "max_rss_gb": max_rss_gb(), "read_bandwidth_gbs": bw, "pinned_bf16_gb": pinned_gb}

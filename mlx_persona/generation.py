@@ -187,7 +187,8 @@ def token_steps(model, ids: list[int], sampler, processors, *, max_tokens: int, 
     weight read twice), the LM head runs at the last position only (:func:`last_logits`), the draw's
     log-softmax is fused (:func:`log_softmax`; skipped where the sampler draws with the CPU kernel,
     :meth:`~mlx_persona.sampling.HFSampler.cpu_draw`, which needs no normalised row), and no step is computed
-    past the last token yielded.
+    past the last token yielded. Like mlx-lm's, it makes the next step while a token is handed out, except
+    where the CPU kernel draws: that step is evaluated as it is made, so it comes after the token instead.
 
     Args:
         model: an mlx-lm model.
