@@ -109,7 +109,9 @@ def test_fast_gelu_mlp_equals_mlx_lm_s(tiny_path):
 @pytest.mark.parametrize("heads,kv_heads,n,s,mask", [
     (4, 1, 7, 7, "causal"), (4, 2, 5, 9, "causal"),  # queries after a cache: the last n of s positions
     (4, 4, 6, 6, None), (4, 1, 8, 8, "window"), (4, 2, 8, 8, "additive"), (4, 2, 8, 8, "per-head")])
-def test_cpu_attention_matches_mlx_fast_attention(heads, kv_heads, n, s, mask):
+@pytest.mark.parametrize("split_min", [cpu_ops.SPLIT_MIN, 4])  # 4: causal ones in halves (odd n too)
+def test_cpu_attention_matches_mlx_fast_attention(heads, kv_heads, n, s, mask, split_min, monkeypatch):
+    monkeypatch.setattr(cpu_ops, "SPLIT_MIN", split_min)
     _composite_attention = cpu_ops._composite_attention
     mx.random.seed(1)
     q, k, v = (mx.random.normal((2, heads, n, 32)), mx.random.normal((2, kv_heads, s, 32)),
