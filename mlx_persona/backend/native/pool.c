@@ -46,7 +46,7 @@ void pool_range(int part, int parts, int n, int block, int *begin, int *end) {
 
 /* A worker waiting for the next product, and a caller waiting for its workers, spin for up to SPIN_NS before
    sleeping: a model's products come a few microseconds apart, and waking a sleeping thread costs tens of
-   microseconds on a VM for each of them (2-core EPYC, fp32: the layers of a 24-token prompt 101-108 ->
+   microseconds on a VM for each of them (2-core EPYC, fp32: the forward pass of a 24-token prompt 101-108 ->
    72-80 ms). Bounded, so an idle process does not keep a core busy. */
 enum { SPIN_NS = 30000 };
 
