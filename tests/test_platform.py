@@ -109,7 +109,7 @@ def test_fast_gelu_mlp_equals_mlx_lm_s(tiny_path):
 @pytest.mark.parametrize("heads,kv_heads,n,s,mask", [
     (4, 1, 7, 7, "causal"), (4, 2, 5, 9, "causal"),  # queries after a cache: the last n of s positions
     (4, 4, 6, 6, None), (4, 1, 8, 8, "window"), (4, 2, 8, 8, "additive"), (4, 2, 8, 8, "per-head")])
-@pytest.mark.parametrize("split_min", [cpu_ops.SPLIT_MIN, 4])  # 4: causal ones in halves (odd n too)
+@pytest.mark.parametrize("split_min", [cpu_ops.SPLIT_MIN, 4])  # 4: causal ones in halves (odd n too), as prompts
 def test_cpu_attention_matches_mlx_fast_attention(heads, kv_heads, n, s, mask, split_min, monkeypatch):
     monkeypatch.setattr(cpu_ops, "SPLIT_MIN", split_min)
     _composite_attention = cpu_ops._composite_attention
@@ -124,7 +124,7 @@ def test_cpu_attention_matches_mlx_fast_attention(heads, kv_heads, n, s, mask, s
         return mx.grad(lambda q, k, v: (fn(q, k, v) * mx.cos(v.sum())).sum(), argnums=(0, 1, 2))(q, k, v)
 
     fast = lambda q, k, v: mx.fast.scaled_dot_product_attention(q, k, v, scale=0.2, mask=mask)  # noqa: E731
-    ours = lambda q, k, v: _composite_attention(q, k, v, 0.2, mask)  # noqa: E731
+    ours = lambda q, k, v: _composite_attention(q, k, v, 0.2, mask, split=True)  # noqa: E731
     np.testing.assert_allclose(np.array(ours(q, k, v)), np.array(fast(q, k, v)), rtol=1e-5, atol=1e-6)
     for a, b in zip(grads(ours), grads(fast)):
         np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-4, atol=1e-5)
@@ -139,11 +139,12 @@ def test_gemma_uses_the_cpu_attention_only_where_it_applies():
     q, k = mx.random.normal((1, 4, 3, 16)), mx.random.normal((1, 1, 3, 16))
     calls = []
     saved = cpu_ops._composite_attention
-    cpu_ops._composite_attention = lambda *a: calls.append("ours") or a[0]
+    cpu_ops._composite_attention = lambda *a, split: calls.append(("ours", split)) or a[0]
     try:
-        sdpa(q, k, k, None, 0.25, "causal")
+        sdpa(q, k, k, None, 0.25, "causal")  # training: no cache, the attention not split
+        sdpa(q, k, k, object(), 0.25, "causal")  # a prompt (a KV cache): long ones split
         sdpa(q[:, :, :1], k, k, None, 0.25, None)  # decoding one token: mlx-lm's
         sdpa(q.astype(mx.bfloat16), k.astype(mx.bfloat16), k.astype(mx.bfloat16), None, 0.25, "causal")
     finally:
         cpu_ops._composite_attention = saved
-    assert calls == ["ours"]
+    assert calls == [("ours", False), ("ours", True)]

@@ -272,3 +272,53 @@ def test_a_few_rows_times_a_weight_matrix_are_exact_in_our_kernel(switch, monkey
     for name, case in r.items():
         assert case["err"] < 2e-6, (name, case)
         assert case["few_rows"] == (1 if switch is None and not name.startswith("33") else 0), (name, case)
+
+
+THREADS = """
+import ctypes, json, threading
+import mlx_persona.backend
+mlx_persona.backend.setup()
+from mlx_persona.backend import sgemm
+import numpy as np
+
+lib = sgemm._state["lib"]
+out = {"active": [sgemm.active(), sgemm.status()], "errors": []}
+if lib is not None:
+    P = ctypes.POINTER(ctypes.c_float)
+    lib.cblas_sgemm.argtypes = [ctypes.c_int] * 6 + [ctypes.c_float, P, ctypes.c_int, P, ctypes.c_int,
+                                                     ctypes.c_float, P, ctypes.c_int]
+
+    def run(seed):  # ctypes lets go of the GIL: the threads call the layer at the same time
+        rng = np.random.default_rng(seed)
+        for i in range(40):
+            m, n, k = [(16, 520, 200), (5, 96, 64), (1, 300, 128), (48, 300, 700)][(seed + i) % 4]
+            a = rng.standard_normal((m, k), dtype=np.float32)
+            w = rng.standard_normal((n, k), dtype=np.float32)
+            c = np.full((m, n), np.nan, np.float32)
+            lib.cblas_sgemm(101, 111, 112, m, n, k, 1.0, a.ctypes.data_as(P), k, w.ctypes.data_as(P), k, 0.0,
+                            c.ctypes.data_as(P), n)
+            ref = a.astype(np.float64) @ w.astype(np.float64).T
+            err = float(np.abs(c - ref).max() / np.abs(ref).max())
+            if not err < (1e-2 if sgemm.bf16_active() else 2e-6):
+                out["errors"].append([seed, i, m, n, k, err])
+
+    threads = [threading.Thread(target=run, args=(s,)) for s in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+print(json.dumps(out))
+"""
+
+
+@linux
+@pytest.mark.parametrize("mode", [None, "bf16"])
+def test_products_from_several_threads_at_once_are_right(mode):
+    """MLX calls the layer from several stream threads: four threads at once (few rows, one row, bf16
+    products), so the pool's workers are busy for some callers (those compute alone) and spin or sleep
+    between products for others; every product right."""
+    r = _child(THREADS, mode=mode)
+    active, status = r.pop("active")
+    if not active:
+        pytest.skip(f"the sgemm layer is not loaded here: {status}")
+    assert r["errors"] == []

@@ -59,14 +59,16 @@ def use_fast_gelu(model) -> int:
 SPLIT_MIN = 256  # causal attention over at least this many queries is computed in two halves
 
 
-def _composite_attention(queries, keys, values, scale, mask):
-    """:func:`_attention`; causal attention over :data:`SPLIT_MIN` queries or more in two halves of the
-    queries, the first against only the keys it sees: a quarter of the scores (all of them masked) is never
-    computed. Fewer queries do not pay for the extra ops."""
+def _composite_attention(queries, keys, values, scale, mask, split: bool = False):
+    """:func:`_attention`; with `split`, causal attention over :data:`SPLIT_MIN` queries or more in two halves
+    of the queries, the first against only the keys it sees: a quarter of the scores (all of them masked) is
+    never computed. Fewer queries do not pay for the extra ops. Only for prompts (a KV cache): the sums'
+    rounding differs a little, and training keeps the numerics its tests were tuned on (a DPO test's margins
+    flip on such differences, Adam making whole steps of them)."""
     import mlx.core as mx
 
     n, s_len = queries.shape[2], keys.shape[2]
-    if isinstance(mask, str) and n >= SPLIT_MIN:  # "causal": the queries are the last n of the s_len positions
+    if split and isinstance(mask, str) and n >= SPLIT_MIN:  # "causal": the queries are the last n of the s_len positions
         half = n // 2
         seen = s_len - (n - half)  # the keys the first half's last query sees
         top = _attention(queries[:, :, :half], keys[:, :, :seen], values[:, :, :seen], scale, mask)
@@ -90,17 +92,15 @@ def _attention(queries, keys, values, scale, mask):
     q = (queries * scale).reshape(b, kv, groups * n, d)  # query heads of one key head, one after another
     scores = (q @ keys.swapaxes(-1, -2)).reshape(b, kv, groups, n, s_len)
     if isinstance(mask, str):  # "causal"; the queries are the last n of the s_len positions
-        mask = mx.arange(s_len)[None] <= mx.arange(n)[:, None] + (s_len - n)
-    elif mask is not None and mask.ndim == 4:  # [B or 1, heads or 1, n, s]: heads become (key head, group)
-        mask = mask.reshape(mask.shape[0], -1 if mask.shape[1] == 1 else kv,
-                            1 if mask.shape[1] == 1 else groups, n, s_len)
-    if mask is None:
-        p = _softmax()(scores)
-    elif mask.dtype == mx.bool_:
-        p = _masked_softmax()(scores, mask)  # the mask applied inside the softmax's kernel
-    else:
-        p = _softmax()(scores + mask)
-    p = p.reshape(b, kv, groups * n, s_len)
+        allowed = mx.arange(s_len)[None] <= mx.arange(n)[:, None] + (s_len - n)
+        scores = mx.where(allowed, scores, -1e30)
+    elif mask is not None:
+        if mask.ndim == 4:  # [B or 1, heads or 1, n, s]: heads become (key head, group)
+            mask = mask.reshape(mask.shape[0], -1 if mask.shape[1] == 1 else kv,
+                                1 if mask.shape[1] == 1 else groups, n, s_len)
+        # Outside the shapeless softmax: a mask's broadcast (which axes are 1) differs from call to call.
+        scores = mx.where(mask, scores, -1e30) if mask.dtype == mx.bool_ else scores + mask
+    p = _softmax()(scores).reshape(b, kv, groups * n, s_len)
     return (p @ values).reshape(b, h, n, d)
 
 
@@ -119,20 +119,6 @@ def _softmax():
     import mlx.core as mx
 
     return mx.compile(_softmax_rows, shapeless=True)
-
-
-def _masked_softmax_rows(scores, allowed):
-    import mlx.core as mx
-
-    return _softmax_rows(mx.where(allowed, scores, -1e30))
-
-
-@functools.lru_cache(maxsize=1)
-def _masked_softmax():
-    """:func:`_softmax` of the scores where `allowed`, -1e30 elsewhere, compiled once for any shape."""
-    import mlx.core as mx
-
-    return mx.compile(_masked_softmax_rows, shapeless=True)
 
 
 _ORIGINAL_SDPA: dict = {}
@@ -154,7 +140,7 @@ def use_cpu_attention() -> None:
     def scaled_dot_product_attention(queries, keys, values, cache, scale, mask, sinks=None):
         if (sinks is None and not hasattr(cache, "bits") and queries.dtype == mx.float32 and queries.shape[2] > 1
                 and mx.default_device() == mx.cpu):
-            return _composite_attention(queries, keys, values, scale, mask)
+            return _composite_attention(queries, keys, values, scale, mask, split=cache is not None)
         return original(queries, keys, values, cache, scale, mask, sinks)
 
     gemma3.scaled_dot_product_attention = scaled_dot_product_attention
